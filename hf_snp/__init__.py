@@ -1,0 +1,24 @@
+"""hf_snp: one-shot structured pruning of Hugging Face models (SNP and VBP)."""
+
+__version__ = "0.1.0"
+
+from . import models  # noqa: E402,F401  (registers the hf_snp model types with the Auto classes)
+from .adapters import get_adapter, register_adapter, supported_families  # noqa: E402
+from .api import PruneResult, count_parameters, prune  # noqa: E402
+from .calibration import CalibrationData, load_calibration  # noqa: E402
+from .config import PruneConfig  # noqa: E402
+from .methods import register_method  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "prune",
+    "PruneResult",
+    "PruneConfig",
+    "CalibrationData",
+    "load_calibration",
+    "count_parameters",
+    "get_adapter",
+    "register_adapter",
+    "register_method",
+    "supported_families",
+]

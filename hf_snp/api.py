@@ -1,0 +1,160 @@
+"""The public entry point: hf_snp.prune."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from . import __version__
+from .adapters import Site, get_adapter
+from .calibration import load_calibration
+from .config import PruneConfig
+from .engine import StreamingEngine
+from .loading import ModelSource, load_config, load_model, load_tokenizer
+from .methods import MethodOptions, get_method
+from .saving import finalize_architecture, prepare_output_dir, save_pruned
+
+logger = logging.getLogger("hf_snp")
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (a PreTrainedModel, pruned in place) and the run's report."""
+
+    model: PreTrainedModel
+    report: dict
+    tokenizer: Any = None
+
+    def save(self, output_dir: str, overwrite: bool = False) -> None:
+        save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once), offloaded ones included."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def units_for_sparsity(site: Site, sparsity: float) -> int:
+    """Units to remove so that about ``sparsity`` of the site's parameters go (at least one unit stays)."""
+    removed = round(sparsity * site.num_params() / site.params_per_unit())
+    return max(0, min(removed, site.num_units - 1))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prune(
+    model: str | PreTrainedModel,
+    tokenizer: Any = None,
+    method: str = "snp",
+    sparsity: float = 0.3,
+    targets: Sequence[str] | str = ("mlp",),
+    calibration: Any = "wikitext2",
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    output_dir: str | None = None,
+    *,
+    batch_size: int = 8,
+    damping: float = 1e-6,
+    add_bias: bool | None = None,
+    layer_sparsity: Mapping[int, float] | Sequence[float] | None = None,
+    activation_device: str | torch.device | None = None,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device_map: Any = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in one shot and return the smaller model with a report.
+
+    Args:
+        model: Hub id, local directory, ``.gguf`` path or ``"smollm2-demo"``; or a loaded
+            PreTrainedModel (pruned in place, accelerate placement and offload kept).
+        tokenizer: loaded from ``model`` when it is a string; needed for text calibration.
+        method: ``"snp"`` (least-squares reconstruction), ``"vbp"`` (variance + mean shift)
+            or ``"random"`` (baseline).
+        sparsity: fraction of the targeted modules' parameters to remove, in [0, 1).
+        targets: which units to prune; ``("mlp",)`` for MLP neurons.
+        calibration: dataset name (``wikitext2``, ``c4``, ``wikitext2-local``), .txt/.jsonl
+            path, list of strings, ``datasets.Dataset``, or LongTensor [N, L] of token ids.
+        num_samples, seq_len, seed: calibration windows drawn from text sources.
+        device: execution device for each block (default: the GPU when there is one).
+        output_dir: when set, save model, tokenizer and ``hf_snp_report.json`` there.
+        batch_size: calibration windows per forward call.
+        damping: lambda of ``lambda * mean(diag)`` added before factoring statistics.
+        add_bias: allow adding a bias to a consumer that has none (None: the method decides;
+            VBP adds one for its mean shift, SNP keeps the stock architecture).
+        layer_sparsity: per-layer override of ``sparsity`` ({layer: fraction} or a list).
+        activation_device: where calibration hidden states wait between blocks
+            (default: the execution device).
+        gguf_file, dtype, device_map, max_memory, offload_folder, trust_remote_code:
+            passed to ``from_pretrained`` when ``model`` is a string.
+        overwrite: allow replacing a non-empty ``output_dir``.
+        progress: show tqdm progress bars.
+    """
+    start = time.perf_counter()
+    config = PruneConfig(method, sparsity, targets, num_samples, seq_len, seed, batch_size, damping, add_bias, layer_sparsity)
+    config.validate()
+    if output_dir is not None:
+        prepare_output_dir(output_dir, overwrite)
+    source = None
+    if isinstance(model, str):
+        source = ModelSource.parse(model, gguf_file)
+        adapter = get_adapter(load_config(source, trust_remote_code))
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source, trust_remote_code)
+    elif isinstance(model, PreTrainedModel):
+        adapter = get_adapter(model.config)
+    else:
+        raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
+    calib = load_calibration(calibration, tokenizer, num_samples, seq_len, seed)
+    if source is not None:
+        model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code)
+    config.validate(num_layers=len(adapter.layers(model)))
+    device = torch.device(device) if device is not None else default_device()
+    store = torch.device(activation_device) if activation_device is not None else device
+
+    params_before = count_parameters(model)
+    engine = StreamingEngine(
+        model, adapter, get_method(method), MethodOptions(damping=damping, seed=seed),
+        units_to_remove=lambda site: units_for_sparsity(site, config.sparsity_of_layer(site.layer)),
+        add_bias=add_bias, device=device, store=store, batch_size=batch_size, progress=progress,
+    )
+    records = engine.run(calib)
+    save_format = finalize_architecture(model, adapter, records)
+    params_after = count_parameters(model)
+    report = {
+        "hf_snp_version": __version__,
+        "base_model": source.path if source else getattr(model.config, "_name_or_path", None),
+        "model_type": model.config.model_type,
+        "save_format": save_format,
+        **config.to_dict(),
+        "calibration": calib.source,
+        "calibration_tokens": calib.num_tokens,
+        "device": str(device),
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_removed": params_before - params_after,
+        "layers": [
+            {"layer": r.layer, "mlp_width_before": r.mlp_width_before, "mlp_width": r.mlp_width,
+             "mlp_output_bias_added": r.mlp_output_bias_added}
+            for r in records
+        ],
+        "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()}, "total": round(time.perf_counter() - start, 4)},
+    }
+    logger.info("pruned %s: %d -> %d parameters", report["base_model"], params_before, params_after)
+    result = PruneResult(model, report, tokenizer)
+    if output_dir is not None:
+        result.save(output_dir, overwrite=overwrite)
+    return result

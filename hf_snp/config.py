@@ -1,0 +1,70 @@
+"""PruneConfig: every option of a pruning run, validated before any long work starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from .methods import METHODS
+
+SUPPORTED_TARGETS = ("mlp",)
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. See ``hf_snp.prune`` for the meaning of each field."""
+
+    method: str = "snp"
+    sparsity: float = 0.3
+    targets: tuple[str, ...] = ("mlp",)
+    num_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    damping: float = 1e-6
+    add_bias: bool | None = None
+    layer_sparsity: dict[int, float] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        if self.layer_sparsity is not None and not isinstance(self.layer_sparsity, Mapping):
+            self.layer_sparsity = dict(enumerate(self.layer_sparsity))
+
+    def validate(self, num_layers: int | None = None) -> "PruneConfig":
+        """Raise ValueError naming the bad field and the fix; returns self."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        _check_fraction("sparsity", self.sparsity)
+        if not self.targets:
+            raise ValueError(f"targets is empty; choose from {SUPPORTED_TARGETS}")
+        unknown = [t for t in self.targets if t not in SUPPORTED_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
+        for name in ("num_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < 1):
+            raise ValueError(f"damping must be in [0, 1) (a fraction of the mean diagonal), got {self.damping!r}")
+        for layer, value in (self.layer_sparsity or {}).items():
+            _check_fraction(f"layer_sparsity[{layer}]", value)
+            if num_layers is not None and not 0 <= int(layer) < num_layers:
+                raise ValueError(f"layer_sparsity names layer {layer}, but the model has layers 0..{num_layers - 1}")
+        return self
+
+    def sparsity_of_layer(self, index: int) -> float:
+        return float((self.layer_sparsity or {}).get(index, self.sparsity))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["targets"] = list(self.targets)
+        return data
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1) (e.g. 0.3 removes 30%), got {value!r}")
+

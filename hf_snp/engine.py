@@ -1,0 +1,218 @@
+"""The streaming engine (DESIGN.md section 3).
+
+Capture the inputs of block 0 for every calibration batch, then for each block in order:
+bring it to the execution device, accumulate every site's statistics with hooks, decide,
+cut and reconstruct, recompute the block's outputs with the pruned block (sequential mode:
+later blocks see earlier errors), and send the block back. Submodules a cut does not change
+(the attention when only MLP units are pruned) are replayed from a cache in the second
+pass instead of being run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ModelAdapter, Site
+from .calibration import CalibrationData
+from .methods import MethodOptions, PruningMethod
+from .placement import BlockPlacement
+from .stats import SiteStatistics
+from .surgery import apply_decision
+
+logger = logging.getLogger("hf_snp")
+
+
+class _InputsCaptured(Exception):
+    pass
+
+
+@dataclass
+class BlockInput:
+    """One calibration batch at the entrance of the current block."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+    token_mask: torch.Tensor | None  # [B*L] bool, None when no token is padding
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    mlp_width_before: int
+    mlp_width: int
+    mlp_output_bias_added: bool
+    info: dict = field(default_factory=dict)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase (synchronising the device before reading the clock)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[phase] += time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def move(value: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    return value
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    weight = model.get_input_embeddings().weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, calib: CalibrationData, batch_size: int, store: torch.device, progress: bool = True
+) -> list[BlockInput]:
+    """Run the model up to ``first_block`` for each calibration batch and keep the block's inputs."""
+    captured: list[BlockInput] = []
+    token_mask: list[torch.Tensor | None] = [None]
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        captured.append(BlockInput(hidden.to(store), move(kwargs, store), token_mask[0]))
+        raise _InputsCaptured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = _input_device(model)
+    try:
+        batches = list(calib.batches(batch_size))
+        for ids, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):
+            token_mask[0] = None if bool(mask.all()) else mask.bool().flatten()
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _InputsCaptured:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError("the first decoder block was not reached; is the adapter's layers_path right?")
+    return captured
+
+
+@contextmanager
+def replay_outputs(module: nn.Module, outputs: list[torch.Tensor], device: torch.device):
+    """Make ``module`` return its cached outputs (one per call, in order) instead of running."""
+    queue = iter(outputs)
+    had_instance_forward = "forward" in module.__dict__
+    original = module.forward
+    module.forward = lambda *args, **kwargs: (next(queue).to(device), None)
+    try:
+        yield
+    finally:
+        if had_instance_forward:
+            module.forward = original
+        else:
+            del module.forward
+
+
+class StreamingEngine:
+    """Prunes a model block by block. ``units_to_remove(site)`` gives each site's budget."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        method: PruningMethod,
+        options: MethodOptions,
+        units_to_remove: Callable[[Site], int],
+        add_bias: bool | None,
+        device: torch.device,
+        store: torch.device,
+        batch_size: int,
+        progress: bool = True,
+    ):
+        self.model, self.adapter, self.method, self.options = model, adapter, method, options
+        self.units_to_remove, self.add_bias = units_to_remove, add_bias
+        self.device, self.store, self.batch_size, self.progress = device, store, batch_size, progress
+        self.timer = PhaseTimer(device)
+
+    def bias_available(self, site: Site) -> bool:
+        if site.consumer_linear.bias is not None:
+            return True
+        return self.method.wants_added_bias if self.add_bias is None else self.add_bias
+
+    @torch.no_grad()
+    def run(self, calib: CalibrationData) -> list[LayerRecord]:
+        layers = self.adapter.layers(self.model)
+        with self.timer("capture"):
+            inputs = capture_block_inputs(self.model, layers[0], calib, self.batch_size, self.store, self.progress)
+        records = []
+        bar = tqdm(range(len(layers)), desc=f"Pruning blocks ({self.method.name})", disable=not self.progress)
+        for index in bar:
+            last = index == len(layers) - 1
+            records.append(self._prune_block(layers[index], index, inputs, need_outputs=not last))
+            bar.set_postfix(mlp=f"{records[-1].mlp_width_before}->{records[-1].mlp_width}")
+        return records
+
+    def _run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics], keep_outputs: bool) -> None:
+        for item in inputs:
+            for s in stats:
+                s.token_mask = item.token_mask
+            out = block(item.hidden.to(self.device), **move(item.kwargs, self.device))
+            if keep_outputs:
+                item.hidden = out.to(self.store)
+
+    def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool) -> LayerRecord:
+        with self.timer("move"):
+            placement = BlockPlacement.bring(block, self.device)
+        site = self.adapter.mlp_site(block, index)
+        width_before, num_remove = site.num_units, self.units_to_remove(site)
+        added, info = False, {}
+        if num_remove == 0:
+            with self.timer("recompute"):
+                self._run_block(block, inputs, [], keep_outputs=need_outputs)
+        else:
+            stats = SiteStatistics(f"layer {index} {site.kind} ({site.consumer})", site.num_units, self.device)
+            attention, attention_cache = self.adapter.attention(block), []
+            handles = [site.consumer_linear.register_forward_pre_hook(stats.hook)]
+            if need_outputs:
+                handles.append(attention.register_forward_hook(lambda m, a, out: attention_cache.append(out[0].to(self.store))))
+            try:
+                with self.timer("statistics"):
+                    self._run_block(block, inputs, [stats], keep_outputs=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            with self.timer("decide"):
+                decision = self.method.decide(stats, num_remove, self.bias_available(site), self.options, index)
+            del stats
+            with self.timer("cut"):
+                added = apply_decision(site, decision)
+            info = {k: v for k, v in decision.info.items() if k == "unique_variance"}
+            if need_outputs:
+                with self.timer("recompute"), replay_outputs(attention, attention_cache, self.device):
+                    self._run_block(block, inputs, [], keep_outputs=True)
+        with self.timer("move"):
+            placement.send_back(block)
+        return LayerRecord(index, width_before, site.num_units, added, info)

@@ -1,0 +1,60 @@
+"""The linear algebra of SNP: damping, greedy ZCA elimination, least-squares reconstruction."""
+
+from __future__ import annotations
+
+import torch
+
+
+def damped(matrix: torch.Tensor, damping: float) -> torch.Tensor:
+    """matrix + damping * mean(diag) * I (a floor keeps an all-zero matrix invertible)."""
+    scale = matrix.diagonal().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return matrix + (damping * scale) * eye
+
+
+def robust_cholesky(matrix: torch.Tensor, damping: float) -> torch.Tensor:
+    """Cholesky factor of the damped matrix, raising the damping tenfold until it factors."""
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(damped(matrix, damping))
+        if int(info) == 0:
+            return factor
+        damping = max(damping * 10, 1e-10)
+    raise torch.linalg.LinAlgError("matrix is not positive definite even with heavy damping")
+
+
+def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float) -> tuple[list[int], list[float]]:
+    """Remove units one at a time, always the one with the least unique variance.
+
+    The unique variance of unit i among the remaining set S is r_i = 1 / [M_SS^{-1}]_ii (the
+    unnormalised-ZCA score). After removing p, M_S'S'^{-1} is the Schur complement of the
+    precision matrix: a rank-one downdate. Doing it left-looking (a pivoted Cholesky of the
+    precision with largest-diagonal pivots) costs O(n * step) per step.
+
+    Returns the removed units in removal order and their r at removal, which is the LDL
+    pivot D_jj of that unit in the reversed (keep-first) order.
+    """
+    n = moment.shape[0]
+    if num_remove <= 0:
+        return [], []
+    factor = robust_cholesky(moment, damping)
+    precision = torch.cholesky_inverse(factor)
+    cols = precision.new_zeros(n, num_remove)
+    diag = precision.diagonal().clone()
+    alive = torch.ones(n, dtype=torch.bool, device=moment.device)
+    removed, unique_variance = [], []
+    for step in range(num_remove):
+        p = int(torch.where(alive, diag, torch.full_like(diag, -torch.inf)).argmax())
+        pivot = diag[p].clamp_min(torch.finfo(diag.dtype).tiny)
+        col = precision[:, p] - cols[:, :step] @ cols[p, :step]
+        cols[:, step] = col / pivot.sqrt()
+        diag -= cols[:, step] ** 2
+        alive[p] = False
+        removed.append(p)
+        unique_variance.append(float(1.0 / pivot))
+    return removed, unique_variance
+
+
+def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor, damping: float) -> torch.Tensor:
+    """B = M_PK (M_KK + lambda I)^{-1}: the best linear prediction of removed units from kept ones."""
+    factor = robust_cholesky(moment[keep][:, keep], damping)
+    return torch.cholesky_solve(moment[keep][:, drop], factor).T

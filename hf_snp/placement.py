@@ -1,0 +1,90 @@
+"""Moving one decoder block onto the execution device and back, accelerate placement included.
+
+A model dispatched by accelerate (``device_map``, ``max_memory``, ``offload_folder``) keeps its
+offloaded weights outside the module (CPU dict, the checkpoint's safetensors or ``.dat``
+files) behind ``AlignDevicesHook``s. To prune a block we take its hooks off, materialise its
+weights on the execution device, and afterwards write the pruned tensors back into the same
+weights map and put the same hooks back, so the block leaves memory again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from accelerate.utils import named_module_tensors, offload_weight, set_module_tensor_to_device
+from torch import nn
+
+
+def _align_hooks(hook) -> list[AlignDevicesHook]:
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return [h for h in hooks if isinstance(h, AlignDevicesHook)]
+
+
+def _tensor_names(module: nn.Module, hook: AlignDevicesHook) -> list[str]:
+    return [name for name, _ in named_module_tensors(module, include_buffers=hook.offload_buffers, recurse=hook.place_submodules)]
+
+
+@dataclass
+class BlockPlacement:
+    """Where a block lived before it was brought to the execution device."""
+
+    home: torch.device
+    hooks: list[tuple[nn.Module, object]] = field(default_factory=list)
+
+    @classmethod
+    def bring(cls, block: nn.Module, device: torch.device) -> "BlockPlacement":
+        """Take accelerate hooks off ``block`` and put all its weights on ``device``."""
+        hooks = [(mod, mod._hf_hook) for mod in block.modules() if hasattr(mod, "_hf_hook")]
+        home = _first_real_device(block)
+        for module, hook in hooks:
+            offloaded = {}
+            for align in _align_hooks(hook):
+                if align.offload and align.weights_map is not None:
+                    offloaded.update({name: align.weights_map[name] for name in _tensor_names(module, align)})
+            remove_hook_from_module(module)
+            for name, value in offloaded.items():
+                set_module_tensor_to_device(module, name, device, value=value.clone())
+        block.to(device)
+        return cls(home=home, hooks=hooks)
+
+    def send_back(self, block: nn.Module) -> None:
+        """Return the (pruned) block to where it came from; offloaded weights are written back."""
+        block.to(self.home)
+        for module, hook in self.hooks:
+            for align in _align_hooks(hook):
+                if align.offload and align.weights_map is not None:
+                    for name, value in named_module_tensors(module, include_buffers=align.offload_buffers, recurse=align.place_submodules):
+                        _store(align.weights_map, name, value.detach().to("cpu"))
+            add_hook_to_module(module, hook)
+
+
+def _first_real_device(block: nn.Module) -> torch.device:
+    for tensor in block.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _store(weights_map, name: str, value: torch.Tensor) -> None:
+    """Write one tensor into an accelerate weights map (dict, PrefixedDataset, OffloadedWeightsLoader)."""
+    prefix = ""
+    while hasattr(weights_map, "dataset") and hasattr(weights_map, "prefix"):
+        prefix += weights_map.prefix
+        weights_map = weights_map.dataset
+    key = prefix + name
+    if isinstance(weights_map, dict):
+        weights_map[key] = value
+        return
+    if key in weights_map.state_dict or weights_map.save_folder is None and not weights_map.index:
+        weights_map.state_dict[key] = value
+    else:
+        if weights_map.save_folder is None:
+            weights_map.save_folder = tempfile.mkdtemp(prefix="hf_snp_offload_")
+        os.makedirs(weights_map.save_folder, exist_ok=True)
+        offload_weight(value, key, weights_map.save_folder, index=weights_map.index)
+    if key not in weights_map.all_keys:
+        weights_map.all_keys.append(key)

@@ -1,0 +1,64 @@
+"""Per-site activation statistics: s = sum h, G = sum h h^T, T = token count.
+
+Accumulated in float32 on the execution device. The running sums are taken around a
+shift c (the mean of the first batch) so that the covariance does not lose its small
+directions to the cancellation in G/T - mu mu^T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class NonFiniteActivationError(RuntimeError):
+    """Raised when a site sees NaN or inf activations."""
+
+
+class SiteStatistics:
+    """Running first and second moments of the units entering one site's consumer."""
+
+    def __init__(self, name: str, num_units: int, device: torch.device):
+        self.name = name
+        self.n = num_units
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(num_units, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(num_units, num_units, dtype=torch.float32, device=device)
+        self.count = 0
+        self.token_mask: torch.Tensor | None = None  # [B*L] bool for the batch being run
+
+    def update(self, h: torch.Tensor) -> None:
+        h = h.reshape(-1, self.n)
+        if self.token_mask is not None:
+            h = h[self.token_mask.to(h.device)]
+        if h.shape[0] == 0:
+            return
+        h = h.to(torch.float32)
+        if not torch.isfinite(h).all():
+            raise NonFiniteActivationError(
+                f"NaN or inf in the activations entering {self.name}; check the model's dtype "
+                "(fp16 overflow) or its weights before pruning."
+            )
+        if self.shift is None:
+            self.shift = h.mean(0)
+        h = h - self.shift
+        self.sum += h.sum(0)
+        self.gram.addmm_(h.T, h)
+        self.count += h.shape[0]
+
+    def hook(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook for the consumer linear: its input is the unit vector h."""
+        self.update(args[0])
+
+    def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, mu) in float64: M is the covariance (centered) or the raw second moment."""
+        if self.count == 0:
+            raise RuntimeError(f"no calibration tokens reached {self.name}")
+        gram = self.gram.to(torch.float64) / self.count
+        mean_shifted = self.sum.to(torch.float64) / self.count
+        sigma = gram - torch.outer(mean_shifted, mean_shifted)
+        sigma = (sigma + sigma.T) / 2
+        mu = mean_shifted + self.shift.to(torch.float64)
+        if centered:
+            return sigma, mu
+        return sigma + torch.outer(mu, mu), mu
