@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .adapters import Site, get_adapter
-from .calibration import load_calibration
+from .calibration import is_text_calibration, load_calibration
 from .config import PruneConfig
 from .engine import StreamingEngine
 from .loading import ModelSource, load_config, load_model, load_tokenizer
@@ -43,6 +43,17 @@ def units_for_sparsity(site: Site, sparsity: float) -> int:
     """Units to remove so that about ``sparsity`` of the site's parameters go (at least one unit stays)."""
     removed = round(sparsity * site.num_params() / site.params_per_unit())
     return max(0, min(removed, site.num_units - 1))
+
+
+def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed: bool):
+    try:
+        return load_tokenizer(source, trust_remote_code)
+    except (OSError, ValueError) as error:
+        if needed:
+            raise ValueError(f"text calibration needs a tokenizer, and none loads from {source.path!r} ({error}); "
+                             "pass tokenizer=... or token-id calibration") from error
+        logger.info("no tokenizer loads from %s; calibration is token ids, so none is needed", source.path)
+        return None
 
 
 def default_device() -> torch.device:
@@ -113,7 +124,7 @@ def prune(
         source = ModelSource.parse(model, gguf_file)
         adapter = get_adapter(load_config(source, trust_remote_code))
         if tokenizer is None:
-            tokenizer = load_tokenizer(source, trust_remote_code)
+            tokenizer = _tokenizer_if_available(source, trust_remote_code, needed=is_text_calibration(calibration))
     elif isinstance(model, PreTrainedModel):
         adapter = get_adapter(model.config)
     else:

@@ -129,6 +129,11 @@ def _from_tensor(ids: torch.Tensor, mask: torch.Tensor | None) -> CalibrationDat
     return CalibrationData(ids.long(), mask.long(), f"tensor {tuple(ids.shape)}")
 
 
+def is_text_calibration(spec: Any) -> bool:
+    """True when ``spec`` must be tokenized (anything but token tensors)."""
+    return not (isinstance(spec, (torch.Tensor, CalibrationData)) or (isinstance(spec, dict) and "input_ids" in spec))
+
+
 def load_calibration(spec: Any, tokenizer, num_samples: int, seq_len: int, seed: int = 0) -> CalibrationData:
     """Turn ``spec`` into ``num_samples`` windows of ``seq_len`` tokens (token tensors are used as given)."""
     if isinstance(spec, CalibrationData):

@@ -1,0 +1,127 @@
+"""Tiny models built from configs, and helpers that build exact redundancy into them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import hf_snp
+from hf_snp.adapters import get_adapter
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """4 layers, hidden 32, MLP 48, 4 query heads sharing 2 KV heads (GQA)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
+    """4 layers, hidden 32, MLP 48, 4 heads, biases everywhere.
+
+    fc1 biases sit around +1 so that every ReLU fires on some calibration tokens: a neuron
+    that never fires there has zero variance and is (rightly) removed, which would make
+    exactness tests depend on calibration coverage rather than on the maths.
+    """
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=4, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2, **overrides,
+    )
+    model = OPTForCausalLM(config).eval()
+    with torch.no_grad():  # OPT initialises biases to zero; give them real values
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(1.0 if name.endswith("fc1.bias") else 0.0, 0.2)
+    return model
+
+
+TINY = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+def calibration_ids(num: int = 16, length: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (num, length), generator=torch.Generator().manual_seed(seed))
+
+
+def eval_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 20), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def logits(model, ids=None) -> torch.Tensor:
+    return model(eval_ids() if ids is None else ids).logits
+
+
+def mlp_sites(model):
+    adapter = get_adapter(model.config)
+    return [adapter.mlp_site(layer, i) for i, layer in enumerate(adapter.layers(model))]
+
+
+@torch.no_grad()
+def make_scaled_copies(model, copies: int, layers=None) -> None:
+    """In each chosen layer, the last ``copies`` MLP neurons become positive multiples of the first ones.
+
+    Llama: same gate row, up row times c  -> h_j = c h_i.  OPT (ReLU): fc1 row and bias times c > 0.
+    """
+    for site in mlp_sites(model):
+        if layers is not None and site.layer not in layers:
+            continue
+        n = site.num_units
+        for k in range(copies):
+            src, dst, scale = k, n - copies + k, 0.5 + 0.25 * k
+            producers = site.producer_linears
+            if len(producers) == 2:  # gated: gate copied, up scaled
+                producers[0].weight[dst] = producers[0].weight[src]
+                producers[1].weight[dst] = scale * producers[1].weight[src]
+            else:
+                producers[0].weight[dst] = scale * producers[0].weight[src]
+                producers[0].bias[dst] = scale * producers[0].bias[src]
+
+
+@torch.no_grad()
+def make_constant_neurons(model, count: int) -> None:
+    """The last ``count`` MLP neurons of each layer ignore their input: constant nonzero outputs."""
+    for site in mlp_sites(model):
+        for producer in site.producer_linears:
+            producer.weight[-count:] = 0
+            producer.bias[-count:] = torch.linspace(0.5, 1.5, count)
+
+
+def sparsity_removing(model, units: int) -> float:
+    """The sparsity whose uniform allocation removes exactly ``units`` MLP neurons per layer."""
+    site = mlp_sites(model)[0]
+    return units * site.params_per_unit() / site.num_params()
+
+
+def run_python(code: str, env_extra: dict | None = None) -> str:
+    """Run ``code`` in a fresh interpreter; returns stdout (raises with stderr on failure)."""
+    env = {**os.environ, **(env_extra or {})}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def prune_quiet(model, **kwargs):
+    kwargs.setdefault("calibration", calibration_ids())
+    kwargs.setdefault("batch_size", 4)
+    kwargs.setdefault("progress", False)
+    return hf_snp.prune(model, **kwargs)
