@@ -1,0 +1,108 @@
+"""Bad input fails at once with a message that says what is wrong, before any long work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calibration_ids, tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hf_snp
+import hf_snp.api
+from hf_snp.calibration import CalibrationError
+
+
+@pytest.fixture
+def no_long_work(monkeypatch):
+    """Loading weights or starting the engine counts as long work: fail loudly if reached."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("long work started before the bad input was reported")
+
+    monkeypatch.setattr(hf_snp.api, "load_model", forbidden)
+    monkeypatch.setattr(hf_snp.api.StreamingEngine, "run", forbidden)
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
+def test_sparsity_outside_unit_interval(sparsity, no_long_work):
+    with pytest.raises(ValueError, match=r"sparsity must be a fraction in \[0, 1\)"):
+        hf_snp.prune(tiny_llama(), sparsity=sparsity, calibration=calibration_ids())
+
+
+def test_unknown_method(no_long_work):
+    with pytest.raises(ValueError, match=r"unknown method 'obs'; choose one of \['random', 'snp', 'vbp'\]"):
+        hf_snp.prune(tiny_llama(), method="obs", calibration=calibration_ids())
+
+
+@pytest.mark.parametrize("targets", [("mlp", "bogus"), "embeddings", ()])
+def test_unknown_or_empty_target(targets, no_long_work):
+    with pytest.raises(ValueError, match="target"):
+        hf_snp.prune(tiny_llama(), targets=targets, calibration=calibration_ids())
+
+
+def test_unsupported_architecture_names_the_supported_families(tmp_path, no_long_work):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    message = r"cannot prune model_type 'gpt2'. Supported families: Llama family \(llama, mistral, qwen2\); OPT \(opt\)"
+    with pytest.raises(ValueError, match=message):
+        hf_snp.prune(str(tmp_path / "gpt2"), calibration=calibration_ids())
+    with pytest.raises(ValueError, match=message):
+        hf_snp.prune(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)), calibration=calibration_ids())
+
+
+@pytest.mark.parametrize(
+    "calibration, message",
+    [
+        ([], "is empty"),
+        (["", "   "], "is empty"),
+        (torch.zeros(0, 16, dtype=torch.long), "is empty"),
+        (torch.rand(4, 16), "LongTensor"),
+        (42, "unsupported calibration of type int"),
+        ("no-such-dataset-or-file", "neither a known dataset"),
+    ],
+)
+def test_empty_or_malformed_calibration(calibration, message, no_long_work):
+    with pytest.raises(CalibrationError, match=message):
+        hf_snp.prune(tiny_llama(), tokenizer=object(), calibration=calibration)
+
+
+def test_calibration_shorter_than_seq_len(tmp_path, no_long_work):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    path = tmp_path / "calib.txt"
+    path.write_text("hello world " * 10)
+    with pytest.raises(CalibrationError, match=r"has 20 tokens, fewer than seq_len=64: give more text or a smaller seq_len"):
+        hf_snp.prune(tiny_llama(), tokenizer=tokenizer, calibration=str(path), seq_len=64)
+
+
+def test_text_calibration_without_tokenizer(no_long_work):
+    with pytest.raises(CalibrationError, match="needs a tokenizer"):
+        hf_snp.prune(tiny_llama(), calibration=["some text"])
+
+
+def test_bad_layer_sparsity(no_long_work):
+    with pytest.raises(ValueError, match=r"layer_sparsity\[2\] must be a fraction"):
+        hf_snp.prune(tiny_llama(), layer_sparsity={2: 1.2}, calibration=calibration_ids())
+
+
+def test_layer_sparsity_naming_a_missing_layer():
+    with pytest.raises(ValueError, match=r"names layer 9, but the model has layers 0..3"):
+        hf_snp.prune(tiny_llama(), layer_sparsity={9: 0.2}, calibration=calibration_ids(), progress=False)
+
+
+def test_non_empty_output_dir_is_refused(tmp_path, no_long_work):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.bin").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+        hf_snp.prune(tiny_llama(), calibration=calibration_ids(), output_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out" / "precious.bin").read_text() == "x"
+
+
+def test_non_finite_activations_name_the_site():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="layer 2 mlp"):
+        hf_snp.prune(model, calibration=calibration_ids(), progress=False)
