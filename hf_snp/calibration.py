@@ -16,11 +16,14 @@ from typing import Any, Sequence
 
 import torch
 
+from .hub import load_hub_dataset
+
 logger = logging.getLogger("hf_snp")
 
+# name -> (path, config, split, column, data_files); c4 reads one validation shard, as SparseGPT does
 HUB_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
-    "c4": ("allenai/c4", "en", "validation", "text"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text", None),
+    "c4": ("allenai/c4", None, "validation", "text", {"validation": "en/c4-validation.00000-of-00008.json.gz"}),
 }
 PACKAGED = {"wikitext2-local": "wiki.valid.tokens", "wikitext2-test-local": "wiki.test.raw"}
 
@@ -56,11 +59,9 @@ def packaged_text(name: str = "wikitext2-local") -> str:
 
 
 def _hub_texts(name: str) -> list[str]:
-    import datasets
-
-    path, config, split, column = HUB_DATASETS[name]
+    path, config, split, column, data_files = HUB_DATASETS[name]
     try:
-        data = datasets.load_dataset(path, config, split=split)
+        data = load_hub_dataset(path, config, split, data_files)
     except Exception as error:  # noqa: BLE001  (offline, or the Hub refused)
         if name == "wikitext2":
             logger.warning("could not load %s from the Hub (%s); using the packaged WikiText-2 validation text", name, type(error).__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -9,6 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import packaged_text
+from .hub import load_hub_dataset
+
+logger = logging.getLogger("hf_snp")
 
 HUB_TEST_SETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text")}
 
@@ -21,12 +25,11 @@ def test_text(dataset: str) -> str:
     if dataset == "wikitext2-test-local":
         return packaged_text(dataset)
     if dataset in HUB_TEST_SETS:
-        import datasets
-
         path, config, split, column = HUB_TEST_SETS[dataset]
         try:
-            return "\n\n".join(datasets.load_dataset(path, config, split=split)[column])
-        except Exception:  # noqa: BLE001  (offline: the packaged test split is the same text)
+            return "\n\n".join(load_hub_dataset(path, config, split)[column])
+        except Exception as error:  # noqa: BLE001  (offline: the packaged test split is the same text)
+            logger.warning("could not load %s from the Hub (%s); using the packaged WikiText-2 test text", dataset, type(error).__name__)
             return packaged_text("wikitext2-test-local")
     raise ValueError(f"unknown evaluation dataset {dataset!r}: give a text file path or one of {[*HUB_TEST_SETS, 'wikitext2-test-local']}")
 

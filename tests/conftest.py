@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+)
 
 import hf_snp
 from hf_snp.adapters import get_adapter
@@ -48,7 +50,22 @@ def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
     return model
 
 
-TINY = {"llama": tiny_llama, "opt": tiny_opt}
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, sliding_window=8)
+    return MistralForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """Qwen2: q/k/v biases, GQA."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+TINY = {"llama": tiny_llama, "opt": tiny_opt, "mistral": tiny_mistral, "qwen2": tiny_qwen2}
 
 
 def calibration_ids(num: int = 16, length: int = 24, seed: int = 1) -> torch.Tensor:

@@ -30,7 +30,7 @@ def test_zero_sparsity_is_identity(family, method):
         assert torch.equal(value, state[key]), key
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral", "qwen2"])
 def test_snp_exact_when_removed_neurons_are_combinations_of_kept_ones(family):
     model = TINY[family]()
     make_scaled_copies(model, COPIES)
@@ -161,3 +161,15 @@ def test_padding_tokens_are_excluded_from_statistics():
     assert with_pad.report["calibration_tokens"] == truncated.report["calibration_tokens"] == 8 * 16
     for a, b in zip(with_pad.model.parameters(), truncated.model.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_llama_family_members_save_and_reload_in_both_formats(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    uniform = prune_quiet(TINY[family](), sparsity=0.25, output_dir=str(tmp_path / "u"))
+    per_layer = prune_quiet(TINY[family](), sparsity=0.25, layer_sparsity={0: 0.0}, output_dir=str(tmp_path / "p"))
+    for result, folder, model_type in ((uniform, "u", family), (per_layer, "p", f"hf_snp_{family}")):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder)
+        assert reloaded.config.model_type == model_type
+        assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
