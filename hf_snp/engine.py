@@ -84,7 +84,8 @@ def move(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's input ids go (the embedding's device; CPU when it is offloaded)."""
     weight = model.get_input_embeddings().weight
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
@@ -104,7 +105,7 @@ def capture_block_inputs(
         raise _InputsCaptured
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = _input_device(model)
+    device = input_device(model)
     try:
         batches = list(calib.batches(batch_size))
         for ids, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):

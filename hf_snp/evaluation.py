@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import packaged_text
+from .engine import input_device
 from .hub import load_hub_dataset
 
 logger = logging.getLogger("hf_snp")
@@ -34,11 +35,6 @@ def test_text(dataset: str) -> str:
     raise ValueError(f"unknown evaluation dataset {dataset!r}: give a text file path or one of {[*HUB_TEST_SETS, 'wikitext2-test-local']}")
 
 
-def _input_device(model) -> torch.device:
-    weight = model.get_input_embeddings().weight
-    return weight.device if weight.device.type != "meta" else torch.device("cpu")
-
-
 @torch.no_grad()
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seq_len: int = 2048, max_windows: int | None = None,
                batch_size: int = 1, progress: bool = True) -> float:
@@ -48,7 +44,7 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seq_len: int = 2048
     if windows == 0:
         raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than seq_len={seq_len}")
     data = ids[: windows * seq_len].view(windows, seq_len)
-    device = _input_device(model)
+    device = input_device(model)
     total, count = 0.0, 0
     for start in tqdm(range(0, windows, batch_size), desc="Perplexity", disable=not progress, leave=False):
         batch = data[start : start + batch_size].to(device)
