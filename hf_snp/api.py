@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from . import __version__
-from .adapters import Site, get_adapter
+from .adapters import get_adapter
 from .calibration import is_text_calibration, load_calibration
 from .config import PruneConfig
 from .engine import StreamingEngine
@@ -37,12 +37,6 @@ class PruneResult:
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once), offloaded ones included."""
     return sum(p.numel() for p in model.parameters())
-
-
-def units_for_sparsity(site: Site, sparsity: float) -> int:
-    """Units to remove so that about ``sparsity`` of the site's parameters go (at least one unit stays)."""
-    removed = round(sparsity * site.num_params() / site.params_per_unit())
-    return max(0, min(removed, site.num_units - 1))
 
 
 def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed: bool):
@@ -77,6 +71,7 @@ def prune(
     damping: float = 1e-6,
     add_bias: bool | None = None,
     layer_sparsity: Mapping[int, float] | Sequence[float] | None = None,
+    gqa_mode: str = "per_group",
     activation_device: str | torch.device | None = None,
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "auto",
@@ -96,7 +91,8 @@ def prune(
         method: ``"snp"`` (least-squares reconstruction), ``"vbp"`` (variance + mean shift)
             or ``"random"`` (baseline).
         sparsity: fraction of the targeted modules' parameters to remove, in [0, 1).
-        targets: which units to prune; ``("mlp",)`` for MLP neurons.
+        targets: which units to prune: ``"mlp"`` (MLP neurons), ``"heads"`` (attention heads),
+            or both; each target loses ``sparsity`` of its parameters in every layer.
         calibration: dataset name (``wikitext2``, ``c4``, ``wikitext2-local``), .txt/.jsonl
             path, list of strings, ``datasets.Dataset``, or LongTensor [N, L] of token ids.
         num_samples, seq_len, seed: calibration windows drawn from text sources.
@@ -107,6 +103,10 @@ def prune(
         add_bias: allow adding a bias to a consumer that has none (None: the method decides;
             VBP adds one for its mean shift, SNP keeps the stock architecture).
         layer_sparsity: per-layer override of ``sparsity`` ({layer: fraction} or a list).
+        gqa_mode: for grouped-query attention, ``"per_group"`` (default) removes the same
+            number of query heads from every KV group and keeps all k/v heads;
+            ``"kv_groups"`` removes whole KV groups with their query heads (smaller KV cache,
+            coarser steps).
         activation_device: where calibration hidden states wait between blocks
             (default: the execution device).
         gguf_file, dtype, device_map, max_memory, offload_folder, trust_remote_code:
@@ -115,7 +115,7 @@ def prune(
         progress: show tqdm progress bars.
     """
     start = time.perf_counter()
-    config = PruneConfig(method, sparsity, targets, num_samples, seq_len, seed, batch_size, damping, add_bias, layer_sparsity)
+    config = PruneConfig(method, sparsity, targets, num_samples, seq_len, seed, batch_size, damping, add_bias, layer_sparsity, gqa_mode)
     config.validate()
     if output_dir is not None:
         prepare_output_dir(output_dir, overwrite)
@@ -138,9 +138,9 @@ def prune(
 
     params_before = count_parameters(model)
     engine = StreamingEngine(
-        model, adapter, get_method(method), MethodOptions(damping=damping, seed=seed),
-        units_to_remove=lambda site: units_for_sparsity(site, config.sparsity_of_layer(site.layer)),
-        add_bias=add_bias, device=device, store=store, batch_size=batch_size, progress=progress,
+        model, adapter, get_method(method), MethodOptions(damping=damping, seed=seed), config.targets,
+        steps_for=lambda site: site.steps_for_sparsity(config.sparsity_of_layer(site.index)),
+        add_bias=add_bias, device=device, store=store, batch_size=batch_size, gqa_mode=gqa_mode, progress=progress,
     )
     records = engine.run(calib)
     save_format = finalize_architecture(model, adapter, records)
@@ -157,11 +157,7 @@ def prune(
         "params_before": params_before,
         "params_after": params_after,
         "params_removed": params_before - params_after,
-        "layers": [
-            {"layer": r.layer, "mlp_width_before": r.mlp_width_before, "mlp_width": r.mlp_width,
-             "mlp_output_bias_added": r.mlp_output_bias_added}
-            for r in records
-        ],
+        "layers": records,
         "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()}, "total": round(time.perf_counter() - start, 4)},
     }
     logger.info("pruned %s: %d -> %d parameters", report["base_model"], params_before, params_after)

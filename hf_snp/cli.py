@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hub id, local directory, .gguf file, or smollm2-demo")
     p.add_argument("--method", default="snp", choices=sorted(METHODS))
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of the targeted parameters to remove")
-    p.add_argument("--targets", default="mlp", help="comma-separated: mlp")
+    p.add_argument("--targets", default="mlp", help="comma-separated: mlp, heads (e.g. mlp,heads)")
+    p.add_argument("--gqa-mode", default="per_group", choices=["per_group", "kv_groups"],
+                   help="GQA head removal: same number of query heads per KV group, or whole KV groups")
     p.add_argument("--calibration", default="wikitext2", help="wikitext2, c4, wikitext2-local, or a .txt/.jsonl path")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             result = prune(
                 args.model, method=args.method, sparsity=args.sparsity, targets=args.targets, calibration=args.calibration,
                 num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device=args.device, output_dir=args.out,
-                batch_size=args.batch_size, damping=args.damping, add_bias=args.add_bias, gguf_file=args.gguf_file,
+                batch_size=args.batch_size, damping=args.damping, add_bias=args.add_bias, gqa_mode=args.gqa_mode, gguf_file=args.gguf_file,
                 dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, progress=not args.quiet,
             )
             summary = {k: result.report[k] for k in ("method", "sparsity", "params_before", "params_after", "save_format")}

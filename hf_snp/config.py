@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 from .methods import METHODS
 
-SUPPORTED_TARGETS = ("mlp",)
+SUPPORTED_TARGETS = ("mlp", "heads")
+GQA_MODES = ("per_group", "kv_groups")
 
 
 @dataclass
@@ -25,6 +26,7 @@ class PruneConfig:
     damping: float = 1e-6
     add_bias: bool | None = None
     layer_sparsity: dict[int, float] | None = field(default=None)
+    gqa_mode: str = "per_group"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -43,6 +45,8 @@ class PruneConfig:
         unknown = [t for t in self.targets if t not in SUPPORTED_TARGETS]
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
+        if self.gqa_mode not in GQA_MODES:
+            raise ValueError(f"unknown gqa_mode {self.gqa_mode!r}; choose one of {GQA_MODES}")
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -13,20 +13,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter, Site
+from .adapters import ModelAdapter
 from .calibration import CalibrationData
 from .methods import MethodOptions, PruningMethod
 from .placement import BlockPlacement
+from .sites import Site
 from .stats import SiteStatistics
-from .surgery import apply_decision
 
 logger = logging.getLogger("hf_snp")
 
@@ -42,15 +42,6 @@ class BlockInput:
     hidden: torch.Tensor
     kwargs: dict[str, Any]
     token_mask: torch.Tensor | None  # [B*L] bool, None when no token is padding
-
-
-@dataclass
-class LayerRecord:
-    layer: int
-    mlp_width_before: int
-    mlp_width: int
-    mlp_output_bias_added: bool
-    info: dict = field(default_factory=dict)
 
 
 class PhaseTimer:
@@ -138,7 +129,7 @@ def replay_outputs(module: nn.Module, outputs: list[torch.Tensor], device: torch
 
 
 class StreamingEngine:
-    """Prunes a model block by block. ``units_to_remove(site)`` gives each site's budget."""
+    """Prunes a model block by block. ``steps_for(site)`` gives each site's removal budget."""
 
     def __init__(
         self,
@@ -146,15 +137,17 @@ class StreamingEngine:
         adapter: ModelAdapter,
         method: PruningMethod,
         options: MethodOptions,
-        units_to_remove: Callable[[Site], int],
+        targets: tuple[str, ...],
+        steps_for: Callable[[Site], int],
         add_bias: bool | None,
         device: torch.device,
         store: torch.device,
         batch_size: int,
+        gqa_mode: str = "per_group",
         progress: bool = True,
     ):
         self.model, self.adapter, self.method, self.options = model, adapter, method, options
-        self.units_to_remove, self.add_bias = units_to_remove, add_bias
+        self.targets, self.steps_for, self.add_bias, self.gqa_mode = targets, steps_for, add_bias, gqa_mode
         self.device, self.store, self.batch_size, self.progress = device, store, batch_size, progress
         self.timer = PhaseTimer(device)
 
@@ -164,7 +157,8 @@ class StreamingEngine:
         return self.method.wants_added_bias if self.add_bias is None else self.add_bias
 
     @torch.no_grad()
-    def run(self, calib: CalibrationData) -> list[LayerRecord]:
+    def run(self, calib: CalibrationData) -> list[dict]:
+        """Prune every block; returns one record per layer (each site's shape before and after)."""
         layers = self.adapter.layers(self.model)
         with self.timer("capture"):
             inputs = capture_block_inputs(self.model, layers[0], calib, self.batch_size, self.store, self.progress)
@@ -173,7 +167,6 @@ class StreamingEngine:
         for index in bar:
             last = index == len(layers) - 1
             records.append(self._prune_block(layers[index], index, inputs, need_outputs=not last))
-            bar.set_postfix(mlp=f"{records[-1].mlp_width_before}->{records[-1].mlp_width}")
         return records
 
     def _run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics], keep_outputs: bool) -> None:
@@ -184,36 +177,41 @@ class StreamingEngine:
             if keep_outputs:
                 item.hidden = out.to(self.store)
 
-    def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool) -> LayerRecord:
+    def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool) -> dict:
         with self.timer("move"):
             placement = BlockPlacement.bring(block, self.device)
-        site = self.adapter.mlp_site(block, index)
-        width_before, num_remove = site.num_units, self.units_to_remove(site)
-        added, info = False, {}
-        if num_remove == 0:
+        sites = self.adapter.sites(block, index, self.targets, self.model.config, self.gqa_mode)
+        steps = [self.steps_for(site) for site in sites]
+        active = [(site, n) for site, n in zip(sites, steps) if n > 0]
+        if not active:
             with self.timer("recompute"):
                 self._run_block(block, inputs, [], keep_outputs=need_outputs)
         else:
-            stats = SiteStatistics(f"layer {index} {site.kind} ({site.consumer})", site.num_units, self.device)
+            stats = [SiteStatistics(f"{site.name} ({type(site.consumer_linear).__name__} input)", site.num_units, self.device) for site, _ in active]
+            handles = [site.consumer_linear.register_forward_pre_hook(s.hook) for (site, _), s in zip(active, stats)]
+            # the attention output only changes when heads are cut: otherwise replay it in the second pass
             attention, attention_cache = self.adapter.attention(block), []
-            handles = [site.consumer_linear.register_forward_pre_hook(stats.hook)]
-            if need_outputs:
+            replay = need_outputs and not any(site.kind == "heads" for site, _ in active)
+            if replay:
                 handles.append(attention.register_forward_hook(lambda m, a, out: attention_cache.append(out[0].to(self.store))))
             try:
                 with self.timer("statistics"):
-                    self._run_block(block, inputs, [stats], keep_outputs=False)
+                    self._run_block(block, inputs, stats, keep_outputs=False)
             finally:
                 for handle in handles:
                     handle.remove()
-            with self.timer("decide"):
-                decision = self.method.decide(stats, num_remove, self.bias_available(site), self.options, index)
+            for (site, n), site_stats in zip(active, stats):
+                with self.timer("decide"):
+                    decision = self.method.decide(site_stats, site.plan(n), self.bias_available(site), self.options, index * 2 + (site.kind == "heads"))
+                with self.timer("cut"):
+                    site.apply(decision)
             del stats
-            with self.timer("cut"):
-                added = apply_decision(site, decision)
-            info = {k: v for k, v in decision.info.items() if k == "unique_variance"}
             if need_outputs:
-                with self.timer("recompute"), replay_outputs(attention, attention_cache, self.device):
+                with self.timer("recompute"), (replay_outputs(attention, attention_cache, self.device) if replay else nullcontext()):
                     self._run_block(block, inputs, [], keep_outputs=True)
         with self.timer("move"):
             placement.send_back(block)
-        return LayerRecord(index, width_before, site.num_units, added, info)
+        record = {"layer": index}
+        for site in sites:
+            record.update(site.describe())
+        return record

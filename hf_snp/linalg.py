@@ -58,3 +58,29 @@ def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tens
     """B = M_PK (M_KK + lambda I)^{-1}: the best linear prediction of removed units from kept ones."""
     factor = robust_cholesky(moment[keep][:, keep], damping)
     return torch.cholesky_solve(moment[keep][:, drop], factor).T
+
+
+def greedy_group_elimination(moment: torch.Tensor, plan, damping: float) -> tuple[list[int], list[float]]:
+    """Group version of the greedy elimination, following ``plan.schedule``.
+
+    At each step, among the step's candidate groups, remove the group g with the least
+    unique variance r_g = tr(([Q]_gg)^{-1}) (Q the precision of the remaining units), then
+    downdate Q by the Schur complement of that block (rank group_size). Returns the
+    removed groups in order and their r_g, the conditional variance each kept last.
+    """
+    precision = torch.cholesky_inverse(robust_cholesky(moment, damping))
+    alive = [True] * plan.num_groups
+    removed, unique_variance = [], []
+    for pool in plan.schedule:
+        candidates = [g for g in pool if alive[g]]
+        idx = plan.units(candidates, moment.device).view(len(candidates), plan.group_size)
+        blocks = precision[idx[:, :, None], idx[:, None, :]]
+        scores = torch.linalg.inv(blocks).diagonal(dim1=-2, dim2=-1).sum(-1)
+        best = int(torch.argmin(scores))
+        group, units = candidates[best], idx[best]
+        cross = precision[:, units]
+        precision = precision - cross @ torch.linalg.solve(precision[units][:, units], cross.T)
+        alive[group] = False
+        removed.append(group)
+        unique_variance.append(float(scores[best]))
+    return removed, unique_variance

@@ -54,7 +54,10 @@ class BlockPlacement:
     def send_back(self, block: nn.Module) -> None:
         """Return the (pruned) block to where it came from; offloaded weights are written back."""
         block.to(self.home)
+        present = set(block.modules())
         for module, hook in self.hooks:
+            if module not in present:  # replaced by the cut (e.g. an attention that lost every head)
+                continue
             for align in _align_hooks(hook):
                 if align.offload and align.weights_map is not None:
                     for name, value in named_module_tensors(module, include_buffers=align.offload_buffers, recurse=align.place_submodules):
@@ -79,7 +82,7 @@ def _store(weights_map, name: str, value: torch.Tensor) -> None:
     if isinstance(weights_map, dict):
         weights_map[key] = value
         return
-    if key in weights_map.state_dict or weights_map.save_folder is None and not weights_map.index:
+    if key in weights_map.state_dict or value.numel() == 0 or weights_map.save_folder is None and not weights_map.index:
         weights_map.state_dict[key] = value
     else:
         if weights_map.save_folder is None:

@@ -13,7 +13,6 @@ import tempfile
 from transformers import PreTrainedModel
 
 from .adapters import ModelAdapter
-from .engine import LayerRecord
 from .models import CAUSAL_LM_TYPES
 
 REPORT_NAME = "hf_snp_report.json"
@@ -23,24 +22,53 @@ def base_model_type(model_type: str) -> str:
     return model_type.removeprefix("hf_snp_")
 
 
-def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records: list[LayerRecord]) -> str:
+SPEC_KEYS = {  # report field -> hf_snp_layers key
+    "mlp_width": "intermediate_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
+BIAS_KEYS = {"mlp_output_bias_added": "mlp_output_bias", "attention_output_bias_added": "attention_output_bias"}
+
+
+def layer_specs(records: list[dict], previous: list[dict]) -> list[dict]:
+    """hf_snp_layers entries: the previous spec updated with each layer's new shapes and biases."""
+    specs = []
+    for record, old in zip(records, previous):
+        spec = dict(old)
+        spec.update({key: record[field] for field, key in SPEC_KEYS.items() if field in record})
+        spec.update({key: True for field, key in BIAS_KEYS.items() if record.get(field)})
+        specs.append(spec)
+    return specs
+
+
+def _uniform(specs: list[dict], key: str):
+    values = {spec.get(key) for spec in specs}
+    return values.pop() if len(values) == 1 else None
+
+
+def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records: list[dict]) -> str:
     """Update the config to the pruned shapes; returns "stock" or "hf_snp" (the class it now is)."""
-    widths = [r.mlp_width for r in records]
     config = model.config
     previous = list(getattr(config, "hf_snp_layers", None) or [{} for _ in records])
-    biased = [r.mlp_output_bias_added or bool(p.get("mlp_output_bias")) for r, p in zip(records, previous)]
-    if len(set(widths)) == 1 and not any(biased):
+    specs = layer_specs(records, previous)
+    width, heads, kv_heads = (_uniform(specs, key) for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    heads_changed = any("num_attention_heads" in spec for spec in specs) and heads != config.num_attention_heads
+    stock = (
+        all(_uniform(specs, key) is not None or not any(key in s for s in specs) for key in SPEC_KEYS.values())
+        and not any(spec.get(key) for spec in specs for key in BIAS_KEYS.values())
+        and (not heads_changed or (adapter.stock_head_pruning and heads and kv_heads))
+    )
+    if stock:
         if hasattr(config, "hf_snp_layers"):
             config.hf_snp_layers = None  # an hf_snp model that became uniform again
-        adapter.set_uniform_mlp_width(config, widths[0])
+        if width is not None:
+            adapter.set_uniform_mlp_width(config, width)
+        if heads_changed:
+            adapter.set_uniform_heads(config, heads, kv_heads)
         return "hf_snp" if config.model_type.startswith("hf_snp_") else "stock"
     config_cls, model_cls = CAUSAL_LM_TYPES[base_model_type(config.model_type)]
-    specs = []
-    for p, width, bias in zip(previous, widths, biased):
-        spec = {**p, "intermediate_size": width}
-        if bias:
-            spec["mlp_output_bias"] = True
-        specs.append(spec)
+    if getattr(config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
+        config.head_dim = adapter.head_dim(config)
     config.__class__ = config_cls  # a subclass of the stock config: every field stays valid
     config.hf_snp_layers = specs
     config.architectures = [model_cls.__name__]

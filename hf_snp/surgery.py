@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import Site
 from .methods import Decision
 
 
@@ -39,15 +38,5 @@ def fold_into_consumer(linear: nn.Linear, decision: Decision) -> bool:
         else:
             bias = (bias.to(torch.float64) + delta).to(dtype)
     _set(linear, w_keep.to(dtype), bias)
-    return added
-
-
-def apply_decision(site: Site, decision: Decision) -> bool:
-    """Cut the site: producer rows, consumer columns and the fold. Returns True if a bias was added."""
-    for producer in site.producer_linears:
-        keep_rows(producer, decision.keep)
-    added = fold_into_consumer(site.consumer_linear, decision)
-    if hasattr(site.parent, "intermediate_size") and site.kind == "mlp":
-        site.parent.intermediate_size = site.consumer_linear.in_features
     return added
 

@@ -81,9 +81,13 @@ def logits(model, ids=None) -> torch.Tensor:
     return model(eval_ids() if ids is None else ids).logits
 
 
-def mlp_sites(model):
+def sites_of(model, target: str, gqa_mode: str = "per_group"):
     adapter = get_adapter(model.config)
-    return [adapter.mlp_site(layer, i) for i, layer in enumerate(adapter.layers(model))]
+    return [adapter.sites(layer, i, (target,), model.config, gqa_mode)[0] for i, layer in enumerate(adapter.layers(model))]
+
+
+def mlp_sites(model):
+    return sites_of(model, "mlp")
 
 
 @torch.no_grad()
@@ -119,7 +123,7 @@ def make_constant_neurons(model, count: int) -> None:
 def sparsity_removing(model, units: int) -> float:
     """The sparsity whose uniform allocation removes exactly ``units`` MLP neurons per layer."""
     site = mlp_sites(model)[0]
-    return units * site.params_per_unit() / site.num_params()
+    return units * site.params_per_step() / site.num_params()
 
 
 def run_python(code: str, env_extra: dict | None = None) -> str:

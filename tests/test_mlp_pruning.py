@@ -95,7 +95,7 @@ def test_vbp_adds_the_mean_shift_bias_where_the_consumer_has_none():
 def test_parameter_count_matches_report(family, method):
     model = TINY[family]()
     counted_before = sum(p.numel() for p in model.parameters())
-    per_unit = mlp_sites(model)[0].params_per_unit()
+    per_unit = mlp_sites(model)[0].params_per_step()
     result = prune_quiet(model, method=method, sparsity=0.3)
     counted_after = sum(p.numel() for p in result.model.parameters())
     report = result.report
@@ -114,7 +114,7 @@ def test_uniform_widths_meet_the_budget_within_one_unit(sparsity):
     targeted = site.num_params() * len(mlp_sites(model))
     result = prune_quiet(model, method="snp", sparsity=sparsity)
     removed = result.report["params_removed"]
-    assert abs(removed - sparsity * targeted) <= len(mlp_sites(model)) * site.params_per_unit() / 2
+    assert abs(removed - sparsity * targeted) <= len(mlp_sites(model)) * site.params_per_step() / 2
     assert len({l["mlp_width"] for l in result.report["layers"]}) == 1
 
 

@@ -1,6 +1,6 @@
 """Llama family: Llama, Mistral, Qwen2, SmolLM (gated MLP, GQA, RMSNorm, rotary embeddings)."""
 
-from ..models.modeling_hf_snp import LLAMA_MLP
+from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, llama_head_dim
 from .base import ModelAdapter, register_adapter
 
 
@@ -9,7 +9,17 @@ class LlamaFamilyAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2")
     layers_path = "model.layers"
     mlp = LLAMA_MLP
+    attention_layout = LLAMA_ATTENTION
     mlp_width_field = "intermediate_size"
+    stock_head_pruning = True  # num_attention_heads / num_key_value_heads with an explicit head_dim
+
+    def head_dim(self, config) -> int:
+        return llama_head_dim(config)
+
+    def set_uniform_heads(self, config, num_heads: int, num_kv_heads: int) -> None:
+        config.head_dim = llama_head_dim(config)  # explicit: hidden_size // heads no longer holds
+        config.num_attention_heads = num_heads
+        config.num_key_value_heads = num_kv_heads
 
 
 register_adapter(LlamaFamilyAdapter())

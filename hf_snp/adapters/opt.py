@@ -1,6 +1,6 @@
-"""OPT: fc1/fc2 with biases, ReLU, LayerNorm, learned positions."""
+"""OPT: fc1/fc2 with biases, ReLU, LayerNorm, learned positions; multi-head attention."""
 
-from ..models.modeling_hf_snp import OPT_MLP
+from ..models.modeling_hf_snp import OPT_ATTENTION, OPT_MLP
 from .base import ModelAdapter, register_adapter
 
 
@@ -9,7 +9,9 @@ class OPTAdapter(ModelAdapter):
     model_types = ("opt",)
     layers_path = "model.decoder.layers"
     mlp = OPT_MLP
+    attention_layout = OPT_ATTENTION
     mlp_width_field = "ffn_dim"
+    stock_head_pruning = False  # OPTAttention derives head_dim from hidden_size // num_attention_heads
 
 
 register_adapter(OPTAdapter())

@@ -11,6 +11,51 @@ from ..stats import SiteStatistics
 
 
 @dataclass
+class RemovalPlan:
+    """Which units may be removed together, and in what pattern.
+
+    Units come in contiguous groups of ``group_size`` (1 for neurons, head_dim for heads,
+    a KV group's width for whole KV groups). Each of ``rounds`` rounds removes one group
+    from every pool, which is how GQA keeps the same number of query heads per KV group.
+    """
+
+    num_units: int
+    group_size: int
+    pools: list[list[int]]
+    rounds: int
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_units // self.group_size
+
+    @property
+    def schedule(self) -> list[list[int]]:
+        """The candidate pool of every removal step, in order."""
+        return [pool for _ in range(self.rounds) for pool in self.pools]
+
+    def units(self, groups: list[int], device: torch.device | None = None) -> torch.Tensor:
+        groups_t = torch.as_tensor(groups, dtype=torch.long, device=device).reshape(-1)
+        return (groups_t[:, None] * self.group_size + torch.arange(self.group_size, device=device)).flatten()
+
+    def decision(self, removed_groups: list[int], device: torch.device, **kwargs) -> "Decision":
+        keep, drop = split(self.num_units, self.units(removed_groups, device), device)
+        return Decision(keep, drop, removed_groups=list(removed_groups), **kwargs)
+
+
+def select_by_score(scores: torch.Tensor, plan: RemovalPlan) -> list[int]:
+    """Follow the plan's schedule, each step removing the lowest-scored group left in its pool."""
+    alive = torch.ones(plan.num_groups, dtype=torch.bool)
+    removed = []
+    scores = scores.detach().cpu()
+    for pool in plan.schedule:
+        candidates = [g for g in pool if alive[g]]
+        best = min(candidates, key=lambda g: (float(scores[g]), g))
+        alive[best] = False
+        removed.append(best)
+    return removed
+
+
+@dataclass
 class Decision:
     """What to do with one site: keep these units, fold the removed ones into the consumer.
 
@@ -22,6 +67,7 @@ class Decision:
     drop: torch.Tensor
     coef: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    removed_groups: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
 
@@ -34,15 +80,13 @@ class MethodOptions:
 
 
 class PruningMethod:
-    """Base class. ``decide`` gets the statistics, how many units to remove, and whether the
-    consumer can take a bias shift (it has a bias, or one may be added)."""
+    """Base class. ``decide`` gets the statistics, the removal plan, and whether the consumer
+    can take a bias shift (it has a bias, or one may be added)."""
 
     name: ClassVar[str] = ""
     wants_added_bias: ClassVar[bool] = False  # default of add_bias=None for bias-less consumers
 
-    def decide(
-        self, stats: SiteStatistics, num_remove: int, bias_available: bool, options: MethodOptions, site_key: int
-    ) -> Decision:
+    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
         raise NotImplementedError
 
 

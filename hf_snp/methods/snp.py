@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..linalg import greedy_zca_elimination, least_squares_map
+from ..linalg import greedy_group_elimination, greedy_zca_elimination, least_squares_map
 from ..stats import SiteStatistics
-from .base import Decision, MethodOptions, PruningMethod, register_method, split
+from .base import Decision, MethodOptions, PruningMethod, RemovalPlan, register_method
 
 
 @register_method
@@ -18,12 +18,16 @@ class SNP(PruningMethod):
 
     name = "snp"
 
-    def decide(self, stats: SiteStatistics, num_remove: int, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
+    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
         moment, mu = stats.moments(centered=bias_available)
-        removed, unique_variance = greedy_zca_elimination(moment, num_remove, options.damping)
-        keep, drop = split(stats.n, removed, moment.device)
-        if len(drop) == 0:
-            return Decision(keep, drop)
-        coef = least_squares_map(moment, keep, drop, options.damping)
-        shift = mu[drop] - coef @ mu[keep] if bias_available else None
-        return Decision(keep, drop, coef, shift, {"removed_order": removed, "unique_variance": unique_variance})
+        if plan.group_size == 1 and len(plan.pools) == 1:
+            removed, unique_variance = greedy_zca_elimination(moment, plan.rounds, options.damping)
+        else:
+            removed, unique_variance = greedy_group_elimination(moment, plan, options.damping)
+        decision = plan.decision(removed, moment.device, info={"unique_variance": unique_variance})
+        if len(decision.drop) and len(decision.keep):
+            decision.coef = least_squares_map(moment, decision.keep, decision.drop, options.damping)
+            decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep] if bias_available else None
+        elif len(decision.drop) and bias_available:  # nothing kept: the best constant is the mean
+            decision.shift = mu[decision.drop]
+        return decision

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..stats import SiteStatistics
-from .base import Decision, MethodOptions, PruningMethod, register_method, split
+from .base import Decision, MethodOptions, PruningMethod, RemovalPlan, register_method, select_by_score
 
 
 @register_method
@@ -19,13 +19,13 @@ class VBP(PruningMethod):
     name = "vbp"
     wants_added_bias = True
 
-    def decide(self, stats: SiteStatistics, num_remove: int, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
+    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
         sigma, mu = stats.moments(centered=True)
-        variance = sigma.diagonal()
-        order = torch.argsort(variance, stable=True)
-        keep, drop = split(stats.n, order[:num_remove], sigma.device)
-        shift = mu[drop] if bias_available and len(drop) else None
-        return Decision(keep, drop, None, shift, {"variance_removed": float(variance[drop].sum())})
+        group_variance = sigma.diagonal().reshape(plan.num_groups, plan.group_size).sum(1)
+        decision = plan.decision(select_by_score(group_variance, plan), sigma.device)
+        if bias_available and len(decision.drop):
+            decision.shift = mu[decision.drop]
+        return decision
 
 
 @register_method
@@ -34,8 +34,6 @@ class RandomPruning(PruningMethod):
 
     name = "random"
 
-    def decide(self, stats: SiteStatistics, num_remove: int, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
+    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
         generator = torch.Generator().manual_seed(options.seed * 100_003 + site_key)
-        order = torch.randperm(stats.n, generator=generator)
-        keep, drop = split(stats.n, order[:num_remove], stats.sum.device)
-        return Decision(keep, drop)
+        return plan.decision(select_by_score(torch.rand(plan.num_groups, generator=generator), plan), stats.sum.device)

@@ -10,12 +10,16 @@ trust_remote_code=True)`` works where hf_snp is not installed.
 
 * ``intermediate_size``: MLP width of that layer.
 * ``mlp_output_bias``: the MLP output projection has a bias (added by mean-shift folding).
+* ``num_attention_heads`` / ``num_key_value_heads``: that layer's head counts (head_dim is
+  unchanged). A layer with 0 heads has an ``EmptyAttention`` that adds only its bias.
+* ``attention_output_bias``: the attention output projection has a bias.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -38,8 +42,82 @@ class MlpLayout:
     consumer: str  # linear whose input columns are the MLP units
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a family's attention lives inside one decoder layer."""
+
+    parent: str
+    q: str
+    k: str
+    v: str
+    o: str
+
+    @staticmethod
+    def set_head_counts(attention: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        """Update whichever head-count attributes the family's attention module reads in forward."""
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = num_heads // max(num_kv_heads, 1)
+        if hasattr(attention, "num_heads"):
+            attention.num_heads = num_heads
+        if hasattr(attention, "num_key_value_heads"):
+            attention.num_key_value_heads = num_kv_heads
+
+
 LLAMA_MLP = MlpLayout("mlp", ("gate_proj", "up_proj"), "down_proj")
 OPT_MLP = MlpLayout("", ("fc1",), "fc2")
+LLAMA_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
+OPT_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class EmptyAttention(nn.Module):
+    """An attention block whose every head was pruned: it adds its output bias (or nothing).
+
+    It keeps the output projection (0 input features) under the stock name so the bias keeps
+    its stock key, and it still appends empty keys/values to a KV cache so that the cache's
+    sequence length stays right during generation.
+    """
+
+    def __init__(self, output: nn.Linear, output_name: str, layer_idx: int, head_dim: int):
+        super().__init__()
+        self.output_name = output_name
+        setattr(self, output_name, output)
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        batch, length = hidden_states.shape[:2]
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(batch, 0, length, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        output = getattr(self, self.output_name)
+        return output(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
+
+def make_empty_attention(layer: nn.Module, layout: AttentionLayout, output: nn.Linear, head_dim: int) -> EmptyAttention:
+    old = layer.get_submodule(layout.parent)
+    empty = EmptyAttention(output, layout.o, getattr(old, "layer_idx", 0), head_dim)
+    setattr(layer, layout.parent, empty)
+    return empty
+
+
+def resize_attention(layer: nn.Module, layout: AttentionLayout, num_heads: int | None, num_kv_heads: int | None,
+                     head_dim: int, output_bias: bool) -> None:
+    """Replace one layer's attention projections by empty ones with the given head counts."""
+    attention = layer.get_submodule(layout.parent)
+    old_o = getattr(attention, layout.o)
+    bias = output_bias or old_o.bias is not None
+    if num_heads == 0:
+        make_empty_attention(layer, layout, _new_linear(old_o, 0, old_o.out_features, bias), head_dim)
+        return
+    if num_heads is not None:
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, heads in ((layout.q, num_heads), (layout.k, num_kv_heads), (layout.v, num_kv_heads)):
+            old = getattr(attention, name)
+            setattr(attention, name, _new_linear(old, old.in_features, heads * head_dim, old.bias is not None))
+        layout.set_head_counts(attention, num_heads, num_kv_heads)
+    in_features = old_o.in_features if num_heads is None else num_heads * head_dim
+    if in_features != old_o.in_features or bias != (old_o.bias is not None):
+        setattr(attention, layout.o, _new_linear(old_o, in_features, old_o.out_features, bias))
 
 
 def _new_linear(old: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -62,7 +140,8 @@ def resize_mlp(layer: nn.Module, layout: MlpLayout, width: int | None, output_bi
         setattr(parent, layout.consumer, _new_linear(consumer, in_features, consumer.out_features, bias))
 
 
-def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpLayout) -> None:
+def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpLayout, attention: AttentionLayout,
+                      head_dim: int) -> None:
     """Resize every decoder layer to its entry of ``config.hf_snp_layers``."""
     if not specs:
         return
@@ -70,6 +149,12 @@ def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpL
         raise ValueError(f"hf_snp_layers has {len(specs)} entries for {len(layers)} decoder layers")
     for layer, spec in zip(layers, specs):
         resize_mlp(layer, mlp, spec.get("intermediate_size"), bool(spec.get("mlp_output_bias", False)))
+        resize_attention(layer, attention, spec.get("num_attention_heads"), spec.get("num_key_value_heads"), head_dim,
+                         bool(spec.get("attention_output_bias", False)))
+
+
+def llama_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class HfSnpLlamaConfig(LlamaConfig):
@@ -82,7 +167,7 @@ class HfSnpLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: HfSnpLlamaConfig):
         super().__init__(config)
-        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP)
+        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP, LLAMA_ATTENTION, llama_head_dim(config))
 
 
 class HfSnpMistralConfig(MistralConfig):
@@ -95,7 +180,7 @@ class HfSnpMistralForCausalLM(MistralForCausalLM):
 
     def __init__(self, config: HfSnpMistralConfig):
         super().__init__(config)
-        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP)
+        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP, LLAMA_ATTENTION, llama_head_dim(config))
 
 
 class HfSnpQwen2Config(Qwen2Config):
@@ -108,7 +193,7 @@ class HfSnpQwen2ForCausalLM(Qwen2ForCausalLM):
 
     def __init__(self, config: HfSnpQwen2Config):
         super().__init__(config)
-        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP)
+        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP, LLAMA_ATTENTION, llama_head_dim(config))
 
 
 class HfSnpOPTConfig(OPTConfig):
@@ -121,7 +206,8 @@ class HfSnpOPTForCausalLM(OPTForCausalLM):
 
     def __init__(self, config: HfSnpOPTConfig):
         super().__init__(config)
-        apply_layer_specs(self.model.decoder.layers, config.hf_snp_layers, OPT_MLP)
+        head_dim = config.hidden_size // config.num_attention_heads
+        apply_layer_specs(self.model.decoder.layers, config.hf_snp_layers, OPT_MLP, OPT_ATTENTION, head_dim)
 
 
 # stock model_type -> (hf_snp config class, hf_snp causal-LM class)

@@ -1,0 +1,212 @@
+"""Prunable sites: one linear map y = W h + b whose input units h can be removed.
+
+A site knows its geometry (units, how they group), which groups may be removed together
+(its RemovalPlan), what one removal step costs in parameters, and how to cut itself.
+``producers`` create the units (their rows go with a unit), the ``consumer`` reads them
+(its columns go, and receive the reconstruction).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .methods import Decision, RemovalPlan
+from .models.modeling_hf_snp import AttentionLayout, MlpLayout, make_empty_attention
+from .surgery import fold_into_consumer, keep_rows
+
+GQA_MODES = ("per_group", "kv_groups")
+
+
+def _params(*linears: nn.Linear) -> int:
+    return sum(p.numel() for lin in linears for p in lin.parameters())
+
+
+def _row_params(linear: nn.Linear, rows: int) -> int:
+    return rows * (linear.in_features + (linear.bias is not None))
+
+
+class Site:
+    """Base class; ``kind`` names the target ("mlp" or "heads")."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, layer: nn.Module, index: int):
+        self.layer, self.index = layer, index
+        self.bias_added = False
+
+    @property
+    def consumer_linear(self) -> nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def num_units(self) -> int:
+        return self.consumer_linear.in_features
+
+    @property
+    def name(self) -> str:
+        return f"layer {self.index} {self.kind}"
+
+    def plan(self, steps: int) -> RemovalPlan:
+        raise NotImplementedError
+
+    def max_steps(self) -> int:
+        raise NotImplementedError
+
+    def params_per_step(self) -> int:
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        raise NotImplementedError
+
+    def steps_for_sparsity(self, sparsity: float) -> int:
+        """Removal steps taking about ``sparsity`` of the site's parameters."""
+        steps = round(sparsity * self.num_params() / self.params_per_step())
+        return max(0, min(steps, self.max_steps()))
+
+    def apply(self, decision: Decision) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class MlpSite(Site):
+    """MLP neurons: one unit per group, any unit may go (at least one stays)."""
+
+    kind = "mlp"
+
+    def __init__(self, layer: nn.Module, index: int, layout: MlpLayout):
+        super().__init__(layer, index)
+        self.layout = layout
+        self.parent = layer.get_submodule(layout.parent) if layout.parent else layer
+        self.width_before = self.num_units
+
+    @property
+    def consumer_linear(self) -> nn.Linear:
+        return getattr(self.parent, self.layout.consumer)
+
+    @property
+    def producer_linears(self) -> list[nn.Linear]:
+        return [getattr(self.parent, name) for name in self.layout.producers]
+
+    def plan(self, steps: int) -> RemovalPlan:
+        return RemovalPlan(self.num_units, 1, [list(range(self.num_units))], steps)
+
+    def max_steps(self) -> int:
+        return self.num_units - 1
+
+    def params_per_step(self) -> int:
+        return sum(_row_params(lin, 1) for lin in self.producer_linears) + self.consumer_linear.out_features
+
+    def num_params(self) -> int:
+        return _params(*self.producer_linears, self.consumer_linear)
+
+    def apply(self, decision: Decision) -> None:
+        for producer in self.producer_linears:
+            keep_rows(producer, decision.keep)
+        self.bias_added = fold_into_consumer(self.consumer_linear, decision)
+        if hasattr(self.parent, "intermediate_size"):
+            self.parent.intermediate_size = self.num_units
+
+    def describe(self) -> dict:
+        return {"mlp_width_before": self.width_before, "mlp_width": self.num_units, "mlp_output_bias_added": self.bias_added}
+
+
+class HeadSite(Site):
+    """Attention heads: groups of ``head_dim`` units entering the output projection.
+
+    Multi-head attention removes heads freely (q, k and v rows go with the head). Under GQA
+    the layer must stay a valid GQA layer: ``per_group`` removes the same number of query
+    heads from every KV group (k and v stay), ``kv_groups`` removes whole KV groups with all
+    their query heads.
+    """
+
+    kind = "heads"
+
+    def __init__(self, layer: nn.Module, index: int, layout: AttentionLayout, head_dim: int, gqa_mode: str):
+        super().__init__(layer, index)
+        self.layout, self.head_dim, self.gqa_mode = layout, head_dim, gqa_mode
+        self.heads_before, self.kv_heads_before = self.num_heads, self.num_kv_heads
+
+    @property
+    def attention(self) -> nn.Module:
+        return self.layer.get_submodule(self.layout.parent)
+
+    def _linear(self, name: str) -> nn.Linear | None:
+        return getattr(self.attention, name, None)
+
+    @property
+    def consumer_linear(self) -> nn.Linear:
+        return self._linear(self.layout.o)
+
+    @property
+    def num_heads(self) -> int:
+        return self.consumer_linear.in_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        k = self._linear(self.layout.k)
+        return 0 if k is None else k.out_features // self.head_dim
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def mode(self) -> str:
+        """``mha`` (every head has its own k/v), else the GQA mode."""
+        return "mha" if self.num_heads == self.num_kv_heads else self.gqa_mode
+
+    def plan(self, steps: int) -> RemovalPlan:
+        heads, per_kv = self.num_heads, self.heads_per_kv
+        if self.mode == "mha":
+            return RemovalPlan(self.num_units, self.head_dim, [list(range(heads))], steps)
+        if self.mode == "kv_groups":
+            return RemovalPlan(self.num_units, self.head_dim * per_kv, [list(range(self.num_kv_heads))], steps)
+        return RemovalPlan(self.num_units, self.head_dim, [list(range(g * per_kv, (g + 1) * per_kv)) for g in range(self.num_kv_heads)], steps)
+
+    def max_steps(self) -> int:
+        return self.heads_per_kv if self.mode == "per_group" else self.num_kv_heads
+
+    def params_per_step(self) -> int:
+        q, k, v, o = (self._linear(n) for n in (self.layout.q, self.layout.k, self.layout.v, self.layout.o))
+        query_heads = {"mha": 1, "kv_groups": self.heads_per_kv, "per_group": self.num_kv_heads}[self.mode]
+        kv_heads = 0 if self.mode == "per_group" else 1
+        d = self.head_dim
+        return _row_params(q, query_heads * d) + query_heads * d * o.out_features + _row_params(k, kv_heads * d) + _row_params(v, kv_heads * d)
+
+    def num_params(self) -> int:
+        names = (self.layout.q, self.layout.k, self.layout.v, self.layout.o)
+        return _params(*(lin for lin in (self._linear(n) for n in names) if lin is not None))
+
+    def apply(self, decision: Decision) -> None:
+        removed = set(decision.removed_groups)
+        per_kv = self.heads_per_kv
+        if self.mode == "kv_groups":
+            drop_kv = removed
+            drop_q = {g * per_kv + r for g in removed for r in range(per_kv)}
+        else:
+            drop_q = removed
+            drop_kv = removed if self.mode == "mha" else set()
+        keep_q = [h for h in range(self.num_heads) if h not in drop_q]
+        keep_kv = [h for h in range(self.num_kv_heads) if h not in drop_kv]
+        output = self.consumer_linear
+        self.bias_added = fold_into_consumer(output, decision)
+        if not keep_q:
+            make_empty_attention(self.layer, self.layout, output, self.head_dim)
+            return
+        for name, heads in ((self.layout.q, keep_q), (self.layout.k, keep_kv), (self.layout.v, keep_kv)):
+            keep_rows(self._linear(name), _head_rows(heads, self.head_dim))
+        self.layout.set_head_counts(self.attention, len(keep_q), len(keep_kv))
+
+    def describe(self) -> dict:
+        return {"num_heads_before": self.heads_before, "num_heads": self.num_heads, "num_kv_heads_before": self.kv_heads_before,
+                "num_kv_heads": self.num_kv_heads, "attention_output_bias_added": self.bias_added}
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    heads_t = torch.tensor(heads, dtype=torch.long)
+    return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()
