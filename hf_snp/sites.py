@@ -61,10 +61,16 @@ class Site:
     def num_params(self) -> int:
         raise NotImplementedError
 
+    def params_removed(self, steps: int) -> int:
+        """Parameters that ``steps`` removal steps take out of the site."""
+        return steps * self.params_per_step()
+
     def steps_for_sparsity(self, sparsity: float) -> int:
-        """Removal steps taking about ``sparsity`` of the site's parameters."""
-        steps = round(sparsity * self.num_params() / self.params_per_step())
-        return max(0, min(steps, self.max_steps()))
+        """The step count whose removed parameters come nearest ``sparsity`` of the site's (fewer on ties)."""
+        target = sparsity * self.num_params()
+        estimate = round(target / self.params_per_step())
+        candidates = {max(0, min(estimate + delta, self.max_steps())) for delta in (-1, 0, 1)}
+        return min(candidates, key=lambda steps: (abs(self.params_removed(steps) - target), steps))
 
     def apply(self, decision: Decision) -> None:
         raise NotImplementedError
@@ -177,6 +183,12 @@ class HeadSite(Site):
         kv_heads = 0 if self.mode == "per_group" else 1
         d = self.head_dim
         return _row_params(q, query_heads * d) + query_heads * d * o.out_features + _row_params(k, kv_heads * d) + _row_params(v, kv_heads * d)
+
+    def params_removed(self, steps: int) -> int:
+        removed = steps * self.params_per_step()
+        if self.mode == "per_group" and steps == self.max_steps():  # no query head left: k and v go too
+            removed += sum(_params(self._linear(n)) for n in (self.layout.k, self.layout.v))
+        return removed
 
     def num_params(self) -> int:
         names = (self.layout.q, self.layout.k, self.layout.v, self.layout.o)

@@ -77,3 +77,21 @@ def test_pruned_smollm2_reloads_to_the_same_logits(pruned_perplexities):
         assert type(reloaded).__name__ == expected_class
         with torch.no_grad():
             assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["per_group", "kv_groups"])
+def test_mlp_and_heads_at_20_percent_end_to_end(smollm2, tmp_path, mode):
+    directory, tokenizer, dense = smollm2
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    result = hf_snp.prune(model, tokenizer, method="snp", sparsity=0.2, targets=("mlp", "heads"), gqa_mode=mode,
+                          calibration="wikitext2-local", num_samples=16, seq_len=512, output_dir=str(tmp_path / "out"), progress=False)
+    layer = result.report["layers"][0]
+    # 9 query heads in 3 KV groups: per_group removes one query head per group, kv_groups a whole group
+    assert (layer["num_heads"], layer["num_kv_heads"]) == {"per_group": (6, 3), "kv_groups": (6, 2)}[mode]
+    ppl = perplexity(result.model, tokenizer, **EVAL)
+    print(f"SmolLM2 20% mlp+heads snp {mode}: perplexity {ppl:.2f} (dense {dense:.2f})")
+    assert math.isfinite(ppl) and dense < ppl < 10 * dense
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-4)
