@@ -47,3 +47,15 @@ def test_cli_reports_bad_input_without_a_traceback(tiny_dir, capsys):
     assert code == 2
     assert "sparsity must be a fraction in [0, 1)" in capsys.readouterr().err
     assert not (tiny_dir / "x").exists()
+
+
+def test_cli_prunes_heads_in_kv_group_mode(tiny_dir, capsys):
+    out = tiny_dir / "heads"
+    code = main(["prune", str(tiny_dir / "dense"), "--targets", "mlp,heads", "--gqa-mode", "kv_groups", "--sparsity", "0.5",
+                 "--calibration", str(tiny_dir / "calib.txt"), "--num-samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.load(open(out / "hf_snp_report.json"))
+    assert report["targets"] == ["mlp", "heads"] and report["gqa_mode"] == "kv_groups"
+    assert {(l["num_heads"], l["num_kv_heads"]) for l in report["layers"]} == {(2, 1)}
+    config = json.load(open(out / "config.json"))
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)

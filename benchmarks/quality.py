@@ -1,0 +1,109 @@
+"""Quality of pruning methods on SmolLM2-135M: perplexity against parameters kept.
+
+    python benchmarks/quality.py --methods snp,vbp --targets heads mlp,heads --sparsities 0.1,0.2,0.3 --name heads
+
+Calibration: the first 32 windows of 512 tokens of the WikiText-2 validation text; evaluation:
+the first 32 windows of 512 tokens of the WikiText-2 test text (both packaged with hf_snp).
+Every row uses the same calibration tokens and seed. Writes benchmarks/results/NAME.md (table)
+and NAME.png (perplexity against parameters kept, one line per method and target set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+import hf_snp
+from hf_snp.calibration import packaged_text
+from hf_snp.evaluation import perplexity
+from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids[: num * length].view(num, length)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="snp,vbp,random")
+    parser.add_argument("--targets", nargs="+", default=["mlp", "mlp,heads"], help="target sets, each comma-separated")
+    parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
+    parser.add_argument("--gqa-mode", default="per_group")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--name", default="quality")
+    args = parser.parse_args()
+
+    source = demo_model_source()
+    tokenizer = load_tokenizer(source)
+    dense = load_model(source, dtype=torch.float32)
+    calib = first_windows(tokenizer, packaged_text("wikitext2-local"), args.windows, args.seq_len)
+    eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
+    dense_ppl = perplexity(dense, tokenizer, **eval_args)
+    dense_params = hf_snp.count_parameters(dense)
+    rows = [("dense", "-", 0.0, dense_ppl, dense_params, 0.0)]
+    print(f"dense: perplexity {dense_ppl:.2f}, {dense_params:,} parameters", flush=True)
+    for targets in args.targets:
+        for method in args.methods.split(","):
+            for sparsity in (float(s) for s in args.sparsities.split(",")):
+                model = copy.deepcopy(dense)
+                start = time.perf_counter()
+                result = hf_snp.prune(model, tokenizer, method=method, sparsity=sparsity, targets=targets.split(","),
+                                      calibration=calib, gqa_mode=args.gqa_mode, progress=False)
+                seconds = time.perf_counter() - start
+                ppl = perplexity(result.model, tokenizer, **eval_args)
+                rows.append((method, targets, sparsity, ppl, result.report["params_after"], seconds))
+                print(f"{method:>7} {targets:>10} {sparsity:.0%}: perplexity {ppl:9.2f}  params {result.report['params_after']:,}  {seconds:.0f} s", flush=True)
+    write(args, rows, dense_params)
+
+
+def write(args, rows, dense_params) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    lines = [
+        f"# {args.name}: SmolLM2-135M, WikiText-2",
+        "",
+        f"Calibration: first {args.windows} x {args.seq_len} tokens of the validation text; evaluation: first "
+        f"{args.windows} x {args.seq_len} tokens of the test text; GQA mode {args.gqa_mode}; CPU, fp32.",
+        "",
+        "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
+        + f" --sparsities {args.sparsities} --gqa-mode {args.gqa_mode} --name {args.name}`",
+        "",
+        "| method | targets | sparsity | perplexity | parameters after | pruning s |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for method, targets, sparsity, ppl, params, seconds in rows:
+        lines.append(f"| {method} | {targets} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} |")
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for method, targets, _, ppl, params, _ in rows[1:]:
+        series.setdefault((method, targets), []).append((params / dense_params, ppl))
+    for (method, targets), points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} ({targets})")
+    ax.axhline(rows[0][3], color="grey", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of parameters kept")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title(f"SmolLM2-135M: {args.name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, f"{args.name}.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
