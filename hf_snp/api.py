@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -13,6 +14,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .adapters import get_adapter
 from .calibration import is_text_calibration, load_calibration
+from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .engine import StreamingEngine
 from .loading import ModelSource, load_config, load_model, load_tokenizer
@@ -50,6 +52,30 @@ def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed
         return None
 
 
+VOLATILE_CONFIG_KEYS = ("dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map")
+
+
+def architecture(model_config) -> dict:
+    """The config fields that define the model's shapes (not how or where it was loaded)."""
+    return {k: v for k, v in model_config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+
+
+def warn_if_rank_deficient(adapter, model, targets, gqa_mode: str, num_tokens: int) -> None:
+    """Fewer calibration tokens than a site has units leaves its statistics rank-deficient: say so."""
+    sites = adapter.sites(adapter.layers(model)[0], 0, tuple(targets), model.config, gqa_mode)
+    widest = max(sites, key=lambda site: site.num_units)
+    if num_tokens < widest.num_units:
+        message = (f"calibration has {num_tokens} tokens but the widest site ({widest.kind}, {widest.num_units} units) needs at "
+                   f"least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering and "
+                   f"reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
+        warnings.warn(message, RankDeficientCalibrationWarning, stacklevel=3)
+        logger.warning(message)
+
+
+class RankDeficientCalibrationWarning(UserWarning):
+    """Calibration tokens are fewer than the units of a site."""
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -80,6 +106,8 @@ def prune(
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in one shot and return the smaller model with a report.
@@ -112,6 +140,9 @@ def prune(
         gguf_file, dtype, device_map, max_memory, offload_folder, trust_remote_code:
             passed to ``from_pretrained`` when ``model`` is a string.
         overwrite: allow replacing a non-empty ``output_dir``.
+        checkpoint_dir: save the state after each block there (pruned blocks and records).
+        resume: continue the run checkpointed in ``checkpoint_dir`` (same model, calibration
+            and settings); the result is bit-identical to an uninterrupted run.
         progress: show tqdm progress bars.
     """
     start = time.perf_counter()
@@ -130,9 +161,17 @@ def prune(
     else:
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
     calib = load_calibration(calibration, tokenizer, num_samples, seq_len, seed)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        model_config = load_config(source, trust_remote_code) if source is not None else model.config
+        digest = fingerprint(config.to_dict(), architecture(model_config), calib.input_ids, calib.attention_mask)
+        checkpoint = Checkpoint.open(checkpoint_dir, digest, resume)
+    elif resume:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
     if source is not None:
         model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code)
     config.validate(num_layers=len(adapter.layers(model)))
+    warn_if_rank_deficient(adapter, model, config.targets, gqa_mode, calib.num_tokens)
     device = torch.device(device) if device is not None else default_device()
     store = torch.device(activation_device) if activation_device is not None else device
 
@@ -141,6 +180,7 @@ def prune(
         model, adapter, get_method(method), MethodOptions(damping=damping, seed=seed), config.targets,
         steps_for=lambda site: site.steps_for_sparsity(config.sparsity_of_layer(site.index)),
         add_bias=add_bias, device=device, store=store, batch_size=batch_size, gqa_mode=gqa_mode, progress=progress,
+        checkpoint=checkpoint,
     )
     records = engine.run(calib)
     save_format = finalize_architecture(model, adapter, records)

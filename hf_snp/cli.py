@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint-dir", default=None, help="save the state after each block here")
+    p.add_argument("--resume", action="store_true", help="finish the run checkpointed in --checkpoint-dir")
     _add_common(p)
 
     d = commands.add_parser("demo", help="offline demo: SmolLM2-135M, 30%% of MLP neurons with SNP")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device=args.device, output_dir=args.out,
                 batch_size=args.batch_size, damping=args.damping, add_bias=args.add_bias, gqa_mode=args.gqa_mode, gguf_file=args.gguf_file,
                 dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, progress=not args.quiet,
+                checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             )
             summary = {k: result.report[k] for k in ("method", "sparsity", "params_before", "params_after", "save_format")}
             print(json.dumps({**summary, "output_dir": args.out, "seconds": result.report["timings_s"]["total"]}, indent=2))
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             ppl = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows, progress=not args.quiet)
             print(json.dumps({"model": args.model, "dataset": args.ppl, "seq_len": args.seq_len, "perplexity": ppl}))
-    except (ValueError, FileExistsError, ModuleNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"hf-snp: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
 from .calibration import CalibrationData
+from .checkpoint import Checkpoint
 from .methods import MethodOptions, PruningMethod
 from .placement import BlockPlacement
 from .sites import Site
@@ -145,10 +146,12 @@ class StreamingEngine:
         batch_size: int,
         gqa_mode: str = "per_group",
         progress: bool = True,
+        checkpoint: Checkpoint | None = None,
     ):
         self.model, self.adapter, self.method, self.options = model, adapter, method, options
         self.targets, self.steps_for, self.add_bias, self.gqa_mode = targets, steps_for, add_bias, gqa_mode
         self.device, self.store, self.batch_size, self.progress = device, store, batch_size, progress
+        self.checkpoint = checkpoint
         self.timer = PhaseTimer(device)
 
     def bias_available(self, site: Site) -> bool:
@@ -162,12 +165,26 @@ class StreamingEngine:
         layers = self.adapter.layers(self.model)
         with self.timer("capture"):
             inputs = capture_block_inputs(self.model, layers[0], calib, self.batch_size, self.store, self.progress)
-        records = []
-        bar = tqdm(range(len(layers)), desc=f"Pruning blocks ({self.method.name})", disable=not self.progress)
+        records: list[dict] = []
+        if self.checkpoint is not None and self.checkpoint.completed:
+            records = list(self.checkpoint.records)
+            with self.timer("resume"):
+                for index in tqdm(range(self.checkpoint.completed), desc="Restoring checkpointed blocks", disable=not self.progress, leave=False):
+                    self._restore_block(layers[index], index, records[index], inputs)
+        bar = tqdm(range(len(records), len(layers)), desc=f"Pruning blocks ({self.method.name})", disable=not self.progress)
         for index in bar:
             last = index == len(layers) - 1
-            records.append(self._prune_block(layers[index], index, inputs, need_outputs=not last))
+            records.append(self._prune_block(layers[index], index, inputs, need_outputs=not last, records=records))
         return records
+
+    def _restore_block(self, block: nn.Module, index: int, record: dict, inputs: list[BlockInput]) -> None:
+        """Re-cut a checkpointed block to its saved shapes, load its weights, and advance the inputs."""
+        placement = BlockPlacement.bring(block, self.device)
+        for site in self.adapter.sites(block, index, self.targets, self.model.config, self.gqa_mode):
+            site.reshape_like(record)
+        block.load_state_dict(self.checkpoint.load_block(index), strict=True)
+        self._run_block(block, inputs, [], keep_outputs=True)
+        placement.send_back(block)
 
     def _run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics], keep_outputs: bool) -> None:
         for item in inputs:
@@ -177,7 +194,7 @@ class StreamingEngine:
             if keep_outputs:
                 item.hidden = out.to(self.store)
 
-    def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool) -> dict:
+    def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool, records: list[dict]) -> dict:
         with self.timer("move"):
             placement = BlockPlacement.bring(block, self.device)
         sites = self.adapter.sites(block, index, self.targets, self.model.config, self.gqa_mode)
@@ -209,9 +226,12 @@ class StreamingEngine:
             if need_outputs:
                 with self.timer("recompute"), (replay_outputs(attention, attention_cache, self.device) if replay else nullcontext()):
                     self._run_block(block, inputs, [], keep_outputs=True)
-        with self.timer("move"):
-            placement.send_back(block)
         record = {"layer": index}
         for site in sites:
             record.update(site.describe())
+        if self.checkpoint is not None:
+            with self.timer("checkpoint"):
+                self.checkpoint.save(index, block, [*records, record])
+        with self.timer("move"):
+            placement.send_back(block)
         return record

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .methods import Decision, RemovalPlan
+from .methods import Decision, RemovalPlan, select_by_score
 from .models.modeling_hf_snp import AttentionLayout, MlpLayout, make_empty_attention
 from .surgery import fold_into_consumer, keep_rows
 
@@ -78,6 +78,18 @@ class Site:
     def describe(self) -> dict:
         raise NotImplementedError
 
+    def reshape_like(self, record: dict) -> None:
+        """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""
+        raise NotImplementedError
+
+    def _placeholder_decision(self, steps: int, bias_added: bool) -> Decision:
+        plan = self.plan(steps)
+        removed = select_by_score(-torch.arange(plan.num_groups, dtype=torch.float64), plan)
+        decision = plan.decision(removed, self.consumer_linear.weight.device)
+        if bias_added:
+            decision.shift = torch.zeros(len(decision.drop), dtype=torch.float64)
+        return decision
+
 
 class MlpSite(Site):
     """MLP neurons: one unit per group, any unit may go (at least one stays)."""
@@ -119,6 +131,9 @@ class MlpSite(Site):
 
     def describe(self) -> dict:
         return {"mlp_width_before": self.width_before, "mlp_width": self.num_units, "mlp_output_bias_added": self.bias_added}
+
+    def reshape_like(self, record: dict) -> None:
+        self.apply(self._placeholder_decision(self.num_units - record["mlp_width"], record["mlp_output_bias_added"]))
 
 
 class HeadSite(Site):
@@ -213,6 +228,12 @@ class HeadSite(Site):
         for name, heads in ((self.layout.q, keep_q), (self.layout.k, keep_kv), (self.layout.v, keep_kv)):
             keep_rows(self._linear(name), _head_rows(heads, self.head_dim))
         self.layout.set_head_counts(self.attention, len(keep_q), len(keep_kv))
+
+    def reshape_like(self, record: dict) -> None:
+        removed_heads = self.num_heads - record["num_heads"]
+        steps = {"mha": removed_heads, "kv_groups": self.num_kv_heads - record["num_kv_heads"],
+                 "per_group": removed_heads // max(self.num_kv_heads, 1)}[self.mode]
+        self.apply(self._placeholder_decision(steps, record["attention_output_bias_added"]))
 
     def describe(self) -> dict:
         return {"num_heads_before": self.heads_before, "num_heads": self.num_heads, "num_kv_heads_before": self.kv_heads_before,
