@@ -60,16 +60,25 @@ def architecture(model_config) -> dict:
     return {k: v for k, v in model_config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS and not k.startswith("_")}
 
 
-def warn_if_rank_deficient(adapter, model, targets, gqa_mode: str, num_tokens: int) -> None:
-    """Fewer calibration tokens than a site has units leaves its statistics rank-deficient: say so."""
-    sites = adapter.sites(adapter.layers(model)[0], 0, tuple(targets), model.config, gqa_mode)
+def preflight_warnings(adapter, model, config: PruneConfig, num_tokens: int) -> None:
+    """Warn (before the long work) about rank-deficient statistics and budgets too small for one step."""
+    sites = adapter.sites(adapter.layers(model)[0], 0, config.targets, model.config, config.gqa_mode)
     widest = max(sites, key=lambda site: site.num_units)
     if num_tokens < widest.num_units:
-        message = (f"calibration has {num_tokens} tokens but the widest site ({widest.kind}, {widest.num_units} units) needs at "
-                   f"least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering and "
-                   f"reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
-        warnings.warn(message, RankDeficientCalibrationWarning, stacklevel=3)
-        logger.warning(message)
+        _warn(RankDeficientCalibrationWarning,
+              f"calibration has {num_tokens} tokens but the widest site ({widest.kind}, {widest.num_units} units) needs at "
+              f"least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering and "
+              f"reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
+    for site in sites:
+        if config.sparsity > 0 and site.steps_for_sparsity(config.sparsity) == 0:
+            step = site.params_removed(1) / site.num_params()
+            _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: one removal step "
+                               f"takes {step:.0%} of a layer's {site.kind} parameters; raise the sparsity for this target")
+
+
+def _warn(category: type[Warning], message: str) -> None:
+    warnings.warn(message, category, stacklevel=4)
+    logger.warning(message)
 
 
 class RankDeficientCalibrationWarning(UserWarning):
@@ -171,7 +180,7 @@ def prune(
     if source is not None:
         model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code)
     config.validate(num_layers=len(adapter.layers(model)))
-    warn_if_rank_deficient(adapter, model, config.targets, gqa_mode, calib.num_tokens)
+    preflight_warnings(adapter, model, config, calib.num_tokens)
     device = torch.device(device) if device is not None else default_device()
     store = torch.device(activation_device) if activation_device is not None else device
 

@@ -180,3 +180,9 @@ def test_generation_with_cache_through_a_layer_without_heads(family):
     cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_a_budget_below_one_head_step_warns_before_pruning():
+    with pytest.warns(UserWarning, match=r"sparsity 10% of heads rounds to nothing per layer: one removal step takes 33%"):
+        result = prune_quiet(tiny_llama(), targets=("heads",), sparsity=0.1)
+    assert result.report["params_removed"] == 0
