@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,8 +19,11 @@ from .calibration import is_text_calibration, load_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .engine import StreamingEngine
+from .hub import push_folder
 from .loading import ModelSource, load_config, load_model, load_tokenizer
 from .methods import MethodOptions, get_method
+from .recipes import accepts_recipe
+from .report import SCHEMA_VERSION, PruneReport
 from .saving import finalize_architecture, prepare_output_dir, save_pruned
 
 logger = logging.getLogger("hf_snp")
@@ -29,11 +34,20 @@ class PruneResult:
     """The pruned model (a PreTrainedModel, pruned in place) and the run's report."""
 
     model: PreTrainedModel
-    report: dict
+    report: PruneReport
     tokenizer: Any = None
 
     def save(self, output_dir: str, overwrite: bool = False) -> None:
         save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, folder: str | None = None, token: str | None = None) -> str:
+        """Upload the pruned model with its tokenizer, report and model card; returns the commit URL."""
+        if folder is not None:
+            return push_folder(folder, repo_id, private=private, token=token)
+        with tempfile.TemporaryDirectory(prefix="hf_snp_push_") as staging:
+            target = os.path.join(staging, "model")
+            self.save(target)
+            return push_folder(target, repo_id, private=private, token=token)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -89,6 +103,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@accepts_recipe
 def prune(
     model: str | PreTrainedModel,
     tokenizer: Any = None,
@@ -117,6 +132,8 @@ def prune(
     overwrite: bool = False,
     checkpoint_dir: str | None = None,
     resume: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in one shot and return the smaller model with a report.
@@ -153,12 +170,18 @@ def prune(
         resume: continue the run checkpointed in ``checkpoint_dir`` (same model, calibration
             and settings); the result is bit-identical to an uninterrupted run.
         progress: show tqdm progress bars.
+        push_to_hub: a Hub repository ("user/name") to upload the saved model, tokenizer,
+            report and generated model card to (saved to a temporary directory when no
+            ``output_dir`` is given); ``private`` makes a new repository private.
+        recipe: a YAML file (or dict) of these arguments; arguments passed here override it.
     """
     start = time.perf_counter()
     config = PruneConfig(method, sparsity, targets, num_samples, seq_len, seed, batch_size, damping, add_bias, layer_sparsity, gqa_mode)
     config.validate()
     if output_dir is not None:
         prepare_output_dir(output_dir, overwrite)
+    if push_to_hub is not None and "/" not in push_to_hub:
+        raise ValueError(f"push_to_hub={push_to_hub!r} should be a repository id like 'user/name'")
     source = None
     if isinstance(model, str):
         source = ModelSource.parse(model, gguf_file)
@@ -194,7 +217,8 @@ def prune(
     records = engine.run(calib)
     save_format = finalize_architecture(model, adapter, records)
     params_after = count_parameters(model)
-    report = {
+    report = PruneReport({
+        "schema_version": SCHEMA_VERSION,
         "hf_snp_version": __version__,
         "base_model": source.path if source else getattr(model.config, "_name_or_path", None),
         "model_type": model.config.model_type,
@@ -203,14 +227,18 @@ def prune(
         "calibration": calib.source,
         "calibration_tokens": calib.num_tokens,
         "device": str(device),
+        "output_dir": output_dir,
         "params_before": params_before,
         "params_after": params_after,
         "params_removed": params_before - params_after,
         "layers": records,
         "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()}, "total": round(time.perf_counter() - start, 4)},
-    }
+        "metrics": {},
+    })
     logger.info("pruned %s: %d -> %d parameters", report["base_model"], params_before, params_after)
     result = PruneResult(model, report, tokenizer)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)
+    if push_to_hub is not None:
+        result.push_to_hub(push_to_hub, private=private, folder=output_dir)
     return result

@@ -1,53 +1,59 @@
-"""The hf-snp command line: prune, demo, eval."""
+"""The hf-snp command line: prune, demo, eval, report, push."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-
-import torch
 
 from .methods import METHODS
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+S = argparse.SUPPRESS  # prune flags absent from the command line are not passed (recipe fields or defaults apply)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="execution device (default: cuda if available, else cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("--quiet", action="store_true", help="only warnings and errors, no progress bars")
-    verbosity.add_argument("--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("--quiet", action="store_true", default=False, help="only warnings and errors, no progress bars")
+    verbosity.add_argument("--verbose", action="store_true", default=False, help="debug logging")
+
+
+def _prune_parser(commands) -> None:
+    p = commands.add_parser("prune", help="prune a model and save it", argument_default=S)
+    p.add_argument("model", nargs="?", help="Hub id, local directory, .gguf file, or smollm2-demo (or from --recipe)")
+    p.add_argument("--recipe", help="YAML file of prune() arguments; flags given here override it")
+    p.add_argument("--method", choices=sorted(METHODS))
+    p.add_argument("--sparsity", type=float, help="fraction of the targeted parameters to remove (default 0.3)")
+    p.add_argument("--targets", help="comma-separated: mlp, heads (default mlp)")
+    p.add_argument("--gqa-mode", dest="gqa_mode", choices=["per_group", "kv_groups"],
+                   help="GQA head removal: same number of query heads per KV group (default), or whole KV groups")
+    p.add_argument("--calibration", help="wikitext2, c4, wikitext2-local, or a .txt/.jsonl path (default wikitext2)")
+    p.add_argument("--num-samples", dest="num_samples", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--damping", type=float)
+    p.add_argument("--add-bias", dest="add_bias", action=argparse.BooleanOptionalAction,
+                   help="allow adding a bias to bias-free consumers (default: VBP yes, SNP no)")
+    p.add_argument("--gguf-file", dest="gguf_file")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="execution device (default: cuda if available, else cpu)")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    p.add_argument("--out", dest="output_dir", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="save the state after each block here")
+    p.add_argument("--resume", action="store_true", help="finish the run checkpointed in --checkpoint-dir")
+    p.add_argument("--push-to-hub", dest="push_to_hub", help="upload the result to this Hub repository (user/name)")
+    p.add_argument("--private", action="store_true", help="make a new Hub repository private")
+    p.add_argument("--plots", action="store_true", default=False, help="write hf_snp_report.png beside the model")
+    _add_verbosity(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-snp", description="One-shot structured pruning of Hugging Face models (SNP, VBP).")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("prune", help="prune a model and save it")
-    p.add_argument("model", help="Hub id, local directory, .gguf file, or smollm2-demo")
-    p.add_argument("--method", default="snp", choices=sorted(METHODS))
-    p.add_argument("--sparsity", type=float, default=0.3, help="fraction of the targeted parameters to remove")
-    p.add_argument("--targets", default="mlp", help="comma-separated: mlp, heads (e.g. mlp,heads)")
-    p.add_argument("--gqa-mode", default="per_group", choices=["per_group", "kv_groups"],
-                   help="GQA head removal: same number of query heads per KV group, or whole KV groups")
-    p.add_argument("--calibration", default="wikitext2", help="wikitext2, c4, wikitext2-local, or a .txt/.jsonl path")
-    p.add_argument("--num-samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--damping", type=float, default=1e-6)
-    p.add_argument("--add-bias", default=None, action=argparse.BooleanOptionalAction,
-                   help="allow adding a bias to bias-free consumers (default: VBP yes, SNP no)")
-    p.add_argument("--gguf-file", default=None)
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--checkpoint-dir", default=None, help="save the state after each block here")
-    p.add_argument("--resume", action="store_true", help="finish the run checkpointed in --checkpoint-dir")
-    _add_common(p)
+    _prune_parser(commands)
 
     d = commands.add_parser("demo", help="offline demo: SmolLM2-135M, 30%% of MLP neurons with SNP")
     d.add_argument("--out", default="smollm2-snp30")
@@ -56,22 +62,98 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-samples", type=int, default=32)
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--eval-windows", type=int, default=12)
-    _add_common(d)
+    d.add_argument("--device", default=None)
+    d.add_argument("--overwrite", action="store_true")
+    _add_verbosity(d)
 
-    e = commands.add_parser("eval", help="perplexity of a saved model")
+    e = commands.add_parser("eval", help="perplexity and lm-eval tasks of a saved model")
     e.add_argument("model", help="directory or Hub id")
-    e.add_argument("--ppl", default="wikitext2", help="wikitext2, wikitext2-test-local, or a text file")
+    e.add_argument("--ppl", default=None, help="perplexity on wikitext2, wikitext2-test-local, or a text file")
+    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (wikitext_local works offline)")
+    e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
+    e.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--device", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
-    _add_common(e)
+    e.add_argument("--save", action="store_true", help="record the results in the model's hf_snp_report.json")
+    _add_verbosity(e)
+
+    r = commands.add_parser("report", help="print a saved model's pruning report as a table")
+    r.add_argument("model", help="directory written by hf-snp prune")
+    r.add_argument("--plots", default=None, metavar="PNG", help="also draw the report to this PNG file")
+    r.add_argument("--json", action="store_true", help="print the raw JSON instead")
+
+    u = commands.add_parser("push", help="upload a saved model (weights, code, tokenizer, report, card) to the Hub")
+    u.add_argument("model", help="directory written by hf-snp prune")
+    u.add_argument("repo_id", help="user/name")
+    u.add_argument("--private", action="store_true")
     return parser
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hf_snp").setLevel(level)
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from .api import prune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "verbose", "plots", "recipe")}
+    if options.get("model") is None:
+        options.pop("model", None)
+    if "model" not in options and not getattr(args, "recipe", None):
+        raise ValueError("give a MODEL or a --recipe that names one")
+    if "output_dir" not in options and not getattr(args, "recipe", None) and "push_to_hub" not in options:
+        raise ValueError("give --out DIR (or --push-to-hub user/name)")
+    result = prune(progress=not args.quiet, recipe=getattr(args, "recipe", None), **options)
+    output_dir = options.get("output_dir") or result.report.get("output_dir")
+    if args.plots and output_dir:
+        result.report.plot(os.path.join(output_dir, "hf_snp_report.png"))
+    summary = {k: result.report[k] for k in ("method", "sparsity", "targets", "params_before", "params_after", "save_format")}
+    print(json.dumps({**summary, "output_dir": output_dir, "seconds": result.report["timings_s"]["total"]}, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import perplexity
+    from .report import REPORT_NAME, PruneReport
+
+    if args.ppl is None and args.tasks is None:
+        raise ValueError("choose what to evaluate: --ppl DATASET and/or --tasks T1,T2")
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+    if args.device:
+        model.to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    results: dict = {"model": args.model}
+    if args.ppl is not None:
+        results["perplexity"] = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows, progress=not args.quiet)
+        results["perplexity_protocol"] = f"{args.ppl}, seq_len {args.seq_len}, windows {args.max_windows or 'all'}"
+    if args.tasks is not None:
+        from .harness import lm_eval
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        results["lm_eval"] = lm_eval(model, args.tasks.split(","), tokenizer=tokenizer, batch_size=args.batch_size,
+                                     limit=limit, include_path=args.include_path)
+    if args.save and os.path.exists(os.path.join(args.model, REPORT_NAME)):
+        report = PruneReport.load(args.model)
+        report.setdefault("metrics", {}).update({k: v for k, v in results.items() if k != "model"})
+        with open(os.path.join(args.model, REPORT_NAME), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, default=str)
+    print(json.dumps(results, indent=2, default=str))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import PruneReport
+
+    report = PruneReport.load(args.model)
+    print(json.dumps(report, indent=2) if args.json else report.table())
+    if args.plots:
+        print(f"plot written to {report.plot(args.plots)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,32 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     try:
         if args.command == "prune":
-            from .api import prune
-
-            result = prune(
-                args.model, method=args.method, sparsity=args.sparsity, targets=args.targets, calibration=args.calibration,
-                num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device=args.device, output_dir=args.out,
-                batch_size=args.batch_size, damping=args.damping, add_bias=args.add_bias, gqa_mode=args.gqa_mode, gguf_file=args.gguf_file,
-                dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, progress=not args.quiet,
-                checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-            )
-            summary = {k: result.report[k] for k in ("method", "sparsity", "params_before", "params_after", "save_format")}
-            print(json.dumps({**summary, "output_dir": args.out, "seconds": result.report["timings_s"]["total"]}, indent=2))
+            _prune(args)
         elif args.command == "demo":
             from .demo import run_demo
 
             run_demo(args.out, args.method, args.sparsity, args.num_samples, args.seq_len, args.eval_windows, args.device, args.overwrite)
         elif args.command == "eval":
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            _eval(args)
+        elif args.command == "report":
+            _report(args)
+        elif args.command == "push":
+            from .hub import push_folder
 
-            from .evaluation import perplexity
-
-            model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
-            if args.device:
-                model.to(args.device)
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-            ppl = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows, progress=not args.quiet)
-            print(json.dumps({"model": args.model, "dataset": args.ppl, "seq_len": args.seq_len, "perplexity": ppl}))
+            print(push_folder(args.model, args.repo_id, private=args.private))
     except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"hf-snp: error: {error}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .api import count_parameters, prune
 from .evaluation import perplexity
 from .loading import demo_model_source, load_model, load_tokenizer
+from .saving import prepare_output_dir
 
 
 def run_demo(
@@ -31,10 +33,15 @@ def run_demo(
     ppl_before = perplexity(model, tokenizer, **eval_args)
     print(f"Dense perplexity on {eval_windows} x {seq_len} WikiText-2 test tokens: {ppl_before:.2f}")
     start = time.perf_counter()
+    prepare_output_dir(output_dir, overwrite)
     result = prune(model, tokenizer, method=method, sparsity=sparsity, targets=("mlp",), calibration="wikitext2-local",
-                   num_samples=num_samples, seq_len=seq_len, device=device, output_dir=output_dir, overwrite=overwrite)
+                   num_samples=num_samples, seq_len=seq_len, device=device)
     seconds = time.perf_counter() - start
     ppl_after = perplexity(result.model, tokenizer, **eval_args)
+    result.report["metrics"].update(perplexity_before=ppl_before, perplexity_after=ppl_after,
+                                    perplexity_protocol=f"wikitext2 test, first {eval_windows} x {seq_len} tokens")
+    result.save(output_dir, overwrite=overwrite)
+    result.report.plot(os.path.join(output_dir, "hf_snp_report.png"))
     rows = [
         ("", "dense", f"pruned ({method}, {sparsity:.0%} of MLP)"),
         ("perplexity", f"{ppl_before:.2f}", f"{ppl_after:.2f}"),

@@ -67,6 +67,10 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM; GGUF weights are dequantised and the model becomes an ordinary one."""
     kwargs = source.kwargs(trust_remote_code)
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)

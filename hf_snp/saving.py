@@ -13,9 +13,10 @@ import tempfile
 from transformers import PreTrainedModel
 
 from .adapters import ModelAdapter
+from .model_card import model_card
 from .models import CAUSAL_LM_TYPES
+from .report import REPORT_NAME, PruneReport
 
-REPORT_NAME = "hf_snp_report.json"
 
 
 def base_model_type(model_type: str) -> str:
@@ -96,6 +97,8 @@ def save_pruned(model: PreTrainedModel, tokenizer, report: dict, output_dir: str
             tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, REPORT_NAME), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(model_card(PruneReport(report)))
         if os.path.exists(output_dir):
             old = tempfile.mkdtemp(prefix=".hf_snp_old_", dir=parent)
             os.replace(output_dir, os.path.join(old, "previous"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, eval_ids, logits, prune_quiet, run_python
 
-from hf_snp.saving import REPORT_NAME
+from hf_snp.report import REPORT_NAME
 
 RELOAD = """
 import sys, torch

@@ -1,0 +1,74 @@
+"""The model card (README.md with YAML metadata) written beside every pruned checkpoint."""
+
+from __future__ import annotations
+
+from .report import PruneReport
+
+CARD_MARKER = "The full pruning report (per-layer widths, timings) is in `hf_snp_report.json`."
+
+METHOD_NAMES = {
+    "snp": "SNP (Subspace Node Pruning, arXiv 2405.17506)",
+    "vbp": "VBP (Variance-Based Pruning, arXiv 2507.12988)",
+    "random": "random pruning (baseline)",
+}
+
+
+def _compact_widths(report: PruneReport, column: str) -> str | None:
+    values = [layer[column] for layer in report.get("layers", []) if column in layer]
+    if not values:
+        return None
+    if len(set(values)) == 1:
+        return f"{values[0]} in every layer"
+    return ", ".join(str(v) for v in values)
+
+
+def model_card(report: PruneReport, repo_id: str | None = None) -> str:
+    """README.md text: YAML front matter (base_model, library_name, tags) and a summary."""
+    base = report.get("base_model")
+    method = report.get("method", "")
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base and "/" in str(base) and not str(base).startswith(("/", ".")):
+        front.append(f"base_model: {base}")
+    front += ["tags:", "- hf_snp", "- pruning", "- structured-pruning", f"- {method}", "---", ""]
+    title = repo_id or f"{base} pruned with hf_snp"
+    stock = report.get("save_format") == "stock"
+    body = [
+        f"# {title}",
+        "",
+        f"This model is `{base}` pruned in one shot, without retraining, by "
+        f"hf_snp with {METHOD_NAMES.get(method, method)}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| targets | {', '.join(report.get('targets', []))} |",
+        f"| sparsity | {report.get('sparsity', 0):.0%} of the targeted parameters |",
+        f"| parameters | {report.get('params_before', 0):,} -> {report.get('params_after', 0):,} |",
+        f"| calibration | {report.get('calibration')} |",
+    ]
+    for column, label in (("mlp_width", "MLP width"), ("num_heads", "query heads"), ("num_kv_heads", "KV heads")):
+        widths = _compact_widths(report, column)
+        if widths:
+            body.append(f"| {label} | {widths} |")
+    for name, value in report.get("metrics", {}).items():
+        body.append(f"| {name.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    load = "AutoModelForCausalLM.from_pretrained(repo)" if stock else "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)"
+    body += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"repo = {repo_id or 'PATH_OR_REPO'!r}",
+        f"model = {load}",
+        "tokenizer = AutoTokenizer.from_pretrained(repo)",
+        "```",
+        "",
+        "It is a stock transformers checkpoint: every tool that knows the architecture loads it."
+        if stock else
+        "Its layers have different widths, so it uses hf_snp's model type: the code file travels with the "
+        "checkpoint (`trust_remote_code=True`), or `import hf_snp` first and drop `trust_remote_code`.",
+        "",
+        CARD_MARKER,
+        "",
+    ]
+    return "\n".join(front + body)

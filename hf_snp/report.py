@@ -1,0 +1,82 @@
+"""The pruning report: a JSON-serialisable dict with a stable schema, a table view and plots.
+
+Schema (``schema_version`` 1): hf_snp_version, base_model, model_type, save_format, the
+PruneConfig fields (method, sparsity, targets, ...), calibration, calibration_tokens, device,
+output_dir,
+params_before, params_after, params_removed, layers (one dict per layer: mlp_width_before,
+mlp_width, mlp_output_bias_added, num_heads_before, num_heads, num_kv_heads_before,
+num_kv_heads, attention_output_bias_added, for the pruned targets), timings_s, metrics
+(e.g. perplexity_before / perplexity_after, filled by evaluation when asked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+SCHEMA_VERSION = 1
+REPORT_NAME = "hf_snp_report.json"
+
+
+class PruneReport(dict):
+    """A dict (saved as JSON as is) with helpers to print and plot it."""
+
+    @classmethod
+    def load(cls, path: str) -> "PruneReport":
+        """Read a report from a JSON file or from a saved model directory."""
+        if os.path.isdir(path):
+            path = os.path.join(path, REPORT_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no hf_snp report at {path}: was this directory written by hf_snp?")
+        with open(path, encoding="utf-8") as handle:
+            return cls(json.load(handle))
+
+    def table(self) -> str:
+        """A plain-text summary and a per-layer table."""
+        lines = [
+            f"model        {self.get('base_model')} ({self.get('model_type')}, saved as {self.get('save_format')})",
+            f"method       {self.get('method')}, sparsity {self.get('sparsity', 0):.0%} of {', '.join(self.get('targets', []))}",
+            f"parameters   {self.get('params_before', 0):,} -> {self.get('params_after', 0):,} "
+            f"(-{self.get('params_removed', 0) / max(self.get('params_before', 1), 1):.1%})",
+            f"calibration  {self.get('calibration')} ({self.get('calibration_tokens')} tokens)",
+            f"time         {self.get('timings_s', {}).get('total', 0):.1f} s",
+        ]
+        for name, value in self.get("metrics", {}).items():
+            lines.append(f"{name:<12} {value:.4g}" if isinstance(value, float) else f"{name:<12} {value}")
+        columns = [c for c in ("mlp_width", "num_heads", "num_kv_heads") if any(c in layer for layer in self.get("layers", []))]
+        if columns:
+            lines += ["", "layer  " + "  ".join(f"{c:>16}" for c in columns)]
+            for layer in self["layers"]:
+                cells = [f"{layer.get(c + '_before', layer.get(c))} -> {layer.get(c)}" for c in columns]
+                lines.append(f"{layer['layer']:>5}  " + "  ".join(f"{cell:>16}" for cell in cells))
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> str:
+        """Per-layer widths (MLP and heads) and, when measured, perplexity before/after, as one PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [c for c in ("mlp_width", "num_heads") if any(c in layer for layer in self.get("layers", []))]
+        ppl = {k: v for k, v in self.get("metrics", {}).items() if k.startswith("perplexity")}
+        count = len(panels) + bool(ppl)
+        fig, axes = plt.subplots(1, max(count, 1), figsize=(4.5 * max(count, 1), 3.4), squeeze=False)
+        layers = [layer["layer"] for layer in self.get("layers", [])]
+        for ax, column in zip(axes[0], panels):
+            before = [layer.get(column + "_before", 0) for layer in self["layers"]]
+            after = [layer.get(column, 0) for layer in self["layers"]]
+            ax.bar(layers, before, color="lightgrey", label="before")
+            ax.bar(layers, after, color="tab:blue", label="after")
+            ax.set_xlabel("layer")
+            ax.set_ylabel({"mlp_width": "MLP neurons", "num_heads": "query heads"}[column])
+            ax.legend(fontsize=8)
+        if ppl:
+            ax = axes[0][len(panels)]
+            ax.bar(list(ppl), list(ppl.values()), color=["grey", "tab:blue"][: len(ppl)])
+            ax.set_ylabel("perplexity")
+        fig.suptitle(f"{self.get('method')} {self.get('sparsity', 0):.0%} of {', '.join(self.get('targets', []))}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
