@@ -7,6 +7,9 @@ from .adapters import get_adapter, register_adapter, supported_families  # noqa:
 from .api import PruneResult, count_parameters, prune  # noqa: E402
 from .calibration import CalibrationData, load_calibration  # noqa: E402
 from .config import PruneConfig  # noqa: E402
+from .evaluation import perplexity  # noqa: E402
+from .harness import lm_eval  # noqa: E402
+from .report import PruneReport  # noqa: E402
 from .methods import register_method  # noqa: E402
 
 __all__ = [
@@ -14,6 +17,9 @@ __all__ = [
     "prune",
     "PruneResult",
     "PruneConfig",
+    "PruneReport",
+    "perplexity",
+    "lm_eval",
     "CalibrationData",
     "load_calibration",
     "count_parameters",
