@@ -18,6 +18,7 @@ from .adapters import get_adapter
 from .calibration import is_text_calibration, load_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
+from .allocation import Allocation, SiteCurve, WidthRules, allocate_global, nearest_steps
 from .engine import StreamingEngine
 from .hub import push_folder
 from .loading import ModelSource, load_config, load_model, load_tokenizer
@@ -66,6 +67,68 @@ def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed
         return None
 
 
+def shape_model(model_config, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model built on the meta device: its shapes, no weights (for checks before loading)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def uniform_target(site, config: PruneConfig) -> float:
+    """Parameters a site should lose under uniform allocation."""
+    if config.layer_sparsity and site.index in config.layer_sparsity:
+        return config.sparsity_of_layer(site.index) * site.num_params()
+    return config.target_sparsity(site.kind) * site.num_params()
+
+
+def allocate_per_budget(curves: list[SiteCurve], config: PruneConfig) -> Allocation:
+    """One global threshold for all targets, or one per target with sparsity_per_target."""
+    groups = {t: [c for c in curves if c.kind == t] for t in config.targets} if config.sparsity_per_target else {"all": curves}
+    steps, thresholds, target, removed = {}, {}, 0.0, 0
+    for name, group in groups.items():
+        budget = (config.target_sparsity(name) if name != "all" else config.sparsity) * sum(c.total_params for c in group)
+        found = allocate_global(group, budget)
+        steps.update(found.steps)
+        thresholds[name] = found.threshold
+        target, removed = target + budget, removed + found.removed_params
+    return Allocation(steps, thresholds if len(thresholds) > 1 else thresholds.get("all"), target, removed)
+
+
+def allocation_report(config: PruneConfig, plan: Allocation | None, curves: list[SiteCurve] | None) -> dict:
+    report = {"mode": config.resolved_allocation, "round_to": config.round_to, "min_width": config.min_width,
+              "ordering": config.ordering, "reconstruct": config.reconstruct}
+    if plan is not None:
+        report.update(threshold=plan.threshold, target_params_removed=round(plan.target_params), planned_params_removed=plan.removed_params,
+                      curves={f"{c.layer}.{c.kind}": _downsample(c.retained()) for c in curves})
+    return report
+
+
+def _downsample(values: list[float], points: int = 65) -> list[float]:
+    """Retained fraction after s removals, at ``points`` evenly spaced step counts."""
+    if len(values) <= points:
+        return [round(v, 5) for v in values]
+    return [round(values[round(i * (len(values) - 1) / (points - 1))], 5) for i in range(points)]
+
+
+def preflight(adapter, shapes: PreTrainedModel, config: PruneConfig, rules: WidthRules, num_tokens: int) -> None:
+    """Checks on shapes only, before any weights load: reachable budgets, rank, budgets below one step."""
+    layers = adapter.layers(shapes)
+    sites = [site for i, layer in enumerate(layers) for site in adapter.sites(layer, i, config.targets, shapes.config, config.gqa_mode)]
+    for target in config.targets:
+        own = [site for site in sites if site.kind == target]
+        total = sum(site.num_params() for site in own)
+        reachable = sum(site.params_removed(max(rules.allowed_steps(site))) for site in own)
+        budget = config.target_sparsity(target) * total
+        if budget > reachable + max(site.params_per_step() for site in own):
+            raise ValueError(
+                f"the budget cannot be met: {config.target_sparsity(target):.0%} of {target} is {budget:,.0f} parameters, "
+                f"but with min_width={config.min_width!r} and round_to={config.round_to!r} at most {reachable:,} "
+                f"({reachable / total:.0%}) can be removed; lower the sparsity or relax min_width / round_to"
+            )
+    preflight_warnings(sites[: len(config.targets)], config, num_tokens)
+
+
 VOLATILE_CONFIG_KEYS = ("dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map")
 
 
@@ -74,17 +137,16 @@ def architecture(model_config) -> dict:
     return {k: v for k, v in model_config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS and not k.startswith("_")}
 
 
-def preflight_warnings(adapter, model, config: PruneConfig, num_tokens: int) -> None:
+def preflight_warnings(sites, config: PruneConfig, num_tokens: int) -> None:
     """Warn (before the long work) about rank-deficient statistics and budgets too small for one step."""
-    sites = adapter.sites(adapter.layers(model)[0], 0, config.targets, model.config, config.gqa_mode)
     widest = max(sites, key=lambda site: site.num_units)
     if num_tokens < widest.num_units:
         _warn(RankDeficientCalibrationWarning,
               f"calibration has {num_tokens} tokens but the widest site ({widest.kind}, {widest.num_units} units) needs at "
               f"least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering and "
               f"reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
-    for site in sites:
-        if config.sparsity > 0 and site.steps_for_sparsity(config.sparsity) == 0:
+    for site in sites if config.resolved_allocation == "uniform" else []:
+        if config.sparsity > 0 and site.steps_for_sparsity(config.target_sparsity(site.kind)) == 0:
             step = site.params_removed(1) / site.num_params()
             _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: one removal step "
                                f"takes {step:.0%} of a layer's {site.kind} parameters; raise the sparsity for this target")
@@ -122,6 +184,12 @@ def prune(
     add_bias: bool | None = None,
     layer_sparsity: Mapping[int, float] | Sequence[float] | None = None,
     gqa_mode: str = "per_group",
+    allocation: str | None = None,
+    sparsity_per_target: Mapping[str, float] | None = None,
+    round_to: int | Mapping[str, int] | None = None,
+    min_width: int | Mapping[str, int] | None = None,
+    ordering: str = "zca",
+    reconstruct: bool = True,
     activation_device: str | torch.device | None = None,
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "auto",
@@ -157,6 +225,15 @@ def prune(
         add_bias: allow adding a bias to a consumer that has none (None: the method decides;
             VBP adds one for its mean shift, SNP keeps the stock architecture).
         layer_sparsity: per-layer override of ``sparsity`` ({layer: fraction} or a list).
+        allocation: ``"global"`` (default for snp): one threshold on the cumulative-variance
+            curves of all sites decides each site's width, searched so the removed parameters
+            meet the budget (two passes: dense statistics, then the cuts); ``"uniform"``
+            (default otherwise): every layer loses the same fraction (one pass).
+        sparsity_per_target: fix each target's budget separately, e.g. {"mlp": 0.3, "heads": 0.1}.
+        round_to: widths a multiple of this (MLP neurons; or {"mlp": 64, "heads": 2}).
+        min_width: the fewest units a site keeps (MLP neurons; or {"mlp": 256, "heads": 1}).
+        ordering: SNP ablation: "zca" (default), "natural", "random", "output_aware".
+        reconstruct: SNP ablation: False skips the least-squares reconstruction (means only).
         gqa_mode: for grouped-query attention, ``"per_group"`` (default) removes the same
             number of query heads from every KV group and keeps all k/v heads;
             ``"kv_groups"`` removes whole KV groups with their query heads (smaller KV cache,
@@ -176,16 +253,23 @@ def prune(
         recipe: a YAML file (or dict) of these arguments; arguments passed here override it.
     """
     start = time.perf_counter()
-    config = PruneConfig(method, sparsity, targets, num_samples, seq_len, seed, batch_size, damping, add_bias, layer_sparsity, gqa_mode)
+    config = PruneConfig(
+        method=method, sparsity=sparsity, targets=targets, num_samples=num_samples, seq_len=seq_len, seed=seed,
+        batch_size=batch_size, damping=damping, add_bias=add_bias, layer_sparsity=layer_sparsity, gqa_mode=gqa_mode,
+        allocation=allocation, sparsity_per_target=dict(sparsity_per_target) if sparsity_per_target else None,
+        round_to=round_to, min_width=min_width, ordering=ordering, reconstruct=reconstruct,
+    )
     config.validate()
     if output_dir is not None:
         prepare_output_dir(output_dir, overwrite)
     if push_to_hub is not None and "/" not in push_to_hub:
         raise ValueError(f"push_to_hub={push_to_hub!r} should be a repository id like 'user/name'")
     source = None
+    rules = WidthRules.build(round_to, min_width)
     if isinstance(model, str):
         source = ModelSource.parse(model, gguf_file)
-        adapter = get_adapter(load_config(source, trust_remote_code))
+        model_config = load_config(source, trust_remote_code)
+        adapter = get_adapter(model_config)
         if tokenizer is None:
             tokenizer = _tokenizer_if_available(source, trust_remote_code, needed=is_text_calibration(calibration))
     elif isinstance(model, PreTrainedModel):
@@ -193,28 +277,39 @@ def prune(
     else:
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
     calib = load_calibration(calibration, tokenizer, num_samples, seq_len, seed)
+    shapes = shape_model(model_config, trust_remote_code) if source is not None else model
+    config.validate(num_layers=len(adapter.layers(shapes)))
+    preflight(adapter, shapes, config, rules, calib.num_tokens)
     checkpoint = None
     if checkpoint_dir is not None:
-        model_config = load_config(source, trust_remote_code) if source is not None else model.config
+        model_config = model_config if source is not None else model.config
         digest = fingerprint(config.to_dict(), architecture(model_config), calib.input_ids, calib.attention_mask)
         checkpoint = Checkpoint.open(checkpoint_dir, digest, resume)
     elif resume:
         raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
     if source is not None:
         model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code)
-    config.validate(num_layers=len(adapter.layers(model)))
-    preflight_warnings(adapter, model, config, calib.num_tokens)
     device = torch.device(device) if device is not None else default_device()
     store = torch.device(activation_device) if activation_device is not None else device
 
     params_before = count_parameters(model)
+    options = MethodOptions(damping=damping, seed=seed, ordering=ordering, reconstruct=reconstruct)
     engine = StreamingEngine(
-        model, adapter, get_method(method), MethodOptions(damping=damping, seed=seed), config.targets,
-        steps_for=lambda site: site.steps_for_sparsity(config.sparsity_of_layer(site.index)),
+        model, adapter, get_method(method), options, config.targets, steps_for=None,
         add_bias=add_bias, device=device, store=store, batch_size=batch_size, gqa_mode=gqa_mode, progress=progress,
         checkpoint=checkpoint,
     )
+    pass_start = time.perf_counter()
+    if config.resolved_allocation == "global":
+        curves = engine.collect_curves(calib, rules)
+        plan = allocate_per_budget(curves, config)
+        engine.steps_for = lambda site: plan.steps[(site.index, site.kind)]
+    else:
+        curves, plan = None, None
+        engine.steps_for = lambda site: nearest_steps(site, uniform_target(site, config), rules)
+    statistics_pass = time.perf_counter() - pass_start
     records = engine.run(calib)
+    cut_pass = time.perf_counter() - pass_start - statistics_pass
     save_format = finalize_architecture(model, adapter, records)
     params_after = count_parameters(model)
     report = PruneReport({
@@ -232,7 +327,10 @@ def prune(
         "params_after": params_after,
         "params_removed": params_before - params_after,
         "layers": records,
-        "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()}, "total": round(time.perf_counter() - start, 4)},
+        "allocation": allocation_report(config, plan, curves),
+        "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()},
+                      "statistics_pass": round(statistics_pass, 4), "cut_pass": round(cut_pass, 4),
+                      "total": round(time.perf_counter() - start, 4)},
         "metrics": {},
     })
     logger.info("pruned %s: %d -> %d parameters", report["base_model"], params_before, params_after)

@@ -19,6 +19,16 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     verbosity.add_argument("--verbose", action="store_true", default=False, help="debug logging")
 
 
+def _per_target(kind):
+    """Parse "7" (MLP) or "mlp=0.3,heads=0.1" into a number or a {target: number} mapping."""
+    def parse(text: str):
+        if "=" not in text:
+            return kind(text)
+        return {key.strip(): kind(value) for key, value in (item.split("=", 1) for item in text.split(","))}
+
+    return parse
+
+
 def _prune_parser(commands) -> None:
     p = commands.add_parser("prune", help="prune a model and save it", argument_default=S)
     p.add_argument("model", nargs="?", help="Hub id, local directory, .gguf file, or smollm2-demo (or from --recipe)")
@@ -28,6 +38,13 @@ def _prune_parser(commands) -> None:
     p.add_argument("--targets", help="comma-separated: mlp, heads (default mlp)")
     p.add_argument("--gqa-mode", dest="gqa_mode", choices=["per_group", "kv_groups"],
                    help="GQA head removal: same number of query heads per KV group (default), or whole KV groups")
+    p.add_argument("--allocation", choices=["uniform", "global"], help="default: global for snp, uniform otherwise")
+    p.add_argument("--sparsity-per-target", dest="sparsity_per_target", type=_per_target(float),
+                   help="separate budgets, e.g. mlp=0.3,heads=0.1")
+    p.add_argument("--round-to", dest="round_to", type=_per_target(int), help="widths a multiple of N (or mlp=64,heads=2)")
+    p.add_argument("--min-width", dest="min_width", type=_per_target(int), help="fewest units a site keeps (or mlp=256,heads=1)")
+    p.add_argument("--ordering", choices=["zca", "natural", "random", "output_aware"], help="SNP ablation (default zca)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, help="SNP ablation: --no-reconstruct folds means only")
     p.add_argument("--calibration", help="wikitext2, c4, wikitext2-local, or a .txt/.jsonl path (default wikitext2)")
     p.add_argument("--num-samples", dest="num_samples", type=int)
     p.add_argument("--seq-len", dest="seq_len", type=int)

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from .methods import METHODS
+from .methods import METHODS, ORDERINGS
 
 SUPPORTED_TARGETS = ("mlp", "heads")
 GQA_MODES = ("per_group", "kv_groups")
@@ -27,6 +27,22 @@ class PruneConfig:
     add_bias: bool | None = None
     layer_sparsity: dict[int, float] | None = field(default=None)
     gqa_mode: str = "per_group"
+    allocation: str | None = None  # None: "global" for snp, "uniform" otherwise
+    sparsity_per_target: dict[str, float] | None = None
+    round_to: int | dict[str, int] | None = None
+    min_width: int | dict[str, int] | None = None
+    ordering: str = "zca"
+    reconstruct: bool = True
+
+    @property
+    def resolved_allocation(self) -> str:
+        """global for SNP unless per-layer budgets are given; uniform otherwise."""
+        if self.allocation is not None:
+            return self.allocation
+        return "global" if self.method == "snp" and not self.layer_sparsity else "uniform"
+
+    def target_sparsity(self, target: str) -> float:
+        return float((self.sparsity_per_target or {}).get(target, self.sparsity))
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -45,6 +61,26 @@ class PruneConfig:
         unknown = [t for t in self.targets if t not in SUPPORTED_TARGETS]
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
+        if self.allocation not in (None, "uniform", "global"):
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose 'uniform' or 'global'")
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"unknown ordering {self.ordering!r}; choose one of {ORDERINGS}")
+        if self.ordering != "zca" and self.method != "snp":
+            raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; it does not apply to method {self.method!r}")
+        for target, value in (self.sparsity_per_target or {}).items():
+            if target not in self.targets:
+                raise ValueError(f"sparsity_per_target names {target!r}, which is not among targets {list(self.targets)}")
+            _check_fraction(f"sparsity_per_target[{target!r}]", value)
+        if self.sparsity_per_target and self.layer_sparsity:
+            raise ValueError("layer_sparsity and sparsity_per_target cannot be combined; choose one way to set budgets")
+        if self.layer_sparsity and self.resolved_allocation == "global":
+            raise ValueError("layer_sparsity fixes each layer's budget, which global allocation decides: pass allocation='uniform'")
+        for name in ("round_to", "min_width"):
+            value = getattr(self, name)
+            entries = value.items() if isinstance(value, Mapping) else ([("mlp", value)] if value is not None else [])
+            for target, number in entries:
+                if target not in SUPPORTED_TARGETS or not isinstance(number, int) or isinstance(number, bool) or number < (1 if name == "round_to" else 0):
+                    raise ValueError(f"{name} must be a positive integer or a {{target: integer}} mapping, got {value!r}")
         if self.gqa_mode not in GQA_MODES:
             raise ValueError(f"unknown gqa_mode {self.gqa_mode!r}; choose one of {GQA_MODES}")
         for name in ("num_samples", "seq_len", "batch_size"):

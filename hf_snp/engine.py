@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .adapters import ModelAdapter
 from .calibration import CalibrationData
 from .checkpoint import Checkpoint
-from .methods import MethodOptions, PruningMethod
+from .allocation import SiteCurve, WidthRules
+from .methods import MethodOptions, PruningMethod, SiteInputs
 from .placement import BlockPlacement
 from .sites import Site
 from .stats import SiteStatistics
@@ -159,6 +160,39 @@ class StreamingEngine:
             return True
         return self.method.wants_added_bias if self.add_bias is None else self.add_bias
 
+    def site_inputs(self, site: Site, stats: SiteStatistics, plan) -> SiteInputs:
+        key = site.index * 2 + (site.kind == "heads")
+        return SiteInputs(stats, plan, self.bias_available(site), site.consumer_linear.weight.detach(), key)
+
+    @torch.no_grad()
+    def collect_curves(self, calib: CalibrationData, rules: WidthRules) -> list[SiteCurve]:
+        """The dense statistics pass of global allocation: every site's removal costs, nothing cut."""
+        layers = self.adapter.layers(self.model)
+        with self.timer("capture"):
+            inputs = capture_block_inputs(self.model, layers[0], calib, self.batch_size, self.store, self.progress)
+        curves = []
+        for index in tqdm(range(len(layers)), desc="Statistics pass (dense)", disable=not self.progress):
+            block = layers[index]
+            with self.timer("move"):
+                placement = BlockPlacement.bring(block, self.device)
+            sites = self.adapter.sites(block, index, self.targets, self.model.config, self.gqa_mode)
+            stats = [SiteStatistics(site.name, site.num_units, self.device) for site in sites]
+            handles = [site.consumer_linear.register_forward_pre_hook(s.hook) for site, s in zip(sites, stats)]
+            try:
+                with self.timer("curves_statistics"):
+                    self._run_block(block, inputs, stats, keep_outputs=index < len(layers) - 1)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for site, site_stats in zip(sites, stats):
+                with self.timer("curves_order"):
+                    _, costs = self.method.order(self.site_inputs(site, site_stats, site.plan(site.curve_steps())), self.options)
+                curves.append(SiteCurve.from_site(site, self.method.global_scores(costs), costs, rules))
+            del stats
+            with self.timer("move"):
+                placement.send_back(block)
+        return curves
+
     @torch.no_grad()
     def run(self, calib: CalibrationData) -> list[dict]:
         """Prune every block; returns one record per layer (each site's shape before and after)."""
@@ -219,7 +253,7 @@ class StreamingEngine:
                     handle.remove()
             for (site, n), site_stats in zip(active, stats):
                 with self.timer("decide"):
-                    decision = self.method.decide(site_stats, site.plan(n), self.bias_available(site), self.options, index * 2 + (site.kind == "heads"))
+                    decision = self.method.decide(self.site_inputs(site, site_stats, site.plan(n)), self.options)
                 with self.timer("cut"):
                     site.apply(decision)
             del stats

@@ -22,7 +22,8 @@ def robust_cholesky(matrix: torch.Tensor, damping: float) -> torch.Tensor:
     raise torch.linalg.LinAlgError("matrix is not positive definite even with heavy damping")
 
 
-def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float) -> tuple[list[int], list[float]]:
+def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float,
+                           weights: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
     """Remove units one at a time, always the one with the least unique variance.
 
     The unique variance of unit i among the remaining set S is r_i = 1 / [M_SS^{-1}]_ii (the
@@ -31,7 +32,9 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
     precision with largest-diagonal pivots) costs O(n * step) per step.
 
     Returns the removed units in removal order and their r at removal, which is the LDL
-    pivot D_jj of that unit in the reversed (keep-first) order.
+    pivot D_jj of that unit in the reversed (keep-first) order. With ``weights`` w (the energy
+    ||W_:,i||^2 of what each unit feeds) the unit with the least w_i r_i goes first and that
+    product (the output error its removal leaves) is returned instead: the output-aware order.
     """
     n = moment.shape[0]
     if num_remove <= 0:
@@ -42,15 +45,17 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
     diag = precision.diagonal().clone()
     alive = torch.ones(n, dtype=torch.bool, device=moment.device)
     removed, unique_variance = [], []
+    scale = None if weights is None else weights.to(moment).clamp_min(torch.finfo(moment.dtype).tiny)
     for step in range(num_remove):
-        p = int(torch.where(alive, diag, torch.full_like(diag, -torch.inf)).argmax())
+        priority = diag if scale is None else diag / scale
+        p = int(torch.where(alive, priority, torch.full_like(diag, -torch.inf)).argmax())
         pivot = diag[p].clamp_min(torch.finfo(diag.dtype).tiny)
         col = precision[:, p] - cols[:, :step] @ cols[p, :step]
         cols[:, step] = col / pivot.sqrt()
         diag -= cols[:, step] ** 2
         alive[p] = False
         removed.append(p)
-        unique_variance.append(float(1.0 / pivot))
+        unique_variance.append(float((1.0 if scale is None else scale[p]) / pivot))
     return removed, unique_variance
 
 
@@ -75,13 +80,15 @@ def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tens
     return torch.cholesky_solve(moment[keep][:, drop], factor).T
 
 
-def greedy_group_elimination(moment: torch.Tensor, plan, damping: float) -> tuple[list[int], list[float]]:
+def greedy_group_elimination(moment: torch.Tensor, plan, damping: float,
+                             weight: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
     """Group version of the greedy elimination, following ``plan.schedule``.
 
     At each step, among the step's candidate groups, remove the group g with the least
     unique variance r_g = tr(([Q]_gg)^{-1}) (Q the precision of the remaining units), then
     downdate Q by the Schur complement of that block (rank group_size). Returns the
-    removed groups in order and their r_g, the conditional variance each kept last.
+    removed groups in order and their r_g, the conditional variance each kept last. With the
+    consumer ``weight`` W the score is the output error tr(W_g ([Q]_gg)^{-1} W_g^T) instead.
     """
     precision = torch.cholesky_inverse(robust_cholesky(moment, damping))
     alive = [True] * plan.num_groups
@@ -89,8 +96,12 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float) -> tupl
     for pool in plan.schedule:
         candidates = [g for g in pool if alive[g]]
         idx = plan.units(candidates, moment.device).view(len(candidates), plan.group_size)
-        blocks = precision[idx[:, :, None], idx[:, None, :]]
-        scores = torch.linalg.inv(blocks).diagonal(dim1=-2, dim2=-1).sum(-1)
+        blocks = torch.linalg.inv(precision[idx[:, :, None], idx[:, None, :]])
+        if weight is None:
+            scores = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)
+        else:
+            w = weight.to(moment)[:, idx].permute(1, 0, 2)  # [candidates, out, group]
+            scores = torch.einsum("com,cmn,con->c", w, blocks, w)
         best = int(torch.argmin(scores))
         group, units = candidates[best], idx[best]
         cross = precision[:, units]
@@ -99,3 +110,19 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float) -> tupl
         removed.append(group)
         unique_variance.append(float(scores[best]))
     return removed, unique_variance
+
+
+def ordered_pivot_costs(moment: torch.Tensor, keep_first: list[int], group_size: int, damping: float) -> list[float]:
+    """Per group, in a given keep-first order: the trace of its covariance given the groups before it.
+
+    That is the squared Frobenius norm of the group's diagonal block of the Cholesky factor of
+    M permuted to that order (the block-LDL pivot). Used for orders that are not greedy.
+    """
+    units = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in keep_first]).to(moment.device)
+    factor = robust_cholesky(moment[units][:, units], damping)
+    blocks = factor.diagonal().pow(2).view(len(keep_first), group_size)
+    if group_size > 1:
+        full = torch.stack([factor[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size].pow(2).sum()
+                            for i in range(len(keep_first))])
+        return full.tolist()
+    return blocks.sum(1).tolist()

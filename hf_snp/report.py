@@ -59,8 +59,9 @@ class PruneReport(dict):
         import matplotlib.pyplot as plt
 
         panels = [c for c in ("mlp_width", "num_heads") if any(c in layer for layer in self.get("layers", []))]
-        ppl = {k: v for k, v in self.get("metrics", {}).items() if k.startswith("perplexity")}
-        count = len(panels) + bool(ppl)
+        ppl = {k: v for k, v in self.get("metrics", {}).items() if k.startswith("perplexity") and isinstance(v, (int, float))}
+        curves = self.get("allocation", {}).get("curves") or {}
+        count = len(panels) + bool(ppl) + bool(curves)
         fig, axes = plt.subplots(1, max(count, 1), figsize=(4.5 * max(count, 1), 3.4), squeeze=False)
         layers = [layer["layer"] for layer in self.get("layers", [])]
         for ax, column in zip(axes[0], panels):
@@ -71,8 +72,20 @@ class PruneReport(dict):
             ax.set_xlabel("layer")
             ax.set_ylabel({"mlp_width": "MLP neurons", "num_heads": "query heads"}[column])
             ax.legend(fontsize=8)
-        if ppl:
+        if curves:
             ax = axes[0][len(panels)]
+            colors = plt.cm.viridis
+            layer_count = max(int(key.split(".")[0]) for key in curves) + 1
+            for key, retained in curves.items():
+                layer, kind = key.split(".")
+                removed = [i / max(len(retained) - 1, 1) for i in range(len(retained))]
+                ax.plot(removed, retained, color=colors(int(layer) / layer_count), linestyle="-" if kind == "mlp" else "--", linewidth=0.8)
+            threshold = self["allocation"].get("threshold")
+            ax.set_xlabel("fraction of units removed (in pruning order)")
+            ax.set_ylabel("variance retained")
+            ax.set_title("cumulative-variance curves (dashed: heads)" if isinstance(threshold, (int, float)) else "curves", fontsize=9)
+        if ppl:
+            ax = axes[0][len(panels) + bool(curves)]
             ax.bar(list(ppl), list(ppl.values()), color=["grey", "tab:blue"][: len(ppl)])
             ax.set_ylabel("perplexity")
         fig.suptitle(f"{self.get('method')} {self.get('sparsity', 0):.0%} of {', '.join(self.get('targets', []))}")

@@ -55,6 +55,14 @@ class Site:
     def max_steps(self) -> int:
         raise NotImplementedError
 
+    def curve_steps(self) -> int:
+        """Steps of the full order (the cost curve's normalisation includes every group)."""
+        return self.max_steps()
+
+    def width_after(self, steps: int) -> int:
+        """Width (MLP neurons, or query heads) after ``steps`` removal steps."""
+        raise NotImplementedError
+
     def params_per_step(self) -> int:
         raise NotImplementedError
 
@@ -115,6 +123,12 @@ class MlpSite(Site):
 
     def max_steps(self) -> int:
         return self.num_units - 1
+
+    def curve_steps(self) -> int:
+        return self.num_units
+
+    def width_after(self, steps: int) -> int:
+        return self.num_units - steps
 
     def params_per_step(self) -> int:
         return sum(_row_params(lin, 1) for lin in self.producer_linears) + self.consumer_linear.out_features
@@ -191,6 +205,10 @@ class HeadSite(Site):
 
     def max_steps(self) -> int:
         return self.heads_per_kv if self.mode == "per_group" else self.num_kv_heads
+
+    def width_after(self, steps: int) -> int:
+        per_step = {"mha": 1, "kv_groups": self.heads_per_kv, "per_group": self.num_kv_heads}[self.mode]
+        return self.num_heads - steps * per_step
 
     def params_per_step(self) -> int:
         q, k, v, o = (self._linear(n) for n in (self.layout.q, self.layout.k, self.layout.v, self.layout.o))

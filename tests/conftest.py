@@ -97,7 +97,7 @@ def make_scaled_copies(model, copies: int, layers=None) -> None:
     Llama: same gate row, up row times c  -> h_j = c h_i.  OPT (ReLU): fc1 row and bias times c > 0.
     """
     for site in mlp_sites(model):
-        if layers is not None and site.layer not in layers:
+        if layers is not None and site.index not in layers:
             continue
         n = site.num_units
         for k in range(copies):

@@ -51,7 +51,7 @@ def test_cli_reports_bad_input_without_a_traceback(tiny_dir, capsys):
 
 def test_cli_prunes_heads_in_kv_group_mode(tiny_dir, capsys):
     out = tiny_dir / "heads"
-    code = main(["prune", str(tiny_dir / "dense"), "--targets", "mlp,heads", "--gqa-mode", "kv_groups", "--sparsity", "0.5",
+    code = main(["prune", str(tiny_dir / "dense"), "--targets", "mlp,heads", "--gqa-mode", "kv_groups", "--sparsity", "0.5", "--allocation", "uniform",
                  "--calibration", str(tiny_dir / "calib.txt"), "--num-samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])
     assert code == 0
     report = json.load(open(out / "hf_snp_report.json"))

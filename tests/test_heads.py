@@ -118,7 +118,7 @@ def test_parameter_count_matches_report_with_heads(family, mode, method):
 def test_each_target_loses_its_own_fraction():
     model = tiny_llama()
     attention, mlp = sites_of(model, "heads")[0], sites_of(model, "mlp")[0]
-    result = prune_quiet(model, targets=("mlp", "heads"), sparsity=0.5, gqa_mode="per_group")
+    result = prune_quiet(model, targets=("mlp", "heads"), sparsity=0.5, gqa_mode="per_group", allocation="uniform")
     layer = result.report["layers"][0]
     assert layer["num_heads"] == 2 and layer["num_kv_heads"] == 2  # one query head per KV group
     assert layer["mlp_width"] == 24
@@ -139,7 +139,7 @@ def test_gqa_stays_valid_in_per_group_mode():
 
 @pytest.mark.parametrize("mode, heads", [("per_group", (2, 2)), ("kv_groups", (2, 1))])
 def test_uniform_llama_heads_save_as_the_stock_class(tmp_path, mode, heads):
-    result = prune_quiet(tiny_llama(), targets=("mlp", "heads"), sparsity=0.5, gqa_mode=mode, output_dir=str(tmp_path / "out"))
+    result = prune_quiet(tiny_llama(), targets=("mlp", "heads"), sparsity=0.5, gqa_mode=mode, allocation="uniform", output_dir=str(tmp_path / "out"))
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert config["model_type"] == "llama" and "auto_map" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (*heads, D)
@@ -184,5 +184,5 @@ def test_generation_with_cache_through_a_layer_without_heads(family):
 
 def test_a_budget_below_one_head_step_warns_before_pruning():
     with pytest.warns(UserWarning, match=r"sparsity 10% of heads rounds to nothing per layer: one removal step takes 33%"):
-        result = prune_quiet(tiny_llama(), targets=("heads",), sparsity=0.1)
+        result = prune_quiet(tiny_llama(), targets=("heads",), sparsity=0.1, allocation="uniform")
     assert result.report["params_removed"] == 0

@@ -89,7 +89,7 @@ def test_a_bad_repo_id_fails_before_pruning():
 
 
 def test_saved_report_schema_table_and_plot(tmp_path, capsys):
-    prune_quiet(TINY["llama"](), targets=("mlp", "heads"), sparsity=0.5, output_dir=str(tmp_path / "out"))
+    prune_quiet(TINY["llama"](), targets=("mlp", "heads"), sparsity=0.5, allocation="uniform", output_dir=str(tmp_path / "out"))
     report = PruneReport.load(str(tmp_path / "out"))
     assert report["schema_version"] == 1
     for key in ("hf_snp_version", "base_model", "model_type", "save_format", "method", "sparsity", "targets", "calibration",

@@ -45,7 +45,7 @@ def local_task(tmp_path):
 
 def test_local_task_on_in_memory_and_saved_models_in_both_formats(tmp_path, local_task):
     tokenizer = tiny_tokenizer()
-    for name, options in (("stock", {}), ("hf_snp", {"layer_sparsity": {0: 0.0}})):
+    for name, options in (("stock", {"allocation": "uniform"}), ("hf_snp", {"layer_sparsity": {0: 0.0}})):
         result = prune_quiet(TINY["llama"](), tokenizer=tokenizer, sparsity=0.25, output_dir=str(tmp_path / name), **options)
         assert result.report["save_format"] == name
         in_memory = lm_eval(result.model, ["tiny_local_mc"], tokenizer=tokenizer, include_path=local_task)

@@ -112,14 +112,14 @@ def test_uniform_widths_meet_the_budget_within_one_unit(sparsity):
     model = tiny_opt()
     site = mlp_sites(model)[0]
     targeted = site.num_params() * len(mlp_sites(model))
-    result = prune_quiet(model, method="snp", sparsity=sparsity)
+    result = prune_quiet(model, method="snp", sparsity=sparsity, allocation="uniform")
     removed = result.report["params_removed"]
     assert abs(removed - sparsity * targeted) <= len(mlp_sites(model)) * site.params_per_step() / 2
     assert len({l["mlp_width"] for l in result.report["layers"]}) == 1
 
 
 def test_pruned_model_is_smaller_and_runs_generate():
-    result = prune_quiet(tiny_llama(), method="snp", sparsity=0.4)
+    result = prune_quiet(tiny_llama(), method="snp", sparsity=0.4, allocation="uniform")
     out = result.model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
     assert result.model.config.intermediate_size == result.report["layers"][0]["mlp_width"] < 48
@@ -167,7 +167,7 @@ def test_padding_tokens_are_excluded_from_statistics():
 def test_other_llama_family_members_save_and_reload_in_both_formats(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    uniform = prune_quiet(TINY[family](), sparsity=0.25, output_dir=str(tmp_path / "u"))
+    uniform = prune_quiet(TINY[family](), sparsity=0.25, allocation="uniform", output_dir=str(tmp_path / "u"))
     per_layer = prune_quiet(TINY[family](), sparsity=0.25, layer_sparsity={0: 0.0}, output_dir=str(tmp_path / "p"))
     for result, folder, model_type in ((uniform, "u", family), (per_layer, "p", f"hf_snp_{family}")):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder)

@@ -20,8 +20,8 @@ def test_half_precision_models_prune_with_float32_statistics(dtype):
     reference32 = logits(model)
     half = copy.deepcopy(model).to(dtype)
     sparsity = sparsity_removing(model, 12)
-    result = prune_quiet(half, method="snp", sparsity=sparsity, targets=("mlp", "heads"))
-    full = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=("mlp", "heads"))
+    result = prune_quiet(half, method="snp", sparsity=sparsity, targets=("mlp", "heads"), allocation="uniform")
+    full = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=("mlp", "heads"), allocation="uniform")
     assert all(p.dtype == dtype for p in result.model.parameters())
     assert [l["mlp_width"] for l in result.report["layers"]] == [36] * 4
     out = logits(result.model).float()

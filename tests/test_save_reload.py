@@ -34,7 +34,7 @@ def reload_in_fresh_process(tmp_path, path, kwargs: str, block: str = "") -> tup
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_uniform_widths_save_as_the_stock_class(tmp_path, family):
-    result = prune_quiet(TINY[family](), method="snp", sparsity=0.3, output_dir=str(tmp_path / "out"))
+    result = prune_quiet(TINY[family](), method="snp", sparsity=0.3, allocation="uniform", output_dir=str(tmp_path / "out"))
     expected = logits(result.model)
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert config["model_type"] == family and "auto_map" not in config

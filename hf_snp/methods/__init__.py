@@ -1,6 +1,10 @@
 """Pruning methods, registered by name."""
 
 from . import snp, vbp  # noqa: F401  (registers the methods)
-from .base import METHODS, Decision, MethodOptions, PruningMethod, RemovalPlan, get_method, register_method, select_by_score
+from .base import (
+    METHODS, ORDERINGS, Decision, MethodOptions, PruningMethod, RemovalPlan, SiteInputs, get_method, register_method,
+    select_by_score,
+)
 
-__all__ = ["METHODS", "Decision", "MethodOptions", "PruningMethod", "RemovalPlan", "get_method", "register_method", "select_by_score"]
+__all__ = ["METHODS", "ORDERINGS", "Decision", "MethodOptions", "PruningMethod", "RemovalPlan", "SiteInputs", "get_method",
+           "register_method", "select_by_score"]

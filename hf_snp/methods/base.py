@@ -55,6 +55,10 @@ def select_by_score(scores: torch.Tensor, plan: RemovalPlan) -> list[int]:
     return removed
 
 
+def group_sums(values: torch.Tensor, plan: RemovalPlan) -> torch.Tensor:
+    return values.reshape(plan.num_groups, plan.group_size).sum(1)
+
+
 @dataclass
 class Decision:
     """What to do with one site: keep these units, fold the removed ones into the consumer.
@@ -71,23 +75,69 @@ class Decision:
     info: dict = field(default_factory=dict)
 
 
+ORDERINGS = ("zca", "natural", "random", "output_aware")
+
+
 @dataclass
 class MethodOptions:
-    """Knobs shared by all methods, filled from the prune() arguments."""
+    """Knobs shared by all methods, filled from the prune() arguments.
+
+    ``ordering`` and ``reconstruct`` are SNP's ablation switches: which units go first
+    (unnormalised ZCA, index order, random, or output-aware ZCA weighted by ||W_:,i||^2) and
+    whether the removed units are rebuilt by least squares (False: only their mean is folded).
+    """
 
     damping: float = 1e-6
     seed: int = 0
+    ordering: str = "zca"
+    reconstruct: bool = True
+
+
+@dataclass
+class SiteInputs:
+    """What a method may look at for one site."""
+
+    stats: SiteStatistics
+    plan: RemovalPlan
+    bias_available: bool  # the consumer has a bias, or one may be added
+    consumer_weight: torch.Tensor  # W of the consumer linear (float32/64, on the stats device)
+    key: int  # a stable id of the site, for seeding
 
 
 class PruningMethod:
-    """Base class. ``decide`` gets the statistics, the removal plan, and whether the consumer
-    can take a bias shift (it has a bias, or one may be added)."""
+    """Base class. A method orders the groups a plan may remove (each step with its cost),
+    and compensates the consumer for the removed ones.
+
+    ``order`` follows ``plan.schedule`` and returns the removed groups and one cost per step
+    (what that removal loses; the global allocation compares these across sites).
+    ``global_scores`` turns a site's costs into the increasing scores a global threshold cuts.
+    """
 
     name: ClassVar[str] = ""
     wants_added_bias: ClassVar[bool] = False  # default of add_bias=None for bias-less consumers
 
-    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
+    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
         raise NotImplementedError
+
+    def compensate(self, site: SiteInputs, decision: "Decision", options: MethodOptions) -> None:
+        """Fill decision.coef / decision.shift (default: fold the removed units' means where possible)."""
+        if site.bias_available and len(decision.drop):
+            decision.shift = site.stats.moments(centered=True)[1][decision.drop]
+
+    def decide(self, site: SiteInputs, options: MethodOptions) -> "Decision":
+        removed, costs = self.order(site, options)
+        decision = site.plan.decision(removed, site.stats.sum.device, info={"step_costs": costs})
+        self.compensate(site, decision, options)
+        return decision
+
+    def global_scores(self, costs: list[float]) -> list[float]:
+        """Cumulative fraction of the site's total cost removed after each step (normalised per site)."""
+        total = sum(costs) or 1.0
+        running, scores = 0.0, []
+        for cost in costs:
+            running += cost
+            scores.append(running / total)
+        return scores
 
 
 METHODS: dict[str, type[PruningMethod]] = {}

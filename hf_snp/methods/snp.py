@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..linalg import greedy_group_elimination, greedy_zca_elimination, least_squares_map
-from ..stats import SiteStatistics
-from .base import Decision, MethodOptions, PruningMethod, RemovalPlan, register_method
+import torch
+
+from ..linalg import greedy_group_elimination, greedy_zca_elimination, least_squares_map, ordered_pivot_costs
+from .base import Decision, MethodOptions, PruningMethod, SiteInputs, register_method, select_by_score
 
 
 @register_method
@@ -18,16 +19,31 @@ class SNP(PruningMethod):
 
     name = "snp"
 
-    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
-        moment, mu = stats.moments(centered=bias_available)
-        if plan.group_size == 1 and len(plan.pools) == 1:
-            removed, unique_variance = greedy_zca_elimination(moment, plan.rounds, options.damping)
-        else:
-            removed, unique_variance = greedy_group_elimination(moment, plan, options.damping)
-        decision = plan.decision(removed, moment.device, info={"unique_variance": unique_variance})
+    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
+        moment, _ = site.stats.moments(centered=site.bias_available)
+        plan = site.plan
+        if options.ordering in ("zca", "output_aware"):
+            weight = site.consumer_weight if options.ordering == "output_aware" else None
+            if plan.group_size == 1 and len(plan.pools) == 1:
+                energy = None if weight is None else weight.to(moment).pow(2).sum(0)
+                return greedy_zca_elimination(moment, plan.rounds, options.damping, energy)
+            return greedy_group_elimination(moment, plan, options.damping, weight)
+        if options.ordering == "natural":  # keep the first units: remove from the end
+            scores = -torch.arange(plan.num_groups, dtype=torch.float64)
+        else:  # random
+            scores = torch.rand(plan.num_groups, generator=torch.Generator().manual_seed(options.seed * 100_003 + site.key), dtype=torch.float64)
+        removed = select_by_score(scores, plan)
+        kept = [g for g in range(plan.num_groups) if g not in set(removed)]
+        costs = ordered_pivot_costs(moment, kept + removed[::-1], plan.group_size, options.damping)[len(kept):][::-1]
+        return removed, costs
+
+    def compensate(self, site: SiteInputs, decision: Decision, options: MethodOptions) -> None:
+        if not options.reconstruct:
+            return super().compensate(site, decision, options)
+        moment, mu = site.stats.moments(centered=site.bias_available)
         if len(decision.drop) and len(decision.keep):
             decision.coef = least_squares_map(moment, decision.keep, decision.drop, options.damping)
-            decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep] if bias_available else None
-        elif len(decision.drop) and bias_available:  # nothing kept: the best constant is the mean
+            if site.bias_available:
+                decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep]
+        elif len(decision.drop) and site.bias_available:  # nothing kept: the best constant is the mean
             decision.shift = mu[decision.drop]
-        return decision

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..stats import SiteStatistics
-from .base import Decision, MethodOptions, PruningMethod, RemovalPlan, register_method, select_by_score
+from .base import MethodOptions, PruningMethod, SiteInputs, group_sums, register_method, select_by_score
 
 
 @register_method
@@ -13,19 +12,25 @@ class VBP(PruningMethod):
     """Variance-Based Pruning with mean-shift compensation (arXiv 2507.12988).
 
     The mean shift b' = b + W_P mu_P is the method's defining step, so where the consumer
-    has no bias (Llama ``down_proj``) one is added unless ``add_bias=False``.
+    has no bias (Llama ``down_proj``) one is added unless ``add_bias=False``. Globally, units
+    are ranked by their raw variance across layers, as in the paper.
     """
 
     name = "vbp"
     wants_added_bias = True
 
-    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
-        sigma, mu = stats.moments(centered=True)
-        group_variance = sigma.diagonal().reshape(plan.num_groups, plan.group_size).sum(1)
-        decision = plan.decision(select_by_score(group_variance, plan), sigma.device)
-        if bias_available and len(decision.drop):
-            decision.shift = mu[decision.drop]
-        return decision
+    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
+        variance = group_sums(site.stats.moments(centered=True)[0].diagonal(), site.plan)
+        removed = select_by_score(variance, site.plan)
+        return removed, [float(variance[g]) for g in removed]
+
+    def global_scores(self, costs: list[float]) -> list[float]:
+        """The raw variance of each removed group (made non-decreasing): one ranking across layers."""
+        scores, running = [], float("-inf")
+        for cost in costs:
+            running = max(running, cost)
+            scores.append(running)
+        return scores
 
 
 @register_method
@@ -34,6 +39,10 @@ class RandomPruning(PruningMethod):
 
     name = "random"
 
-    def decide(self, stats: SiteStatistics, plan: RemovalPlan, bias_available: bool, options: MethodOptions, site_key: int) -> Decision:
-        generator = torch.Generator().manual_seed(options.seed * 100_003 + site_key)
-        return plan.decision(select_by_score(torch.rand(plan.num_groups, generator=generator), plan), stats.sum.device)
+    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
+        generator = torch.Generator().manual_seed(options.seed * 100_003 + site.key)
+        removed = select_by_score(torch.rand(site.plan.num_groups, generator=generator), site.plan)
+        return removed, [1.0] * len(removed)
+
+    def compensate(self, site: SiteInputs, decision, options: MethodOptions) -> None:
+        return None

@@ -1,0 +1,118 @@
+"""Allocation across sites (DESIGN.md 2.3): how many removal steps each site takes.
+
+Uniform: every site loses the same fraction of its own parameters. Global: a dense statistics
+pass gives each site the cost of each successive removal (SNP: the LDL pivots in its order, so
+the cumulative curve is the variance lost; VBP: raw variances); one threshold across all sites
+gives each its step count, and the threshold is searched so the removed parameters meet the
+budget. ``round_to`` and ``min_width`` restrict the widths a site may take.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .sites import Site
+
+
+@dataclass
+class WidthRules:
+    """Allowed widths per target: MLP neurons, or query heads for "heads"."""
+
+    round_to: dict[str, int] = field(default_factory=dict)
+    min_width: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, round_to: int | Mapping[str, int] | None, min_width: int | Mapping[str, int] | None) -> "WidthRules":
+        def per_target(value):
+            if value is None:
+                return {}
+            return dict(value) if isinstance(value, Mapping) else {"mlp": int(value)}  # a plain number is about MLP widths
+
+        return cls(per_target(round_to), per_target(min_width))
+
+    def allowed(self, site: Site, steps: int) -> bool:
+        if steps == 0:
+            return True
+        width = site.width_after(steps)
+        multiple = self.round_to.get(site.kind, 1)
+        return width >= self.min_width.get(site.kind, 0) and width % multiple == 0
+
+    def allowed_steps(self, site: Site) -> list[int]:
+        return [s for s in range(site.max_steps() + 1) if self.allowed(site, s)]
+
+
+def nearest_steps(site: Site, target_params: float, rules: WidthRules) -> int:
+    """The allowed step count whose removed parameters come nearest the target (fewer on ties)."""
+    return min(rules.allowed_steps(site), key=lambda s: (abs(site.params_removed(s) - target_params), s))
+
+
+@dataclass
+class SiteCurve:
+    """One site's removal costs in its pruning order, and what each step count removes."""
+
+    layer: int
+    kind: str
+    scores: list[float]  # increasing: the global score of removing step s+1
+    costs: list[float]  # what each removal loses (variance or output error)
+    params_removed: list[int]  # after s steps, s = 0..max_steps
+    allowed: list[bool]  # s = 0..max_steps
+    width: list[int]  # width after s steps
+    total_params: int  # all parameters of the site (the budget is a fraction of their sum)
+
+    @classmethod
+    def from_site(cls, site: Site, scores: list[float], costs: list[float], rules: WidthRules | None = None) -> "SiteCurve":
+        rules = rules or WidthRules()
+        steps = range(site.max_steps() + 1)
+        return cls(site.index, site.kind, scores[: site.max_steps()], costs, [site.params_removed(s) for s in steps],
+                   [rules.allowed(site, s) for s in steps], [site.width_after(s) for s in steps], site.num_params())
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.layer, self.kind
+
+    def steps_at(self, threshold: float) -> int:
+        """The most steps whose scores are all <= threshold, backed off to an allowed count."""
+        steps = bisect.bisect_right(self.scores, threshold)
+        while not self.allowed[steps]:
+            steps -= 1
+        return steps
+
+    def retained(self) -> list[float]:
+        """Fraction of the site's cost kept after s removals (the cumulative-variance curve, read backwards)."""
+        total, running, kept = sum(self.costs) or 1.0, 0.0, [1.0]
+        for cost in self.costs:
+            running += cost
+            kept.append(max(0.0, 1.0 - running / total))
+        return kept
+
+
+@dataclass
+class Allocation:
+    steps: dict[tuple[int, str], int]
+    threshold: float | None
+    target_params: float
+    removed_params: int
+
+
+def allocate_global(curves: list[SiteCurve], target_params: float) -> Allocation:
+    """One threshold across ``curves``, the one whose removed parameters come nearest ``target_params``."""
+    thresholds = sorted({score for curve in curves for score in curve.scores})
+
+    def removed(threshold: float) -> int:
+        return sum(curve.params_removed[curve.steps_at(threshold)] for curve in curves)
+
+    low, high = -1, len(thresholds) - 1  # removed() is non-decreasing in the threshold index
+    while low < high:
+        middle = (low + high + 1) // 2
+        if removed(thresholds[middle]) <= target_params:
+            low = middle
+        else:
+            high = middle - 1
+    candidates = [low] + ([low + 1] if low + 1 < len(thresholds) else [])
+    best = min(candidates, key=lambda i: abs((removed(thresholds[i]) if i >= 0 else 0) - target_params))
+    threshold = thresholds[best] if best >= 0 else float("-inf")
+    steps = {curve.key: (curve.steps_at(threshold) if best >= 0 else 0) for curve in curves}
+    total = sum(curve.params_removed[steps[curve.key]] for curve in curves)
+    return Allocation(steps, threshold if best >= 0 else None, target_params, total)

@@ -1,0 +1,123 @@
+"""Allocation: budgets met within one step, global cuts redundant layers first, ablation switches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY, calibration_ids, logits, make_scaled_copies, mlp_sites, prune_quiet, sites_of, tiny_llama, tiny_opt
+from test_bad_input import no_long_work  # noqa: F401  (fixture)
+
+import hf_snp
+
+
+def targeted_params(model, targets):
+    return sum(site.num_params() for t in targets for site in sites_of(model, t))
+
+
+def largest_step(model, targets, round_to=None):
+    steps = [site.params_per_step() * (round_to or 1 if site.kind == "mlp" else 1) for t in targets for site in sites_of(model, t)]
+    return max(steps)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("targets", [("mlp",), ("heads",), ("mlp", "heads")])
+@pytest.mark.parametrize("round_to", [None, 8])
+def test_a_budget_of_n_parameters_removes_n_within_one_step(family, allocation, targets, round_to):
+    model = TINY[family]()
+    total, step = targeted_params(model, targets), largest_step(model, targets, round_to)
+    for sparsity in (0.2, 0.45):
+        result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=targets, allocation=allocation,
+                             round_to=round_to)
+        removed = result.report["params_removed"]
+        slack = step * (1 if allocation == "global" else len(mlp_sites(model)))  # uniform rounds once per layer
+        assert abs(removed - sparsity * total) <= slack, (removed, sparsity * total)
+        if round_to:
+            assert all(layer["mlp_width"] % round_to == 0 for layer in result.report["layers"] if "mlp_width" in layer)
+
+
+def test_sparsity_per_target_fixes_each_budget():
+    model = tiny_llama()
+    result = prune_quiet(model, targets=("mlp", "heads"), sparsity_per_target={"mlp": 0.4, "heads": 0.0})
+    assert all(layer["num_heads"] == 4 for layer in result.report["layers"])
+    mlp_removed = sum(l["mlp_width_before"] - l["mlp_width"] for l in result.report["layers"]) * mlp_sites(model)[0].params_per_step()
+    assert abs(mlp_removed - 0.4 * targeted_params(tiny_llama(), ("mlp",))) <= mlp_sites(model)[0].params_per_step()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_global_allocation_cuts_the_redundant_layers_first(family):
+    model = TINY[family]()
+    make_scaled_copies(model, 12, layers={1, 3})  # only layers 1 and 3 carry redundant neurons
+    reference = logits(model)
+    site = mlp_sites(model)[0]
+    sparsity = 24 * site.params_per_step() / (4 * site.num_params())  # exactly the 24 redundant neurons
+    calibration = calibration_ids(96, 24)  # enough tokens that every ReLU fires: no neuron is idle on the data
+    result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="global", calibration=calibration)
+    assert [l["mlp_width"] for l in result.report["layers"]] == [48, 36, 48, 36]
+    assert (logits(result.model) - reference).abs().max() < 1e-4
+    uniform = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="uniform", calibration=calibration)
+    assert (logits(uniform.model) - reference).abs().max() > 1e-2  # the same budget spread evenly loses information
+
+
+def test_reconstruct_false_leaves_the_kept_columns_untouched():
+    model = tiny_opt()
+    original = [site.consumer_linear.weight.detach().clone() for site in mlp_sites(model)]
+    result = prune_quiet(copy.deepcopy(model), sparsity=0.3, reconstruct=False, allocation="uniform")
+    reconstructed = prune_quiet(copy.deepcopy(model), sparsity=0.3, allocation="uniform")
+    for before, site, other in zip(original, mlp_sites(result.model), mlp_sites(reconstructed.model)):
+        kept = [i for i in range(48) if any(torch.equal(site.consumer_linear.weight[:, j], before[:, i]) for j in range(site.num_units))]
+        assert len(kept) == site.num_units  # every kept column is an original column, unchanged
+        assert not torch.equal(other.consumer_linear.weight, site.consumer_linear.weight)
+
+
+def test_natural_ordering_keeps_the_first_units():
+    model = tiny_llama()
+    gate = [site.producer_linears[0].weight.detach().clone() for site in mlp_sites(model)]
+    result = prune_quiet(model, sparsity=0.25, ordering="natural", allocation="uniform")
+    for before, site in zip(gate, mlp_sites(result.model)):
+        assert torch.equal(site.producer_linears[0].weight, before[: site.num_units])
+
+
+@pytest.mark.parametrize("ordering", ["zca", "output_aware"])
+def test_greedy_orderings_find_the_redundant_neurons(ordering):
+    model = tiny_llama()
+    make_scaled_copies(model, 12)
+    reference = logits(model)
+    site = mlp_sites(model)[0]
+    result = prune_quiet(model, sparsity=12 * site.params_per_step() / site.num_params(), ordering=ordering, allocation="uniform")
+    assert (logits(result.model) - reference).abs().max() < 1e-4
+
+
+def test_random_ordering_depends_on_the_seed():
+    runs = [prune_quiet(tiny_llama(), sparsity=0.3, ordering="random", allocation="uniform", seed=s) for s in (1, 1, 2)]
+    weights = [mlp_sites(r.model)[0].producer_linears[0].weight for r in runs]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_global_vbp_runs_and_reports_its_threshold():
+    result = prune_quiet(tiny_llama(), method="vbp", sparsity=0.3, allocation="global")
+    allocation = result.report["allocation"]
+    assert allocation["mode"] == "global" and allocation["threshold"] is not None
+    assert len(allocation["curves"]) == 4 and all(c[0] == 1.0 for c in allocation["curves"].values())
+
+
+def test_unreachable_budget_fails_before_long_work(no_long_work):  # noqa: F811
+    with pytest.raises(ValueError, match=r"the budget cannot be met: 50% of mlp .* at most .* \(17%\) can be removed"):
+        hf_snp.prune(tiny_llama(), sparsity=0.5, min_width=40, calibration=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad", [dict(allocation="best"), dict(ordering="magic"), dict(method="vbp", ordering="natural"),
+                                 dict(round_to=0), dict(min_width={"attention": 2}), dict(sparsity_per_target={"heads": 0.2}),
+                                 dict(allocation="global", layer_sparsity={0: 0.1})])
+def test_bad_allocation_options(bad, no_long_work):  # noqa: F811
+    with pytest.raises(ValueError):
+        hf_snp.prune(tiny_llama(), calibration=torch.zeros(2, 4, dtype=torch.long), **bad)
+
+
+def test_report_plot_draws_the_curves(tmp_path):
+    result = prune_quiet(tiny_llama(), sparsity=0.3, targets=("mlp", "heads"))
+    path = result.report.plot(str(tmp_path / "r.png"))
+    assert open(path, "rb").read(4) == b"\x89PNG"
+    assert set(result.report["allocation"]["curves"]) == {f"{i}.{k}" for i in range(4) for k in ("mlp", "heads")}
