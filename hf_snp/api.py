@@ -225,10 +225,10 @@ def prune(
         add_bias: allow adding a bias to a consumer that has none (None: the method decides;
             VBP adds one for its mean shift, SNP keeps the stock architecture).
         layer_sparsity: per-layer override of ``sparsity`` ({layer: fraction} or a list).
-        allocation: ``"global"`` (default for snp): one threshold on the cumulative-variance
-            curves of all sites decides each site's width, searched so the removed parameters
-            meet the budget (two passes: dense statistics, then the cuts); ``"uniform"``
-            (default otherwise): every layer loses the same fraction (one pass).
+        allocation: ``"uniform"`` (default): every layer loses the same fraction (one pass);
+            ``"global"``: one threshold on the cumulative-variance curves of all sites decides
+            each site's width, searched so the removed parameters meet the budget (two passes:
+            dense statistics, then the cuts).
         sparsity_per_target: fix each target's budget separately, e.g. {"mlp": 0.3, "heads": 0.1}.
         round_to: widths a multiple of this (MLP neurons; or {"mlp": 64, "heads": 2}).
         min_width: the fewest units a site keeps (MLP neurons; or {"mlp": 256, "heads": 1}).

@@ -38,7 +38,7 @@ def _prune_parser(commands) -> None:
     p.add_argument("--targets", help="comma-separated: mlp, heads (default mlp)")
     p.add_argument("--gqa-mode", dest="gqa_mode", choices=["per_group", "kv_groups"],
                    help="GQA head removal: same number of query heads per KV group (default), or whole KV groups")
-    p.add_argument("--allocation", choices=["uniform", "global"], help="default: global for snp, uniform otherwise")
+    p.add_argument("--allocation", choices=["uniform", "global"], help="default: uniform")
     p.add_argument("--sparsity-per-target", dest="sparsity_per_target", type=_per_target(float),
                    help="separate budgets, e.g. mlp=0.3,heads=0.1")
     p.add_argument("--round-to", dest="round_to", type=_per_target(int), help="widths a multiple of N (or mlp=64,heads=2)")

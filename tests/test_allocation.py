@@ -40,7 +40,7 @@ def test_a_budget_of_n_parameters_removes_n_within_one_step(family, allocation, 
 
 def test_sparsity_per_target_fixes_each_budget():
     model = tiny_llama()
-    result = prune_quiet(model, targets=("mlp", "heads"), sparsity_per_target={"mlp": 0.4, "heads": 0.0})
+    result = prune_quiet(model, targets=("mlp", "heads"), sparsity_per_target={"mlp": 0.4, "heads": 0.0}, allocation="global")
     assert all(layer["num_heads"] == 4 for layer in result.report["layers"])
     mlp_removed = sum(l["mlp_width_before"] - l["mlp_width"] for l in result.report["layers"]) * mlp_sites(model)[0].params_per_step()
     assert abs(mlp_removed - 0.4 * targeted_params(tiny_llama(), ("mlp",))) <= mlp_sites(model)[0].params_per_step()
@@ -117,7 +117,7 @@ def test_bad_allocation_options(bad, no_long_work):  # noqa: F811
 
 
 def test_report_plot_draws_the_curves(tmp_path):
-    result = prune_quiet(tiny_llama(), sparsity=0.3, targets=("mlp", "heads"))
+    result = prune_quiet(tiny_llama(), sparsity=0.3, targets=("mlp", "heads"), allocation="global")
     path = result.report.plot(str(tmp_path / "r.png"))
     assert open(path, "rb").read(4) == b"\x89PNG"
     assert set(result.report["allocation"]["curves"]) == {f"{i}.{k}" for i in range(4) for k in ("mlp", "heads")}

@@ -75,5 +75,6 @@ def test_cli_recipe_with_overrides(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_smollm2_recipe_runs(tmp_path):
     result = hf_snp.prune(recipe=os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-135m-snp-30.yaml"),
-                          output_dir=str(tmp_path / "out"), num_samples=2, seq_len=128, calibration="wikitext2-local", progress=False)
+                          output_dir=str(tmp_path / "out"), num_samples=2, seq_len=128, calibration="wikitext2-local", progress=False,
+                          allocation="uniform")
     assert result.report["layers"][0]["mlp_width"] == 1075
