@@ -29,7 +29,7 @@ def test_sparsity_outside_unit_interval(sparsity, no_long_work):
 
 
 def test_unknown_method(no_long_work):
-    with pytest.raises(ValueError, match=r"unknown method 'obs'; choose one of \['random', 'snp', 'vbp'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'obs'; choose one of \['flap', 'magnitude', 'random', 'snp', 'vbp', 'wanda_sp'\]"):
         hf_snp.prune(tiny_llama(), method="obs", calibration=calibration_ids())
 
 

@@ -1,6 +1,6 @@
 """Pruning methods, registered by name."""
 
-from . import snp, vbp  # noqa: F401  (registers the methods)
+from . import baselines, snp, vbp  # noqa: F401  (registers the methods)
 from .base import (
     METHODS, ORDERINGS, Decision, MethodOptions, PruningMethod, RemovalPlan, SiteInputs, get_method, register_method,
     select_by_score,

@@ -1,0 +1,80 @@
+"""Baseline scorers in the same engine (same calibration, sites, budgets and save path).
+
+Each scores the groups a plan may remove and takes the lowest first; none reconstructs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MethodOptions, PruningMethod, SiteInputs, group_sums, register_method, select_by_score
+
+
+class _ScoredMethod(PruningMethod):
+    """Removes the lowest-scored groups; the cost of a step is its score."""
+
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
+        scores = group_sums(self.scores(site), site.plan)
+        removed = select_by_score(scores, site.plan)
+        return removed, [float(scores[g]) for g in removed]
+
+    def global_scores(self, costs: list[float]) -> list[float]:
+        """Raw scores, made non-decreasing: one ranking across sites."""
+        scores, running = [], float("-inf")
+        for cost in costs:
+            running = max(running, cost)
+            scores.append(running)
+        return scores
+
+
+@register_method
+class FLAP(_ScoredMethod):
+    """FLAP (An et al., AAAI 2024): fluctuation of each input unit (its variance over the
+    calibration tokens) times the squared norm of the weight column it feeds, with the removed
+    units' means folded into the bias (FLAP's bias compensation). Globally, scores are
+    standardised per site before one ranking, as FLAP's adaptive structure search does.
+    """
+
+    name = "flap"
+    wants_added_bias = True
+
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        variance = site.stats.moments(centered=True)[0].diagonal()
+        return variance * site.consumer_weight.to(variance).pow(2).sum(0)
+
+    def global_scores(self, costs: list[float]) -> list[float]:
+        values = torch.tensor(costs, dtype=torch.float64)
+        standardised = (values - values.mean()) / values.std().clamp_min(1e-12) if len(costs) > 1 else values
+        return super().global_scores(standardised.tolist())
+
+
+@register_method
+class WandaSP(_ScoredMethod):
+    """Structured Wanda: the input unit's norm over the calibration tokens, ||X_j||_2, times the
+    absolute weights it feeds, sum_i |W_ij|. No compensation."""
+
+    name = "wanda_sp"
+
+    def compensate(self, site: SiteInputs, decision, options: MethodOptions) -> None:
+        return None
+
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        second_moment = site.stats.moments(centered=False)[0].diagonal()
+        norm = (second_moment * site.stats.count).clamp_min(0).sqrt()
+        return norm * site.consumer_weight.to(norm).abs().sum(0)
+
+
+@register_method
+class Magnitude(_ScoredMethod):
+    """The L2 norm of the weight column each unit feeds; data-free. No compensation."""
+
+    name = "magnitude"
+
+    def compensate(self, site: SiteInputs, decision, options: MethodOptions) -> None:
+        return None
+
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        return site.consumer_weight.to(torch.float64).pow(2).sum(0).sqrt()
