@@ -140,6 +140,27 @@ class PruningMethod:
         return scores
 
 
+class ScoredMethod(PruningMethod):
+    """Removes the lowest-scored groups (a group's score: the sum of its units'); a step's cost
+    is its score, and globally the raw scores form one ranking across sites."""
+
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
+        scores = group_sums(self.scores(site), site.plan)
+        removed = select_by_score(scores, site.plan)
+        return removed, [float(scores[g]) for g in removed]
+
+    def global_scores(self, costs: list[float]) -> list[float]:
+        """Raw scores, made non-decreasing."""
+        scores, running = [], float("-inf")
+        for cost in costs:
+            running = max(running, cost)
+            scores.append(running)
+        return scores
+
+
 METHODS: dict[str, type[PruningMethod]] = {}
 
 

@@ -7,31 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import MethodOptions, PruningMethod, SiteInputs, group_sums, register_method, select_by_score
-
-
-class _ScoredMethod(PruningMethod):
-    """Removes the lowest-scored groups; the cost of a step is its score."""
-
-    def scores(self, site: SiteInputs) -> torch.Tensor:
-        raise NotImplementedError
-
-    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
-        scores = group_sums(self.scores(site), site.plan)
-        removed = select_by_score(scores, site.plan)
-        return removed, [float(scores[g]) for g in removed]
-
-    def global_scores(self, costs: list[float]) -> list[float]:
-        """Raw scores, made non-decreasing: one ranking across sites."""
-        scores, running = [], float("-inf")
-        for cost in costs:
-            running = max(running, cost)
-            scores.append(running)
-        return scores
+from .base import MethodOptions, ScoredMethod, SiteInputs, register_method
 
 
 @register_method
-class FLAP(_ScoredMethod):
+class FLAP(ScoredMethod):
     """FLAP (An et al., AAAI 2024): fluctuation of each input unit (its variance over the
     calibration tokens) times the squared norm of the weight column it feeds, with the removed
     units' means folded into the bias (FLAP's bias compensation). Globally, scores are
@@ -52,7 +32,7 @@ class FLAP(_ScoredMethod):
 
 
 @register_method
-class WandaSP(_ScoredMethod):
+class WandaSP(ScoredMethod):
     """Structured Wanda: the input unit's norm over the calibration tokens, ||X_j||_2, times the
     absolute weights it feeds, sum_i |W_ij|. No compensation."""
 
@@ -68,7 +48,7 @@ class WandaSP(_ScoredMethod):
 
 
 @register_method
-class Magnitude(_ScoredMethod):
+class Magnitude(ScoredMethod):
     """The L2 norm of the weight column each unit feeds; data-free. No compensation."""
 
     name = "magnitude"

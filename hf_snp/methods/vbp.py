@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import MethodOptions, PruningMethod, SiteInputs, group_sums, register_method, select_by_score
+from .base import MethodOptions, PruningMethod, ScoredMethod, SiteInputs, register_method, select_by_score
 
 
 @register_method
-class VBP(PruningMethod):
+class VBP(ScoredMethod):
     """Variance-Based Pruning with mean-shift compensation (arXiv 2507.12988).
 
     The mean shift b' = b + W_P mu_P is the method's defining step, so where the consumer
@@ -19,18 +19,8 @@ class VBP(PruningMethod):
     name = "vbp"
     wants_added_bias = True
 
-    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
-        variance = group_sums(site.stats.moments(centered=True)[0].diagonal(), site.plan)
-        removed = select_by_score(variance, site.plan)
-        return removed, [float(variance[g]) for g in removed]
-
-    def global_scores(self, costs: list[float]) -> list[float]:
-        """The raw variance of each removed group (made non-decreasing): one ranking across layers."""
-        scores, running = [], float("-inf")
-        for cost in costs:
-            running = max(running, cost)
-            scores.append(running)
-        return scores
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        return site.stats.moments(centered=True)[0].diagonal()
 
 
 @register_method
