@@ -135,6 +135,18 @@ def run_python(code: str, env_extra: dict | None = None) -> str:
     return done.stdout
 
 
+@pytest.fixture
+def no_long_work(monkeypatch):
+    """Loading weights or starting the engine counts as long work: fail loudly if reached."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("long work started before the bad input was reported")
+
+    import hf_snp.api
+
+    monkeypatch.setattr(hf_snp.api, "load_model", forbidden)
+    monkeypatch.setattr(hf_snp.api.StreamingEngine, "run", forbidden)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from conftest import TINY, calibration_ids, logits, make_scaled_copies, mlp_sites, prune_quiet, sites_of, tiny_llama, tiny_opt
-from test_bad_input import no_long_work  # noqa: F401  (fixture)
 
 import hf_snp
 
@@ -103,7 +102,7 @@ def test_global_vbp_runs_and_reports_its_threshold():
     assert len(allocation["curves"]) == 4 and all(c[0] == 1.0 for c in allocation["curves"].values())
 
 
-def test_unreachable_budget_fails_before_long_work(no_long_work):  # noqa: F811
+def test_unreachable_budget_fails_before_long_work(no_long_work):
     with pytest.raises(ValueError, match=r"the budget cannot be met: 50% of mlp .* at most .* \(17%\) can be removed"):
         hf_snp.prune(tiny_llama(), sparsity=0.5, min_width=40, calibration=torch.zeros(2, 4, dtype=torch.long))
 
@@ -111,7 +110,7 @@ def test_unreachable_budget_fails_before_long_work(no_long_work):  # noqa: F811
 @pytest.mark.parametrize("bad", [dict(allocation="best"), dict(ordering="magic"), dict(method="vbp", ordering="natural"),
                                  dict(round_to=0), dict(min_width={"attention": 2}), dict(sparsity_per_target={"heads": 0.2}),
                                  dict(allocation="global", layer_sparsity={0: 0.1})])
-def test_bad_allocation_options(bad, no_long_work):  # noqa: F811
+def test_bad_allocation_options(bad, no_long_work):
     with pytest.raises(ValueError):
         hf_snp.prune(tiny_llama(), calibration=torch.zeros(2, 4, dtype=torch.long), **bad)
 

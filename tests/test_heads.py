@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, logits, prune_quiet, run_python, sites_of, tiny_llama, tiny_opt
+from conftest import TINY, logits, prune_quiet, sites_of, tiny_llama, tiny_opt
 from test_save_reload import BLOCK_HF_SNP, reload_in_fresh_process
 from transformers import AutoModelForCausalLM
 

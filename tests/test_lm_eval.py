@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, VOCAB, prune_quiet
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import hf_snp
 from hf_snp.cli import main

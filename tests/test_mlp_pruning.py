@@ -11,7 +11,6 @@ from conftest import (
     sparsity_removing, tiny_llama, tiny_opt,
 )
 
-import hf_snp
 
 FAMILIES = ["llama", "opt"]
 COPIES = 12  # of 48 neurons

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import TINY, calibration_ids, logits, make_scaled_copies, prune_quiet, sparsity_removing, tiny_llama
 
-import hf_snp
 from hf_snp.api import RankDeficientCalibrationWarning
 
 
