@@ -19,6 +19,7 @@ from .calibration import is_text_calibration, load_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .allocation import Allocation, SiteCurve, WidthRules, allocate_global, nearest_steps
+from .blocks import block_params, choose_blocks, remove_blocks
 from .engine import StreamingEngine
 from .hub import push_folder
 from .loading import ModelSource, load_config, load_model, load_tokenizer
@@ -115,7 +116,7 @@ def preflight(adapter, shapes: PreTrainedModel, config: PruneConfig, rules: Widt
     """Checks on shapes only, before any weights load: reachable budgets, rank, budgets below one step."""
     layers = adapter.layers(shapes)
     sites = [site for i, layer in enumerate(layers) for site in adapter.sites(layer, i, config.targets, shapes.config, config.gqa_mode)]
-    for target in config.targets:
+    for target in (t for t in config.targets if t != "blocks"):
         own = [site for site in sites if site.kind == target]
         total = sum(site.num_params() for site in own)
         reachable = sum(site.params_removed(max(rules.allowed_steps(site))) for site in own)
@@ -126,7 +127,8 @@ def preflight(adapter, shapes: PreTrainedModel, config: PruneConfig, rules: Widt
                 f"but with min_width={config.min_width!r} and round_to={config.round_to!r} at most {reachable:,} "
                 f"({reachable / total:.0%}) can be removed; lower the sparsity or relax min_width / round_to"
             )
-    preflight_warnings(sites[: len(config.targets)], config, num_tokens)
+    if sites:
+        preflight_warnings(sites[: len(config.targets)], config, num_tokens)
 
 
 VOLATILE_CONFIG_KEYS = ("dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map")
@@ -300,16 +302,28 @@ def prune(
         checkpoint=checkpoint,
     )
     pass_start = time.perf_counter()
-    if config.resolved_allocation == "global":
+    blocks_report = None
+    if "blocks" in config.targets:
+        curves, plan = None, None
+        similarity = engine.score_blocks(calib)
+        params = [block_params(layer) for layer in adapter.layers(model)]
+        removed_blocks = choose_blocks(similarity, params, config.sparsity * sum(params))
+        remove_blocks(model, adapter, removed_blocks)
+        kept = [i for i in range(len(params)) if i not in set(removed_blocks)]
+        records = [{"layer": new, "source_layer": old} for new, old in enumerate(kept)]
+        blocks_report = {"similarity": [round(v, 6) for v in similarity], "removed": removed_blocks}
+        statistics_pass, cut_pass = time.perf_counter() - pass_start, 0.0
+    elif config.resolved_allocation == "global":
         curves = engine.collect_curves(calib, rules)
         plan = allocate_per_budget(curves, config)
         engine.steps_for = lambda site: plan.steps[(site.index, site.kind)]
     else:
         curves, plan = None, None
         engine.steps_for = lambda site: nearest_steps(site, uniform_target(site, config), rules)
-    statistics_pass = time.perf_counter() - pass_start
-    records = engine.run(calib)
-    cut_pass = time.perf_counter() - pass_start - statistics_pass
+    if blocks_report is None:
+        statistics_pass = time.perf_counter() - pass_start
+        records = engine.run(calib)
+        cut_pass = time.perf_counter() - pass_start - statistics_pass
     save_format = finalize_architecture(model, adapter, records)
     params_after = count_parameters(model)
     report = PruneReport({
@@ -328,6 +342,7 @@ def prune(
         "params_removed": params_before - params_after,
         "layers": records,
         "allocation": allocation_report(config, plan, curves),
+        **({"blocks": blocks_report} if blocks_report else {}),
         "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()},
                       "statistics_pass": round(statistics_pass, 4), "cut_pass": round(cut_pass, 4),
                       "total": round(time.perf_counter() - start, 4)},

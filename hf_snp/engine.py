@@ -165,6 +165,31 @@ class StreamingEngine:
         return SiteInputs(stats, plan, self.bias_available(site), site.consumer_linear.weight.detach(), key)
 
     @torch.no_grad()
+    def score_blocks(self, calib: CalibrationData) -> list[float]:
+        """Dense pass: each block's mean cosine similarity between its input and output hidden states."""
+        layers = self.adapter.layers(self.model)
+        with self.timer("capture"):
+            inputs = capture_block_inputs(self.model, layers[0], calib, self.batch_size, self.store, self.progress)
+        similarity = []
+        for block in tqdm(layers, desc="Scoring blocks (dense)", disable=not self.progress):
+            with self.timer("move"):
+                placement = BlockPlacement.bring(block, self.device)
+            total, count = 0.0, 0
+            with self.timer("block_scores"):
+                for item in inputs:
+                    hidden = item.hidden.to(self.device)
+                    out = block(hidden, **move(item.kwargs, self.device))
+                    cosine = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1).flatten()
+                    if item.token_mask is not None:
+                        cosine = cosine[item.token_mask.to(cosine.device)]
+                    total, count = total + float(cosine.sum()), count + cosine.numel()
+                    item.hidden = out.to(self.store)
+            similarity.append(total / max(count, 1))
+            with self.timer("move"):
+                placement.send_back(block)
+        return similarity
+
+    @torch.no_grad()
     def collect_curves(self, calib: CalibrationData, rules: WidthRules) -> list[SiteCurve]:
         """The dense statistics pass of global allocation: every site's removal costs, nothing cut."""
         layers = self.adapter.layers(self.model)
