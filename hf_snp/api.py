@@ -21,6 +21,7 @@ from .config import PruneConfig
 from .allocation import Allocation, SiteCurve, WidthRules, allocate_global, nearest_steps
 from .blocks import block_params, choose_blocks, remove_blocks
 from .engine import StreamingEngine
+from .search import search_blocks_and_units
 from .hub import push_folder
 from .loading import ModelSource, load_config, load_model, load_tokenizer
 from .methods import MethodOptions, get_method
@@ -210,13 +211,17 @@ def prune(
 
     Args:
         model: Hub id, local directory, ``.gguf`` path or ``"smollm2-demo"``; or a loaded
-            PreTrainedModel (pruned in place, accelerate placement and offload kept).
+            PreTrainedModel (pruned in place, accelerate placement and offload kept; with
+            "blocks" among several targets the candidates are pruned copies and the winner is
+            returned as ``result.model``).
         tokenizer: loaded from ``model`` when it is a string; needed for text calibration.
         method: ``"snp"`` (least-squares reconstruction), ``"vbp"`` (variance + mean shift)
             or ``"random"`` (baseline).
         sparsity: fraction of the targeted modules' parameters to remove, in [0, 1).
         targets: which units to prune: ``"mlp"`` (MLP neurons), ``"heads"`` (attention heads),
-            or both; each target loses ``sparsity`` of its parameters in every layer.
+            ``"blocks"`` (whole decoder blocks), or several. With "blocks" the budget is
+            ``sparsity`` of all decoder-layer parameters, and with unit targets as well, block
+            removal, unit removal and a mix are compared by final-state CKA (best kept).
         calibration: dataset name (``wikitext2``, ``c4``, ``wikitext2-local``), .txt/.jsonl
             path, list of strings, ``datasets.Dataset``, or LongTensor [N, L] of token ids.
         num_samples, seq_len, seed: calibration windows drawn from text sources.
@@ -283,6 +288,9 @@ def prune(
     config.validate(num_layers=len(adapter.layers(shapes)))
     preflight(adapter, shapes, config, rules, calib.num_tokens)
     checkpoint = None
+    if checkpoint_dir is not None and "blocks" in config.targets:
+        raise ValueError("checkpoint_dir / resume cover the per-block unit pruning; block pruning is one dense pass "
+                         "(plus the candidates' passes) and is not checkpointed: drop checkpoint_dir")
     if checkpoint_dir is not None:
         model_config = model_config if source is not None else model.config
         digest = fingerprint(config.to_dict(), architecture(model_config), calib.input_ids, calib.attention_mask)
@@ -296,14 +304,22 @@ def prune(
 
     params_before = count_parameters(model)
     options = MethodOptions(damping=damping, seed=seed, ordering=ordering, reconstruct=reconstruct)
-    engine = StreamingEngine(
-        model, adapter, get_method(method), options, config.targets, steps_for=None,
-        add_bias=add_bias, device=device, store=store, batch_size=batch_size, gqa_mode=gqa_mode, progress=progress,
-        checkpoint=checkpoint,
-    )
+
+    def make_engine(target_model, targets, with_checkpoint=None):
+        return StreamingEngine(
+            target_model, adapter, get_method(method), options, targets, steps_for=None, add_bias=add_bias, device=device,
+            store=store, batch_size=batch_size, gqa_mode=gqa_mode, progress=progress, checkpoint=with_checkpoint,
+        )
+
+    engine = make_engine(model, config.targets, checkpoint)
     pass_start = time.perf_counter()
     blocks_report = None
-    if "blocks" in config.targets:
+    if "blocks" in config.targets and len(config.targets) > 1:
+        curves, plan = None, None
+        best, blocks_report = search_blocks_and_units(model, adapter, make_engine, calib, config, rules)
+        model, records = best.model, best.records
+        statistics_pass, cut_pass = time.perf_counter() - pass_start, 0.0
+    elif "blocks" in config.targets:
         curves, plan = None, None
         similarity = engine.score_blocks(calib)
         params = [block_params(layer) for layer in adapter.layers(model)]

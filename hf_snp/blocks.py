@@ -3,6 +3,7 @@ redundant ones, and renumber what remains so the model (and its KV cache) stays 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -41,3 +42,22 @@ def remove_blocks(model: PreTrainedModel, adapter: ModelAdapter, indices: list[i
         values = getattr(config, field, None)
         if isinstance(values, list) and len(values) == len(layers):
             setattr(config, field, [v for i, v in enumerate(values) if i not in set(indices)])
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA between two sets of representations of the same tokens ([T, d] each)."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    cross = (y.T @ x).pow(2).sum()
+    return float(cross / ((x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()).clamp_min(1e-300))
+
+
+def token_sample(hidden: list[torch.Tensor], masks: list[torch.Tensor | None], limit: int = 8192) -> torch.Tensor:
+    """The final hidden states of the non-padding tokens, at most ``limit`` of them, evenly spaced."""
+    rows = []
+    for states, mask in zip(hidden, masks):
+        flat = states.reshape(-1, states.shape[-1]).float().cpu()
+        rows.append(flat if mask is None else flat[mask.cpu()])
+    tokens = torch.cat(rows)
+    if len(tokens) > limit:
+        tokens = tokens[torch.linspace(0, len(tokens) - 1, limit).long()]
+    return tokens

@@ -59,9 +59,6 @@ class PruneConfig:
         unknown = [t for t in self.targets if t not in SUPPORTED_TARGETS]
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
-        if "blocks" in self.targets and len(self.targets) > 1:
-            raise ValueError("blocks cannot yet be combined with mlp/heads in one run (the candidate search is not built); "
-                             "prune blocks and units in two calls")
         if self.allocation not in (None, "uniform", "global"):
             raise ValueError(f"unknown allocation {self.allocation!r}; choose 'uniform' or 'global'")
         if self.ordering not in ORDERINGS:

@@ -187,6 +187,7 @@ class StreamingEngine:
             similarity.append(total / max(count, 1))
             with self.timer("move"):
                 placement.send_back(block)
+        self.final_hidden = [(item.hidden, item.token_mask) for item in inputs]
         return similarity
 
     @torch.no_grad()
@@ -219,8 +220,11 @@ class StreamingEngine:
         return curves
 
     @torch.no_grad()
-    def run(self, calib: CalibrationData) -> list[dict]:
-        """Prune every block; returns one record per layer (each site's shape before and after)."""
+    def run(self, calib: CalibrationData, keep_final: bool = False) -> list[dict]:
+        """Prune every block; returns one record per layer (each site's shape before and after).
+
+        With ``keep_final`` the last block's outputs (the final hidden states of the pruned
+        model) stay in ``self.final_hidden``."""
         layers = self.adapter.layers(self.model)
         with self.timer("capture"):
             inputs = capture_block_inputs(self.model, layers[0], calib, self.batch_size, self.store, self.progress)
@@ -233,7 +237,9 @@ class StreamingEngine:
         bar = tqdm(range(len(records), len(layers)), desc=f"Pruning blocks ({self.method.name})", disable=not self.progress)
         for index in bar:
             last = index == len(layers) - 1
-            records.append(self._prune_block(layers[index], index, inputs, need_outputs=not last, records=records))
+            records.append(self._prune_block(layers[index], index, inputs, need_outputs=keep_final or not last, records=records))
+        if keep_final:
+            self.final_hidden = [(item.hidden, item.token_mask) for item in inputs]
         return records
 
     def _restore_block(self, block: nn.Module, index: int, record: dict, inputs: list[BlockInput]) -> None:

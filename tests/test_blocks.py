@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, logits, prune_quiet, sites_of
+from conftest import TINY, logits, make_scaled_copies, prune_quiet, sites_of
 from transformers import AutoModelForCausalLM
 
 from hf_snp import get_adapter
@@ -59,6 +59,37 @@ def test_cached_generation_after_block_removal():
     assert torch.equal(cached, uncached)
 
 
-def test_blocks_with_unit_targets_is_refused_until_the_candidate_search_exists():
-    with pytest.raises(ValueError, match="blocks cannot yet be combined with mlp/heads"):
-        prune_quiet(TINY["llama"](), targets=("mlp", "blocks"))
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_candidate_search_prefers_removing_an_identity_block(family):
+    model = TINY[family]()
+    make_identity_block(model, 1)
+    reference = logits(model)
+    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "heads", "blocks"), sparsity=one_block_sparsity(model))
+    blocks = result.report["blocks"]
+    names = [c["name"] for c in blocks["candidates"]]
+    assert blocks["chosen"] == "blocks" and blocks["removed"] == [1] and "units" in names
+    by_name = {c["name"]: c for c in blocks["candidates"]}
+    assert by_name["blocks"]["cka"] == pytest.approx(1.0, abs=1e-9) and by_name["units"]["cka"] < 1.0
+    assert (logits(result.model) - reference).abs().max() < 1e-5
+    assert result.model.config.num_hidden_layers == 3
+
+
+def test_candidate_search_prefers_units_when_the_redundancy_is_in_the_units(tmp_path):
+    model = TINY["llama"]()
+    make_scaled_copies(model, 12)  # every layer: 12 MLP neurons are copies of others
+    reference = logits(model)
+    site = sites_of(model, "mlp")[0]
+    total = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "blocks"), sparsity=4 * 12 * site.params_per_step() / total,
+                         output_dir=str(tmp_path / "out"))
+    blocks = result.report["blocks"]
+    assert blocks["chosen"] == "units" and blocks["removed"] == []
+    assert {c["name"] for c in blocks["candidates"]} >= {"blocks", "units"}
+    assert (logits(result.model) - reference).abs().max() < 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
+
+
+def test_block_pruning_is_not_checkpointed(tmp_path):
+    with pytest.raises(ValueError, match="block pruning .* is not checkpointed"):
+        prune_quiet(TINY["llama"](), targets=("blocks",), checkpoint_dir=str(tmp_path / "c"))
