@@ -1,0 +1,108 @@
+"""Ablations of SNP on SmolLM2-135M (mlp + heads): ordering, reconstruction, allocation, blocks.
+
+    python benchmarks/ablation.py [--sparsities 0.2,0.3,0.4] [--windows 16]
+
+Every row prunes a copy of the same dense model with the same calibration windows (the first
+WINDOWS x 512 tokens of the WikiText-2 validation text) and is evaluated on the first
+WINDOWS x 512 tokens of the test text. Writes benchmarks/results/ablation.md and ablation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+import hf_snp
+from hf_snp.calibration import packaged_text
+from hf_snp.evaluation import perplexity
+from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+ROWS = {  # label -> prune() options on top of method="snp", targets=("mlp", "heads")
+    "zca, uniform (default)": {},
+    "natural order": {"ordering": "natural"},
+    "random order": {"ordering": "random"},
+    "output-aware order": {"ordering": "output_aware"},
+    "no reconstruction": {"reconstruct": False},
+    "global allocation": {"allocation": "global"},
+    "with blocks (candidate search)": {"targets": ("mlp", "heads", "blocks")},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", default="0.2,0.3,0.4")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+
+    source = demo_model_source()
+    tokenizer = load_tokenizer(source)
+    dense = load_model(source, dtype=torch.float32)
+    ids = tokenizer(packaged_text("wikitext2-local"), return_tensors="pt").input_ids[0]
+    calib = ids[: args.windows * args.seq_len].view(args.windows, args.seq_len)
+    eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
+    dense_ppl = perplexity(dense, tokenizer, **eval_args)
+    print(f"dense: perplexity {dense_ppl:.2f}", flush=True)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    table: dict[str, dict[float, tuple[float, int, float]]] = {}
+    for label, options in ROWS.items():
+        for sparsity in sparsities:
+            kwargs = {"targets": ("mlp", "heads"), **options}
+            start = time.perf_counter()
+            result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", sparsity=sparsity, calibration=calib, progress=False, **kwargs)
+            seconds = time.perf_counter() - start
+            ppl = perplexity(result.model, tokenizer, **eval_args)
+            table.setdefault(label, {})[sparsity] = (ppl, result.report["params_after"], seconds)
+            extra = f" chosen {result.report['blocks']['chosen']}" if "blocks" in result.report else ""
+            print(f"{label:>32} {sparsity:.0%}: perplexity {ppl:9.2f}  params {result.report['params_after']:,}  {seconds:.0f} s{extra}", flush=True)
+            del result
+    write(args, table, dense_ppl, sparsities)
+
+
+def write(args, table, dense_ppl, sparsities) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    header = " | ".join(f"{s:.0%}" for s in sparsities)
+    lines = [
+        "# SNP ablations: SmolLM2-135M, mlp + heads, WikiText-2 perplexity",
+        "",
+        f"Calibration: first {args.windows} x {args.seq_len} tokens of the validation text (same for every row); evaluation: "
+        f"first {args.windows} x {args.seq_len} tokens of the test text; dense {dense_ppl:.2f}. CPU, fp32, GQA per_group.",
+        "",
+        f"Regenerate: `python benchmarks/ablation.py --sparsities {args.sparsities} --windows {args.windows}`",
+        "",
+        f"| variant | {header} |",
+        "| --- | " + " | ".join("---:" for _ in sparsities) + " |",
+    ]
+    for label, row in table.items():
+        lines.append(f"| {label} | " + " | ".join(f"{row[s][0]:.2f}" for s in sparsities) + " |")
+    lines += ["", "Parameters after and pruning seconds:", "", f"| variant | {header} |", "| --- | " + " | ".join("---:" for _ in sparsities) + " |"]
+    for label, row in table.items():
+        lines.append(f"| {label} | " + " | ".join(f"{row[s][1]:,} / {row[s][2]:.0f} s" for s in sparsities) + " |")
+    with open(os.path.join(RESULTS, "ablation.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, row in table.items():
+        ax.plot([s * 100 for s in sparsities], [row[s][0] for s in sparsities], marker="o", label=label)
+    ax.axhline(dense_ppl, color="grey", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of mlp + heads parameters (%)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("SNP ablations on SmolLM2-135M")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "ablation.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
