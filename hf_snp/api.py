@@ -69,6 +69,46 @@ def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed
         return None
 
 
+@dataclass
+class Passes:
+    """What the pruning passes produced."""
+
+    model: PreTrainedModel
+    records: list[dict]
+    statistics_pass: float = 0.0
+    cut_pass: float = 0.0
+    curves: list[SiteCurve] | None = None
+    plan: Allocation | None = None
+    blocks: dict | None = None
+
+
+def run_passes(engine: StreamingEngine, make_engine, model, adapter, calib, config: PruneConfig, rules: WidthRules) -> Passes:
+    """Blocks (alone, or the candidate search with units), or units with uniform or global allocation."""
+    start = time.perf_counter()
+    if "blocks" in config.targets and len(config.targets) > 1:
+        best, comparison = search_blocks_and_units(model, adapter, make_engine, calib, config, rules)
+        return Passes(best.model, best.records, statistics_pass=time.perf_counter() - start, blocks=comparison)
+    if "blocks" in config.targets:
+        similarity = engine.score_blocks(calib)
+        params = [block_params(layer) for layer in adapter.layers(model)]
+        removed = choose_blocks(similarity, params, config.sparsity * sum(params))
+        remove_blocks(model, adapter, removed)
+        kept = [i for i in range(len(params)) if i not in set(removed)]
+        records = [{"layer": new, "source_layer": old} for new, old in enumerate(kept)]
+        return Passes(model, records, statistics_pass=time.perf_counter() - start,
+                      blocks={"similarity": [round(v, 6) for v in similarity], "removed": removed})
+    curves, plan = None, None
+    if config.resolved_allocation == "global":
+        curves = engine.collect_curves(calib, rules)
+        plan = allocate_per_budget(curves, config)
+        engine.steps_for = lambda site: plan.steps[(site.index, site.kind)]
+    else:
+        engine.steps_for = lambda site: nearest_steps(site, uniform_target(site, config), rules)
+    statistics_pass = time.perf_counter() - start
+    records = engine.run(calib)
+    return Passes(model, records, statistics_pass, time.perf_counter() - start - statistics_pass, curves, plan)
+
+
 def shape_model(model_config, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model built on the meta device: its shapes, no weights (for checks before loading)."""
     from transformers import AutoModelForCausalLM
@@ -312,34 +352,8 @@ def prune(
         )
 
     engine = make_engine(model, config.targets, checkpoint)
-    pass_start = time.perf_counter()
-    blocks_report = None
-    if "blocks" in config.targets and len(config.targets) > 1:
-        curves, plan = None, None
-        best, blocks_report = search_blocks_and_units(model, adapter, make_engine, calib, config, rules)
-        model, records = best.model, best.records
-        statistics_pass, cut_pass = time.perf_counter() - pass_start, 0.0
-    elif "blocks" in config.targets:
-        curves, plan = None, None
-        similarity = engine.score_blocks(calib)
-        params = [block_params(layer) for layer in adapter.layers(model)]
-        removed_blocks = choose_blocks(similarity, params, config.sparsity * sum(params))
-        remove_blocks(model, adapter, removed_blocks)
-        kept = [i for i in range(len(params)) if i not in set(removed_blocks)]
-        records = [{"layer": new, "source_layer": old} for new, old in enumerate(kept)]
-        blocks_report = {"similarity": [round(v, 6) for v in similarity], "removed": removed_blocks}
-        statistics_pass, cut_pass = time.perf_counter() - pass_start, 0.0
-    elif config.resolved_allocation == "global":
-        curves = engine.collect_curves(calib, rules)
-        plan = allocate_per_budget(curves, config)
-        engine.steps_for = lambda site: plan.steps[(site.index, site.kind)]
-    else:
-        curves, plan = None, None
-        engine.steps_for = lambda site: nearest_steps(site, uniform_target(site, config), rules)
-    if blocks_report is None:
-        statistics_pass = time.perf_counter() - pass_start
-        records = engine.run(calib)
-        cut_pass = time.perf_counter() - pass_start - statistics_pass
+    passes = run_passes(engine, make_engine, model, adapter, calib, config, rules)
+    model, records = passes.model, passes.records
     save_format = finalize_architecture(model, adapter, records)
     params_after = count_parameters(model)
     report = PruneReport({
@@ -357,10 +371,10 @@ def prune(
         "params_after": params_after,
         "params_removed": params_before - params_after,
         "layers": records,
-        "allocation": allocation_report(config, plan, curves),
-        **({"blocks": blocks_report} if blocks_report else {}),
+        "allocation": allocation_report(config, passes.plan, passes.curves),
+        **({"blocks": passes.blocks} if passes.blocks else {}),
         "timings_s": {**{k: round(v, 4) for k, v in engine.timer.seconds.items()},
-                      "statistics_pass": round(statistics_pass, 4), "cut_pass": round(cut_pass, 4),
+                      "statistics_pass": round(passes.statistics_pass, 4), "cut_pass": round(passes.cut_pass, 4),
                       "total": round(time.perf_counter() - start, 4)},
         "metrics": {},
     })
