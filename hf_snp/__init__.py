@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the hf_snp model types with the Auto classes)
 from .adapters import get_adapter, register_adapter, supported_families  # noqa: E402
-from .api import PruneResult, count_parameters, prune  # noqa: E402
+from .api import PruneResult, prune  # noqa: E402
+from .sites import count_parameters  # noqa: E402
 from .calibration import CalibrationData, load_calibration  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .evaluation import perplexity  # noqa: E402

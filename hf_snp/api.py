@@ -19,9 +19,10 @@ from .calibration import is_text_calibration, load_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .allocation import Allocation, SiteCurve, WidthRules, allocate_global, nearest_steps
-from .blocks import block_params, choose_blocks, remove_blocks
+from .blocks import choose_blocks, remove_blocks
 from .engine import StreamingEngine
 from .search import search_blocks_and_units
+from .sites import count_parameters
 from .hub import push_folder
 from .loading import ModelSource, load_config, load_model, load_tokenizer
 from .methods import MethodOptions, get_method
@@ -51,11 +52,6 @@ class PruneResult:
             target = os.path.join(staging, "model")
             self.save(target)
             return push_folder(target, repo_id, private=private, token=token)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once), offloaded ones included."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed: bool):
@@ -90,7 +86,7 @@ def run_passes(engine: StreamingEngine, make_engine, model, adapter, calib, conf
         return Passes(best.model, best.records, statistics_pass=time.perf_counter() - start, blocks=comparison)
     if "blocks" in config.targets:
         similarity = engine.score_blocks(calib)
-        params = [block_params(layer) for layer in adapter.layers(model)]
+        params = [count_parameters(layer) for layer in adapter.layers(model)]
         removed = choose_blocks(similarity, params, config.sparsity * sum(params))
         remove_blocks(model, adapter, removed)
         kept = [i for i in range(len(params)) if i not in set(removed)]
@@ -169,7 +165,7 @@ def preflight(adapter, shapes: PreTrainedModel, config: PruneConfig, rules: Widt
                 f"({reachable / total:.0%}) can be removed; lower the sparsity or relax min_width / round_to"
             )
     if sites:
-        preflight_warnings(sites[: len(config.targets)], config, num_tokens)
+        preflight_warnings(sites[: len(config.targets)], config, rules, num_tokens)
 
 
 VOLATILE_CONFIG_KEYS = ("dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map")
@@ -180,7 +176,7 @@ def architecture(model_config) -> dict:
     return {k: v for k, v in model_config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS and not k.startswith("_")}
 
 
-def preflight_warnings(sites, config: PruneConfig, num_tokens: int) -> None:
+def preflight_warnings(sites, config: PruneConfig, rules: WidthRules, num_tokens: int) -> None:
     """Warn (before the long work) about rank-deficient statistics and budgets too small for one step."""
     widest = max(sites, key=lambda site: site.num_units)
     if num_tokens < widest.num_units:
@@ -189,7 +185,7 @@ def preflight_warnings(sites, config: PruneConfig, num_tokens: int) -> None:
               f"least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering and "
               f"reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
     for site in sites if config.resolved_allocation == "uniform" else []:
-        if config.sparsity > 0 and site.steps_for_sparsity(config.target_sparsity(site.kind)) == 0:
+        if config.sparsity > 0 and nearest_steps(site, config.target_sparsity(site.kind) * site.num_params(), rules) == 0:
             step = site.params_removed(1) / site.num_params()
             _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: one removal step "
                                f"takes {step:.0%} of a layer's {site.kind} parameters; raise the sparsity for this target")

@@ -10,10 +10,6 @@ from transformers import PreTrainedModel
 from .adapters import ModelAdapter
 
 
-def block_params(layer: nn.Module) -> int:
-    return sum(p.numel() for p in layer.parameters())
-
-
 def choose_blocks(similarity: list[float], params: list[int], budget: float) -> list[int]:
     """The most input-preserving blocks (highest cosine first) whose total comes nearest the budget."""
     order = sorted(range(len(similarity)), key=lambda i: (-similarity[i], i))

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from .methods import METHODS, ORDERINGS
+from .sites import GQA_MODES
 
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks")
-GQA_MODES = ("per_group", "kv_groups")
 
 
 @dataclass

@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from .api import count_parameters, prune
+from .api import prune
+from .sites import count_parameters
 from .evaluation import perplexity
 from .loading import demo_model_source, load_model, load_tokenizer
 from .saving import prepare_output_dir

@@ -16,9 +16,10 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .allocation import WidthRules, allocate_global, nearest_steps
-from .blocks import block_params, choose_blocks, linear_cka, remove_blocks, token_sample
+from .blocks import choose_blocks, linear_cka, remove_blocks, token_sample
 from .calibration import CalibrationData
 from .config import PruneConfig
+from .sites import count_parameters
 
 
 @dataclass
@@ -34,20 +35,16 @@ class Candidate:
         return {"name": self.name, "blocks_removed": self.blocks, "params_removed": self.params_removed, "cka": round(self.cka, 6)}
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, make_engine: Callable, calib: CalibrationData,
                             config: PruneConfig, rules: WidthRules) -> tuple[Candidate, dict]:
     """Prune copies of ``model`` three ways at one budget; return the best candidate and the comparison."""
     dense = make_engine(model, ())
     similarity = dense.score_blocks(calib)
     reference = token_sample(*zip(*dense.final_hidden))
-    params = [block_params(layer) for layer in adapter.layers(model)]
+    params = [count_parameters(layer) for layer in adapter.layers(model)]
     budget = config.sparsity * sum(params)
     unit_targets = tuple(t for t in config.targets if t != "blocks")
-    dense_count = _count(model)
+    dense_count = count_parameters(model)
     candidates: list[Candidate] = []
     for name, block_budget in (("blocks", budget), ("units", 0.0), ("mixed", budget / 2)):
         blocks = choose_blocks(similarity, params, block_budget) if block_budget else []
@@ -69,7 +66,7 @@ def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, make_engine
         kept = [i for i in range(len(params)) if i not in set(blocks)]
         candidate.records = [{**r, "source_layer": kept[r["layer"]]} for r in engine.run(calib, keep_final=True)]
         candidate.cka = linear_cka(reference, token_sample(*zip(*engine.final_hidden)))
-        candidate.params_removed = dense_count - _count(candidate.model)
+        candidate.params_removed = dense_count - count_parameters(candidate.model)
         candidates.append(candidate)
     best = max(candidates, key=lambda c: c.cka)
     comparison = {"similarity": [round(v, 6) for v in similarity], "removed": best.blocks, "chosen": best.name,

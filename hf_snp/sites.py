@@ -13,15 +13,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .methods import Decision, RemovalPlan, select_by_score
+from .methods import Decision, RemovalPlan, group_units, select_by_score
 from .models.modeling_hf_snp import AttentionLayout, MlpLayout, make_empty_attention
 from .surgery import fold_into_consumer, keep_rows
 
 GQA_MODES = ("per_group", "kv_groups")
 
 
-def _params(*linears: nn.Linear) -> int:
-    return sum(p.numel() for lin in linears for p in lin.parameters())
+def count_parameters(*modules: nn.Module) -> int:
+    """Distinct parameters of the modules (tied weights counted once; offloaded ones included)."""
+    return sum(p.numel() for module in modules for p in module.parameters())
 
 
 def _row_params(linear: nn.Linear, rows: int) -> int:
@@ -72,13 +73,6 @@ class Site:
     def params_removed(self, steps: int) -> int:
         """Parameters that ``steps`` removal steps take out of the site."""
         return steps * self.params_per_step()
-
-    def steps_for_sparsity(self, sparsity: float) -> int:
-        """The step count whose removed parameters come nearest ``sparsity`` of the site's (fewer on ties)."""
-        target = sparsity * self.num_params()
-        estimate = round(target / self.params_per_step())
-        candidates = {max(0, min(estimate + delta, self.max_steps())) for delta in (-1, 0, 1)}
-        return min(candidates, key=lambda steps: (abs(self.params_removed(steps) - target), steps))
 
     def apply(self, decision: Decision) -> None:
         raise NotImplementedError
@@ -134,7 +128,7 @@ class MlpSite(Site):
         return sum(_row_params(lin, 1) for lin in self.producer_linears) + self.consumer_linear.out_features
 
     def num_params(self) -> int:
-        return _params(*self.producer_linears, self.consumer_linear)
+        return count_parameters(*self.producer_linears, self.consumer_linear)
 
     def apply(self, decision: Decision) -> None:
         for producer in self.producer_linears:
@@ -206,13 +200,16 @@ class HeadSite(Site):
     def max_steps(self) -> int:
         return self.heads_per_kv if self.mode == "per_group" else self.num_kv_heads
 
+    @property
+    def query_heads_per_step(self) -> int:
+        return {"mha": 1, "kv_groups": self.heads_per_kv, "per_group": self.num_kv_heads}[self.mode]
+
     def width_after(self, steps: int) -> int:
-        per_step = {"mha": 1, "kv_groups": self.heads_per_kv, "per_group": self.num_kv_heads}[self.mode]
-        return self.num_heads - steps * per_step
+        return self.num_heads - steps * self.query_heads_per_step
 
     def params_per_step(self) -> int:
         q, k, v, o = (self._linear(n) for n in (self.layout.q, self.layout.k, self.layout.v, self.layout.o))
-        query_heads = {"mha": 1, "kv_groups": self.heads_per_kv, "per_group": self.num_kv_heads}[self.mode]
+        query_heads = self.query_heads_per_step
         kv_heads = 0 if self.mode == "per_group" else 1
         d = self.head_dim
         return _row_params(q, query_heads * d) + query_heads * d * o.out_features + _row_params(k, kv_heads * d) + _row_params(v, kv_heads * d)
@@ -220,12 +217,12 @@ class HeadSite(Site):
     def params_removed(self, steps: int) -> int:
         removed = steps * self.params_per_step()
         if self.mode == "per_group" and steps == self.max_steps():  # no query head left: k and v go too
-            removed += sum(_params(self._linear(n)) for n in (self.layout.k, self.layout.v))
+            removed += count_parameters(self._linear(self.layout.k), self._linear(self.layout.v))
         return removed
 
     def num_params(self) -> int:
         names = (self.layout.q, self.layout.k, self.layout.v, self.layout.o)
-        return _params(*(lin for lin in (self._linear(n) for n in names) if lin is not None))
+        return count_parameters(*(lin for lin in (self._linear(n) for n in names) if lin is not None))
 
     def apply(self, decision: Decision) -> None:
         removed = set(decision.removed_groups)
@@ -244,7 +241,7 @@ class HeadSite(Site):
             make_empty_attention(self.layer, self.layout, output, self.head_dim)
             return
         for name, heads in ((self.layout.q, keep_q), (self.layout.k, keep_kv), (self.layout.v, keep_kv)):
-            keep_rows(self._linear(name), _head_rows(heads, self.head_dim))
+            keep_rows(self._linear(name), group_units(heads, self.head_dim))
         self.layout.set_head_counts(self.attention, len(keep_q), len(keep_kv))
 
     def reshape_like(self, record: dict) -> None:
@@ -257,7 +254,3 @@ class HeadSite(Site):
         return {"num_heads_before": self.heads_before, "num_heads": self.num_heads, "num_kv_heads_before": self.kv_heads_before,
                 "num_kv_heads": self.num_kv_heads, "attention_output_bias_added": self.bias_added}
 
-
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    heads_t = torch.tensor(heads, dtype=torch.long)
-    return (heads_t[:, None] * head_dim + torch.arange(head_dim)).flatten()

@@ -10,6 +10,12 @@ import torch
 from ..stats import SiteStatistics
 
 
+def group_units(groups: list[int], size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Unit indices of contiguous groups of ``size`` units (group g = units g*size .. g*size+size-1)."""
+    groups_t = torch.as_tensor(groups, dtype=torch.long, device=device).reshape(-1)
+    return (groups_t[:, None] * size + torch.arange(size, device=device)).flatten()
+
+
 @dataclass
 class RemovalPlan:
     """Which units may be removed together, and in what pattern.
@@ -34,8 +40,7 @@ class RemovalPlan:
         return [pool for _ in range(self.rounds) for pool in self.pools]
 
     def units(self, groups: list[int], device: torch.device | None = None) -> torch.Tensor:
-        groups_t = torch.as_tensor(groups, dtype=torch.long, device=device).reshape(-1)
-        return (groups_t[:, None] * self.group_size + torch.arange(self.group_size, device=device)).flatten()
+        return group_units(groups, self.group_size, device)
 
     def decision(self, removed_groups: list[int], device: torch.device, **kwargs) -> "Decision":
         keep, drop = split(self.num_units, self.units(removed_groups, device), device)
