@@ -9,6 +9,8 @@ from .sites import count_parameters  # noqa: E402
 from .calibration import CalibrationData, load_calibration  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .evaluation import perplexity  # noqa: E402
+from .accuracy import evaluate_accuracy  # noqa: E402
+from .images import ImageCalibrationData  # noqa: E402
 from .harness import lm_eval  # noqa: E402
 from .report import PruneReport  # noqa: E402
 from .methods import register_method  # noqa: E402
@@ -20,6 +22,8 @@ __all__ = [
     "PruneConfig",
     "PruneReport",
     "perplexity",
+    "evaluate_accuracy",
+    "ImageCalibrationData",
     "lm_eval",
     "CalibrationData",
     "load_calibration",

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .adapters import get_adapter
 from .calibration import is_text_calibration, load_calibration
+from .images import check_modality, load_image_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .allocation import Allocation, SiteCurve, WidthRules, allocate_global, nearest_steps
@@ -24,7 +25,7 @@ from .engine import StreamingEngine
 from .search import search_blocks_and_units
 from .sites import count_parameters
 from .hub import push_folder
-from .loading import ModelSource, load_config, load_model, load_tokenizer
+from .loading import ModelSource, load_config, load_image_processor, load_model, load_tokenizer
 from .methods import MethodOptions, get_method
 from .recipes import accepts_recipe
 from .report import SCHEMA_VERSION, PruneReport
@@ -40,9 +41,10 @@ class PruneResult:
     model: PreTrainedModel
     report: PruneReport
     tokenizer: Any = None
+    image_processor: Any = None
 
     def save(self, output_dir: str, overwrite: bool = False) -> None:
-        save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite)
+        save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite, image_processor=self.image_processor)
 
     def push_to_hub(self, repo_id: str, private: bool = False, folder: str | None = None, token: str | None = None) -> str:
         """Upload the pruned model with its tokenizer, report and model card; returns the commit URL."""
@@ -63,6 +65,25 @@ def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed
                              "pass tokenizer=... or token-id calibration") from error
         logger.info("no tokenizer loads from %s; calibration is token ids, so none is needed", source.path)
         return None
+
+
+def _image_processor_if_available(source: ModelSource, trust_remote_code: bool, needed: bool):
+    try:
+        return load_image_processor(source, trust_remote_code)
+    except (OSError, ValueError) as error:
+        if needed:
+            raise ValueError(f"image calibration needs the model's image processor, and none loads from {source.path!r} "
+                             f"({error}); pass image_processor=... or a pixel_values tensor") from error
+        logger.info("no image processor loads from %s; calibration is pixel values, so none is needed", source.path)
+        return None
+
+
+def load_calibration_for(adapter, model_config, calibration, tokenizer, image_processor, config: PruneConfig):
+    """Token windows for a text model, pixel values for an image model."""
+    if adapter.modality == "image":
+        return load_image_calibration(calibration, image_processor, config.num_samples, config.seed,
+                                      adapter.tokens_per_sample(model_config))
+    return load_calibration(calibration, tokenizer, config.num_samples, config.seq_len, config.seed)
 
 
 @dataclass
@@ -105,12 +126,12 @@ def run_passes(engine: StreamingEngine, make_engine, model, adapter, calib, conf
     return Passes(model, records, statistics_pass, time.perf_counter() - start - statistics_pass, curves, plan)
 
 
-def shape_model(model_config, trust_remote_code: bool = False) -> PreTrainedModel:
+def shape_model(model_config, auto_class: str = "AutoModelForCausalLM", trust_remote_code: bool = False) -> PreTrainedModel:
     """The model built on the meta device: its shapes, no weights (for checks before loading)."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        return getattr(transformers, auto_class).from_config(model_config, trust_remote_code=trust_remote_code)
 
 
 def uniform_target(site, config: PruneConfig) -> float:
@@ -200,6 +221,10 @@ class RankDeficientCalibrationWarning(UserWarning):
     """Calibration tokens are fewer than the units of a site."""
 
 
+def _is_pixel_values(spec: Any) -> bool:
+    return isinstance(spec, torch.Tensor) or (isinstance(spec, dict) and "pixel_values" in spec)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -218,6 +243,7 @@ def prune(
     device: str | torch.device | None = None,
     output_dir: str | None = None,
     *,
+    image_processor: Any = None,
     batch_size: int = 8,
     damping: float = 1e-6,
     add_bias: bool | None = None,
@@ -251,6 +277,8 @@ def prune(
             "blocks" among several targets the candidates are pruned copies and the winner is
             returned as ``result.model``).
         tokenizer: loaded from ``model`` when it is a string; needed for text calibration.
+        image_processor: for ViT/DeiT, turns calibration images into pixel values; loaded from
+            ``model`` (``AutoImageProcessor``) when it is a string; saved with the result.
         method: ``"snp"`` (least-squares reconstruction), ``"vbp"`` (variance + mean shift)
             or ``"random"`` (baseline).
         sparsity: fraction of the targeted modules' parameters to remove, in [0, 1).
@@ -258,8 +286,11 @@ def prune(
             ``"blocks"`` (whole decoder blocks), or several. With "blocks" the budget is
             ``sparsity`` of all decoder-layer parameters, and with unit targets as well, block
             removal, unit removal and a mix are compared by final-state CKA (best kept).
-        calibration: dataset name (``wikitext2``, ``c4``, ``wikitext2-local``), .txt/.jsonl
-            path, list of strings, ``datasets.Dataset``, or LongTensor [N, L] of token ids.
+        calibration: text models: dataset name (``wikitext2``, ``c4``, ``wikitext2-local``),
+            .txt/.jsonl path, list of strings, ``datasets.Dataset``, or LongTensor [N, L] of token
+            ids. Image models: a ``datasets.Dataset`` with an image column, a folder of images, a
+            list of PIL images, a pixel_values tensor [N, C, H, W], or a Hub dataset id
+            ("name" or "name:split"); ``num_samples`` images are drawn (seeded).
         num_samples, seq_len, seed: calibration windows drawn from text sources.
         device: execution device for each block (default: the GPU when there is one).
         output_dir: when set, save model, tokenizer and ``hf_snp_report.json`` there.
@@ -313,14 +344,19 @@ def prune(
         source = ModelSource.parse(model, gguf_file)
         model_config = load_config(source, trust_remote_code)
         adapter = get_adapter(model_config)
-        if tokenizer is None:
+        check_modality(calibration, adapter.modality, adapter.family)
+        if adapter.modality == "image" and image_processor is None:
+            image_processor = _image_processor_if_available(source, trust_remote_code, needed=not _is_pixel_values(calibration))
+        if adapter.modality == "text" and tokenizer is None:
             tokenizer = _tokenizer_if_available(source, trust_remote_code, needed=is_text_calibration(calibration))
     elif isinstance(model, PreTrainedModel):
+        model_config = model.config
         adapter = get_adapter(model.config)
+        check_modality(calibration, adapter.modality, adapter.family)
     else:
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
-    calib = load_calibration(calibration, tokenizer, num_samples, seq_len, seed)
-    shapes = shape_model(model_config, trust_remote_code) if source is not None else model
+    calib = load_calibration_for(adapter, model_config, calibration, tokenizer, image_processor, config)
+    shapes = shape_model(model_config, adapter.auto_class, trust_remote_code) if source is not None else model
     config.validate(num_layers=len(adapter.layers(shapes)))
     preflight(adapter, shapes, config, rules, calib.num_tokens)
     checkpoint = None
@@ -328,13 +364,12 @@ def prune(
         raise ValueError("checkpoint_dir / resume cover the per-block unit pruning; block pruning is one dense pass "
                          "(plus the candidates' passes) and is not checkpointed: drop checkpoint_dir")
     if checkpoint_dir is not None:
-        model_config = model_config if source is not None else model.config
-        digest = fingerprint(config.to_dict(), architecture(model_config), calib.input_ids, calib.attention_mask)
+        digest = fingerprint(config.to_dict(), architecture(model_config), *calib.tensors())
         checkpoint = Checkpoint.open(checkpoint_dir, digest, resume)
     elif resume:
         raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
     if source is not None:
-        model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code)
+        model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code, adapter.auto_class)
     device = torch.device(device) if device is not None else default_device()
     store = torch.device(activation_device) if activation_device is not None else device
 
@@ -375,7 +410,7 @@ def prune(
         "metrics": {},
     })
     logger.info("pruned %s: %d -> %d parameters", report["base_model"], params_before, params_after)
-    result = PruneResult(model, report, tokenizer)
+    result = PruneResult(model, report, tokenizer, image_processor)
     if output_dir is not None:
         result.save(output_dir, overwrite=overwrite)
     if push_to_hub is not None:

@@ -26,7 +26,7 @@ def remove_blocks(model: PreTrainedModel, adapter: ModelAdapter, indices: list[i
     """Delete decoder blocks in place and fix the config's per-layer fields and the layers' cache indices."""
     layers = adapter.layers(model)
     kept = [layer for i, layer in enumerate(layers) if i not in set(indices)]
-    parent_path, name = adapter.layers_path.rsplit(".", 1)
+    parent_path, name = adapter.layers_path_of(model).rsplit(".", 1)
     setattr(model.get_submodule(parent_path), name, nn.ModuleList(kept))
     for new_index, layer in enumerate(kept):
         for module in layer.modules():

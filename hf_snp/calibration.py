@@ -48,9 +48,14 @@ class CalibrationData:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def batches(self, batch_size: int):
+    def model_batches(self, batch_size: int):
+        """(forward kwargs, token mask) per batch; the mask is None when no token is padding."""
         for start in range(0, self.num_samples, batch_size):
-            yield self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
+            ids, mask = self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
+            yield {"input_ids": ids, "attention_mask": mask, "use_cache": False}, None if bool(mask.all()) else mask.bool().flatten()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask
 
 
 def packaged_text(name: str = "wikitext2-local") -> str:
@@ -104,6 +109,8 @@ def resolve_texts(spec: Any) -> tuple[list[str], str]:
             return _hub_texts(spec), spec
         if spec in PACKAGED:
             return [packaged_text(spec)], spec
+        if os.path.isdir(spec):
+            raise CalibrationError(f"calibration {spec!r} is a folder without images; give a .txt/.jsonl file for text")
         if os.path.exists(spec):
             return _file_texts(spec), os.path.basename(spec)
         raise CalibrationError(

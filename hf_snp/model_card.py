@@ -22,11 +22,16 @@ def _compact_widths(report: PruneReport, column: str) -> str | None:
     return ", ".join(str(v) for v in values)
 
 
+IMAGE_TYPES = ("vit", "deit")
+
+
 def model_card(report: PruneReport, repo_id: str | None = None) -> str:
     """README.md text: YAML front matter (base_model, library_name, tags) and a summary."""
     base = report.get("base_model")
     method = report.get("method", "")
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    image = str(report.get("model_type", "")).removeprefix("hf_snp_") in IMAGE_TYPES
+    auto, preprocessor = ("AutoModelForImageClassification", "AutoImageProcessor") if image else ("AutoModelForCausalLM", "AutoTokenizer")
+    front = ["---", "library_name: transformers", f"pipeline_tag: {'image-classification' if image else 'text-generation'}"]
     if base and "/" in str(base) and not str(base).startswith(("/", ".")):
         front.append(f"base_model: {base}")
     front += ["tags:", "- hf_snp", "- pruning", "- structured-pruning", f"- {method}", "---", ""]
@@ -51,16 +56,16 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
             body.append(f"| {label} | {widths} |")
     for name, value in report.get("metrics", {}).items():
         body.append(f"| {name.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
-    load = "AutoModelForCausalLM.from_pretrained(repo)" if stock else "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)"
+    load = f"{auto}.from_pretrained(repo)" if stock else f"{auto}.from_pretrained(repo, trust_remote_code=True)"
     body += [
         "",
         "## How to load",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"from transformers import {auto}, {preprocessor}",
         f"repo = {repo_id or 'PATH_OR_REPO'!r}",
         f"model = {load}",
-        "tokenizer = AutoTokenizer.from_pretrained(repo)",
+        f"{'image_processor' if image else 'tokenizer'} = {preprocessor}.from_pretrained(repo)",
         "```",
         "",
         "It is a stock transformers checkpoint: every tool that knows the architecture loads it."

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from .adapters import ModelAdapter
 from .model_card import model_card
-from .models import CAUSAL_LM_TYPES
+from .models import HF_SNP_TYPES, hf_snp_class_for
 from .report import REPORT_NAME, PruneReport
 
 
@@ -67,7 +67,8 @@ def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records
         if heads_changed:
             adapter.set_uniform_heads(config, heads, kv_heads)
         return "hf_snp" if config.model_type.startswith("hf_snp_") else "stock"
-    config_cls, model_cls = CAUSAL_LM_TYPES[base_model_type(config.model_type)]
+    config_cls = HF_SNP_TYPES[base_model_type(config.model_type)][0]
+    model_cls = hf_snp_class_for(model)
     if getattr(config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
         config.head_dim = adapter.head_dim(config)
     config.__class__ = config_cls  # a subclass of the stock config: every field stays valid
@@ -85,16 +86,19 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
         raise FileExistsError(f"output path {output_dir!r} exists and is not a directory")
 
 
-def save_pruned(model: PreTrainedModel, tokenizer, report: dict, output_dir: str, overwrite: bool = False) -> None:
-    """Save weights (safetensors), config, code files of an hf_snp type, tokenizer and report atomically."""
+def save_pruned(model: PreTrainedModel, tokenizer, report: dict, output_dir: str, overwrite: bool = False,
+                image_processor=None) -> None:
+    """Save weights (safetensors), config, code files of an hf_snp type, tokenizer or image processor,
+    and the report, atomically."""
     prepare_output_dir(output_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".hf_snp_tmp_", dir=parent)
     try:
         model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        for preprocessor in (tokenizer, image_processor):
+            if preprocessor is not None:
+                preprocessor.save_pretrained(staging)
         with open(os.path.join(staging, REPORT_NAME), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, ViTConfig, ViTForImageClassification,
 )
 
 import hf_snp
@@ -66,6 +67,49 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 
 
 TINY = {"llama": tiny_llama, "opt": tiny_opt, "mistral": tiny_mistral, "qwen2": tiny_qwen2}
+
+IMAGE = 16  # tiny vision models: 16x16 RGB inputs, patch 4 -> 16 patch tokens
+
+
+def _vision_config(config_cls, **overrides):
+    return config_cls(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=48, num_labels=7, initializer_range=0.2, **overrides)
+
+
+@torch.no_grad()
+def _vision_biases(model):
+    """Stock init zeroes biases and the CLS/distillation tokens; give them values so every token differs."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or "token" in name or "position" in name:
+            param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def tiny_vit(seed: int = 0, **overrides) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    return _vision_biases(ViTForImageClassification(_vision_config(ViTConfig, **overrides)))
+
+
+def tiny_deit(seed: int = 0, **overrides) -> DeiTForImageClassification:
+    torch.manual_seed(seed)
+    return _vision_biases(DeiTForImageClassification(_vision_config(DeiTConfig, **overrides)))
+
+
+def tiny_deit_teacher(seed: int = 0, **overrides) -> DeiTForImageClassificationWithTeacher:
+    torch.manual_seed(seed)
+    return _vision_biases(DeiTForImageClassificationWithTeacher(_vision_config(DeiTConfig, **overrides)))
+
+
+TINY_VISION = {"vit": tiny_vit, "deit": tiny_deit, "deit-teacher": tiny_deit_teacher}
+
+
+def pixel_values(num: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randn(num, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def image_logits(model, pixels=None) -> torch.Tensor:
+    return model(pixel_values=pixel_values(4, seed=7) if pixels is None else pixels).logits
 
 
 def calibration_ids(num: int = 16, length: int = 24, seed: int = 1) -> torch.Tensor:

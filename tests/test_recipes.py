@@ -22,7 +22,7 @@ CONFIG_FIELDS = set(PruneConfig.__dataclass_fields__)
 
 def test_there_are_recipes_for_each_family():
     names = " ".join(os.path.basename(r) for r in RECIPES)
-    for family in ("opt", "llama", "smollm2", "qwen2", "mistral"):
+    for family in ("opt", "llama", "smollm2", "qwen2", "mistral", "deit"):
         assert family in names
 
 

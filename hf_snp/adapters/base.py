@@ -17,14 +17,23 @@ class ModelAdapter:
 
     family: str = ""
     model_types: tuple[str, ...] = ()
-    layers_path: str = ""  # dotted path of the decoder-layer ModuleList
+    layers_path: str = ""  # dotted path of the transformer-layer ModuleList ("{prefix}": base_model_prefix)
+    modality: str = "text"  # what calibration feeds the model: "text" (token ids) or "image" (pixel values)
+    auto_class: str = "AutoModelForCausalLM"  # the transformers Auto class that loads the family
     mlp: MlpLayout
     attention_layout: AttentionLayout
     mlp_width_field: str = ""  # config field holding the (uniform) MLP width
     stock_head_pruning: bool = False  # can the stock config express fewer (uniform) heads?
 
+    def layers_path_of(self, model: PreTrainedModel) -> str:
+        return self.layers_path.format(prefix=getattr(model, "base_model_prefix", ""))
+
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return model.get_submodule(self.layers_path)
+        return model.get_submodule(self.layers_path_of(model))
+
+    def tokens_per_sample(self, config: PretrainedConfig) -> int | None:
+        """Tokens one calibration sample holds when the family fixes it (images); None for text."""
+        return None
 
     def head_dim(self, config: PretrainedConfig) -> int:
         return config.hidden_size // config.num_attention_heads

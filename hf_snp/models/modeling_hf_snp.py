@@ -4,9 +4,10 @@ Each class subclasses a stock transformers class and only resizes per-layer modu
 the stock ``__init__``: the weights keep the stock key names. This file travels with every
 checkpoint saved in the hf_snp format (``register_for_auto_class``), so it must import
 nothing but torch and transformers: ``AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)`` works where hf_snp is not installed.
+trust_remote_code=True)`` (``AutoModelForImageClassification`` for ViT/DeiT) works where
+hf_snp is not installed.
 
-``config.hf_snp_layers`` holds one dict per decoder layer. Known keys (missing = stock):
+``config.hf_snp_layers`` holds one dict per transformer layer. Known keys (missing = stock):
 
 * ``intermediate_size``: MLP width of that layer.
 * ``mlp_output_bias``: the MLP output projection has a bias (added by mean-shift folding).
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -30,6 +34,8 @@ from transformers import (
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 
@@ -59,14 +65,18 @@ class AttentionLayout:
             attention.num_key_value_groups = num_heads // max(num_kv_heads, 1)
         if hasattr(attention, "num_heads"):
             attention.num_heads = num_heads
+        if hasattr(attention, "num_attention_heads"):
+            attention.num_attention_heads = num_heads
         if hasattr(attention, "num_key_value_heads"):
             attention.num_key_value_heads = num_kv_heads
 
 
 LLAMA_MLP = MlpLayout("mlp", ("gate_proj", "up_proj"), "down_proj")
 OPT_MLP = MlpLayout("", ("fc1",), "fc2")
+VIT_MLP = MlpLayout("mlp", ("fc1",), "fc2")
 LLAMA_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
 OPT_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj")
+VIT_ATTENTION = AttentionLayout("attention", "q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class EmptyAttention(nn.Module):
@@ -210,10 +220,61 @@ class HfSnpOPTForCausalLM(OPTForCausalLM):
         apply_layer_specs(self.model.decoder.layers, config.hf_snp_layers, OPT_MLP, OPT_ATTENTION, head_dim)
 
 
-# stock model_type -> (hf_snp config class, hf_snp causal-LM class)
-CAUSAL_LM_TYPES = {
-    "llama": (HfSnpLlamaConfig, HfSnpLlamaForCausalLM),
-    "mistral": (HfSnpMistralConfig, HfSnpMistralForCausalLM),
-    "qwen2": (HfSnpQwen2Config, HfSnpQwen2ForCausalLM),
-    "opt": (HfSnpOPTConfig, HfSnpOPTForCausalLM),
+def vit_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class HfSnpViTConfig(ViTConfig):
+    model_type = "hf_snp_vit"
+    hf_snp_layers: list | None = None
+
+
+class HfSnpViTForImageClassification(ViTForImageClassification):
+    config_class = HfSnpViTConfig
+
+    def __init__(self, config: HfSnpViTConfig):
+        super().__init__(config)
+        apply_layer_specs(self.vit.layers, config.hf_snp_layers, VIT_MLP, VIT_ATTENTION, vit_head_dim(config))
+
+
+class HfSnpDeiTConfig(DeiTConfig):
+    model_type = "hf_snp_deit"
+    hf_snp_layers: list | None = None
+
+
+class HfSnpDeiTForImageClassification(DeiTForImageClassification):
+    config_class = HfSnpDeiTConfig
+
+    def __init__(self, config: HfSnpDeiTConfig):
+        super().__init__(config)
+        apply_layer_specs(self.deit.layers, config.hf_snp_layers, VIT_MLP, VIT_ATTENTION, vit_head_dim(config))
+
+
+class HfSnpDeiTForImageClassificationWithTeacher(DeiTForImageClassificationWithTeacher):
+    config_class = HfSnpDeiTConfig
+
+    def __init__(self, config: HfSnpDeiTConfig):
+        super().__init__(config)
+        apply_layer_specs(self.deit.layers, config.hf_snp_layers, VIT_MLP, VIT_ATTENTION, vit_head_dim(config))
+
+
+# stock model_type -> (hf_snp config class, hf_snp model classes, the Auto class that loads them).
+# Several classes (DeiT's two heads) are told apart by config.architectures, as transformers does.
+HF_SNP_TYPES = {
+    "llama": (HfSnpLlamaConfig, (HfSnpLlamaForCausalLM,), "AutoModelForCausalLM"),
+    "mistral": (HfSnpMistralConfig, (HfSnpMistralForCausalLM,), "AutoModelForCausalLM"),
+    "qwen2": (HfSnpQwen2Config, (HfSnpQwen2ForCausalLM,), "AutoModelForCausalLM"),
+    "opt": (HfSnpOPTConfig, (HfSnpOPTForCausalLM,), "AutoModelForCausalLM"),
+    "vit": (HfSnpViTConfig, (HfSnpViTForImageClassification,), "AutoModelForImageClassification"),
+    "deit": (HfSnpDeiTConfig, (HfSnpDeiTForImageClassification, HfSnpDeiTForImageClassificationWithTeacher),
+             "AutoModelForImageClassification"),
 }
+
+
+def hf_snp_class_for(model: nn.Module) -> type:
+    """The hf_snp class that stands in for ``model``'s stock class (or is already its class)."""
+    for _, classes, _ in HF_SNP_TYPES.values():
+        for cls in classes:
+            if type(model) is cls or type(model) is cls.__bases__[0]:
+                return cls
+    raise ValueError(f"hf_snp has no variable-width class for {type(model).__name__}")
