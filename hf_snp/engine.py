@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -121,12 +121,11 @@ def capture_block_inputs(
 
 
 @contextmanager
-def replay_outputs(module: nn.Module, outputs: list[torch.Tensor], device: torch.device):
-    """Make ``module`` return its cached outputs (one per call, in order) instead of running."""
-    queue = iter(outputs)
+def replay_outputs(module: nn.Module, next_output: Callable[[], Any]):
+    """Make ``module`` return ``next_output()`` (one call per forward, in order) instead of running."""
     had_instance_forward = "forward" in module.__dict__
     original = module.forward
-    module.forward = lambda *args, **kwargs: (next(queue).to(device), None)
+    module.forward = lambda *args, **kwargs: next_output()
     try:
         yield
     finally:
@@ -134,6 +133,9 @@ def replay_outputs(module: nn.Module, outputs: list[torch.Tensor], device: torch
             module.forward = original
         else:
             del module.forward
+
+
+REPLAY_LIMIT_BYTES = 2 * 2**30  # cache the MLP consumer's inputs for the second pass when they fit in this
 
 
 class StreamingEngine:
@@ -160,6 +162,7 @@ class StreamingEngine:
         self.device, self.store, self.batch_size, self.progress = device, store, batch_size, progress
         self.checkpoint = checkpoint
         self.timer = PhaseTimer(device)
+        self.replay_limit_bytes = REPLAY_LIMIT_BYTES
 
     def bias_available(self, site: Site) -> bool:
         if site.consumer_linear.bias is not None:
@@ -265,6 +268,30 @@ class StreamingEngine:
             if keep_outputs:
                 item.hidden = out.to(self.store)
 
+    def _mlp_replay_site(self, active: list, inputs: list[BlockInput]) -> Site | None:
+        """The MLP site whose consumer inputs are worth caching: its MLP is a module of its own and they fit."""
+        site = next((site for site, _ in active if site.kind == "mlp"), None)
+        if site is None or not self.adapter.mlp.parent:
+            return None
+        tokens = sum(item.hidden.shape[:-1].numel() for item in inputs)
+        return site if tokens * site.num_units * inputs[0].hidden.element_size() <= self.replay_limit_bytes else None
+
+    @contextmanager
+    def _replayed(self, attention: nn.Module, attention_cache: list, mlp_site: Site | None, mlp_cache: list, keep):
+        """Second pass: cached attention outputs; the cut MLP computed from its cached kept activations."""
+        if not attention_cache:
+            yield
+            return
+        attention_queue = iter(attention_cache)
+        with replay_outputs(attention, lambda: (next(attention_queue).to(self.device), None)):
+            if mlp_site is None:
+                yield
+                return
+            mlp_queue, consumer = iter(mlp_cache), mlp_site.consumer_linear
+            keep_index = keep.to(self.store)
+            with replay_outputs(mlp_site.parent, lambda: consumer(next(mlp_queue).index_select(-1, keep_index).to(self.device))):
+                yield
+
     def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool, records: list[dict]) -> dict:
         with self.timer("move"):
             placement = BlockPlacement.bring(block, self.device)
@@ -277,25 +304,30 @@ class StreamingEngine:
         else:
             stats = [SiteStatistics(f"{site.name} ({type(site.consumer_linear).__name__} input)", site.num_units, self.device) for site, _ in active]
             handles = [site.consumer_linear.register_forward_pre_hook(s.hook) for (site, _), s in zip(active, stats)]
-            # the attention output only changes when heads are cut: otherwise replay it in the second pass
+            # only MLP units cut: replay the attention output, and the MLP from its kept activations
             attention, attention_cache = self.adapter.attention(block), []
             replay = need_outputs and not any(site.kind == "heads" for site, _ in active)
+            mlp_site, mlp_cache = self._mlp_replay_site(active, inputs) if replay else None, []
             if replay:
                 handles.append(attention.register_forward_hook(lambda m, a, out: attention_cache.append(out[0].to(self.store))))
+            if mlp_site is not None:
+                handles.append(mlp_site.consumer_linear.register_forward_pre_hook(lambda m, a: mlp_cache.append(a[0].to(self.store))))
             try:
                 with self.timer("statistics"):
                     self._run_block(block, inputs, stats, keep_outputs=False)
             finally:
                 for handle in handles:
                     handle.remove()
+            keep = None
             for (site, n), site_stats in zip(active, stats):
                 with self.timer("decide"):
                     decision = self.method.decide(self.site_inputs(site, site_stats, site.plan(n)), self.options)
                 with self.timer("cut"):
                     site.apply(decision)
+                keep = decision.keep if site is mlp_site else keep
             del stats
             if need_outputs:
-                with self.timer("recompute"), (replay_outputs(attention, attention_cache, self.device) if replay else nullcontext()):
+                with self.timer("recompute"), self._replayed(attention, attention_cache, mlp_site, mlp_cache, keep):
                     self._run_block(block, inputs, [], keep_outputs=True)
         record = {"layer": index}
         for site in sites:

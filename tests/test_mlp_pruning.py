@@ -172,3 +172,23 @@ def test_other_llama_family_members_save_and_reload_in_both_formats(family, tmp_
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder)
         assert reloaded.config.model_type == model_type
         assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["snp", "vbp"])
+def test_second_pass_from_cached_mlp_activations_matches_recomputing(family, method, monkeypatch):
+    """The cut MLP replayed from its cached kept activations gives the next blocks the same inputs."""
+    import hf_snp.engine
+
+    model = TINY[family]()
+    chosen = []
+    original = hf_snp.engine.StreamingEngine._mlp_replay_site
+    monkeypatch.setattr(hf_snp.engine.StreamingEngine, "_mlp_replay_site",
+                        lambda self, *a: chosen.append(original(self, *a)) or chosen[-1])
+    replayed = prune_quiet(copy.deepcopy(model), method=method, sparsity=0.4)
+    assert len(chosen) == 3 and all(site is not None for site in chosen)  # every block but the last replays
+    monkeypatch.setattr(hf_snp.engine, "REPLAY_LIMIT_BYTES", 0)  # nothing fits: every block is run again
+    recomputed = prune_quiet(copy.deepcopy(model), method=method, sparsity=0.4)
+    for (name, a), (_, b) in zip(replayed.model.state_dict().items(), recomputed.model.state_dict().items()):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
+    assert torch.allclose(logits(replayed.model), logits(recomputed.model), atol=1e-5)
