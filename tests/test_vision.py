@@ -330,3 +330,25 @@ def test_a_hub_image_dataset_offline_fails_with_what_to_do_instead(monkeypatch):
     monkeypatch.setattr(hf_snp.images, "hub_reachable", lambda: False)
     with pytest.raises(CalibrationError, match="not reachable; give a local folder of images"):
         load_image_calibration("user/images", processor(), num_samples=5, seed=0, tokens_per_sample=17)
+
+
+def test_cli_prunes_a_deit_directory_with_a_folder_of_images_then_evaluates_it(tmp_path, capsys):
+    from hf_snp.cli import main
+
+    tiny_deit_teacher().save_pretrained(tmp_path / "dense")
+    processor().save_pretrained(tmp_path / "dense")
+    images = pil_images(8)
+    _write_folder(tmp_path / "calib", images)
+    _write_folder(tmp_path / "data", images, labels=[0, 1, 2, 3, 0, 1, 2, 3])
+    out = str(tmp_path / "out")
+    assert main(["prune", str(tmp_path / "dense"), "--calibration", str(tmp_path / "calib"), "--num-samples", "8",
+                 "--targets", "mlp,heads", "--sparsity", "0.3", "--out", out, "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["params_after"] < summary["params_before"] and summary["save_format"] == "stock"
+    assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--save", "--quiet"]) == 0
+    accuracy = json.loads(capsys.readouterr().out)["accuracy"]
+    assert accuracy["num_samples"] == 8
+    assert json.load(open(os.path.join(out, "hf_snp_report.json")))["metrics"]["accuracy"]["top1"] == accuracy["top1"]
+    # a text model's flags with an image task are refused with a message
+    assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--ppl", "wikitext2"]) == 2
+    assert "for language models" in capsys.readouterr().err
