@@ -56,25 +56,23 @@ class PruneResult:
             return push_folder(target, repo_id, private=private, token=token)
 
 
-def _tokenizer_if_available(source: ModelSource, trust_remote_code: bool, needed: bool):
-    try:
-        return load_tokenizer(source, trust_remote_code)
-    except (OSError, ValueError) as error:
-        if needed:
-            raise ValueError(f"text calibration needs a tokenizer, and none loads from {source.path!r} ({error}); "
-                             "pass tokenizer=... or token-id calibration") from error
-        logger.info("no tokenizer loads from %s; calibration is token ids, so none is needed", source.path)
-        return None
+# modality -> (loader, what it is, the argument that supplies it, the ready-made calibration that needs none)
+PREPROCESSORS = {
+    "text": (load_tokenizer, "a tokenizer", "tokenizer", "token-id calibration"),
+    "image": (load_image_processor, "the model's image processor", "image_processor", "a pixel_values tensor"),
+}
 
 
-def _image_processor_if_available(source: ModelSource, trust_remote_code: bool, needed: bool):
+def _preprocessor_if_available(modality: str, source: ModelSource, trust_remote_code: bool, needed: bool):
+    """The model's tokenizer or image processor; an error only when the calibration needs one."""
+    loader, what, argument, ready = PREPROCESSORS[modality]
     try:
-        return load_image_processor(source, trust_remote_code)
+        return loader(source, trust_remote_code)
     except (OSError, ValueError) as error:
         if needed:
-            raise ValueError(f"image calibration needs the model's image processor, and none loads from {source.path!r} "
-                             f"({error}); pass image_processor=... or a pixel_values tensor") from error
-        logger.info("no image processor loads from %s; calibration is pixel values, so none is needed", source.path)
+            raise ValueError(f"{modality} calibration needs {what}, and none loads from {source.path!r} ({error}); "
+                             f"pass {argument}=... or {ready}") from error
+        logger.info("no %s loads from %s; the calibration is %s, so none is needed", what, source.path, ready)
         return None
 
 
@@ -346,9 +344,9 @@ def prune(
         adapter = get_adapter(model_config)
         check_modality(calibration, adapter.modality, adapter.family)
         if adapter.modality == "image" and image_processor is None:
-            image_processor = _image_processor_if_available(source, trust_remote_code, needed=not _is_pixel_values(calibration))
+            image_processor = _preprocessor_if_available("image", source, trust_remote_code, not _is_pixel_values(calibration))
         if adapter.modality == "text" and tokenizer is None:
-            tokenizer = _tokenizer_if_available(source, trust_remote_code, needed=is_text_calibration(calibration))
+            tokenizer = _preprocessor_if_available("text", source, trust_remote_code, is_text_calibration(calibration))
     elif isinstance(model, PreTrainedModel):
         model_config = model.config
         adapter = get_adapter(model.config)

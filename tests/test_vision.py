@@ -352,3 +352,11 @@ def test_cli_prunes_a_deit_directory_with_a_folder_of_images_then_evaluates_it(t
     # a text model's flags with an image task are refused with a message
     assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--ppl", "wikitext2"]) == 2
     assert "for language models" in capsys.readouterr().err
+
+
+def test_a_directory_without_an_image_processor_needs_one_only_for_images(tmp_path):
+    tiny_deit().save_pretrained(tmp_path / "dense")  # no preprocessor_config.json
+    with pytest.raises(ValueError, match=r"image calibration needs the model's image processor.*pass image_processor="):
+        hf_snp.prune(str(tmp_path / "dense"), calibration=pil_images(4), progress=False)
+    result = hf_snp.prune(str(tmp_path / "dense"), calibration=pixel_values(), sparsity=0.3, progress=False)
+    assert result.image_processor is None and result.report["params_removed"] > 0
