@@ -5,6 +5,8 @@
 Every row prunes a copy of the same dense model with the same calibration windows (the first
 WINDOWS x 512 tokens of the WikiText-2 validation text) and is evaluated on the first
 WINDOWS x 512 tokens of the test text. Writes benchmarks/results/ablation.md and ablation.png.
+Finished rows are kept in benchmarks/results/ablation.jsonl: a stopped run goes on where it
+stopped (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import time
 
 import torch
+from row_cache import RowCache
 
 import hf_snp
 from hf_snp.calibration import packaged_text
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.2,0.3,0.4")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--fresh", action="store_true", help="ignore rows finished by earlier runs")
     args = parser.parse_args()
 
     source = demo_model_source()
@@ -49,15 +53,25 @@ def main() -> None:
     dense_ppl = perplexity(dense, tokenizer, **eval_args)
     print(f"dense: perplexity {dense_ppl:.2f}", flush=True)
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    cache_path = os.path.join(RESULTS, "ablation.jsonl")
+    if args.fresh and os.path.exists(cache_path):
+        os.remove(cache_path)
+    cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "dense": round(dense_ppl, 4)})
     table: dict[str, dict[float, tuple[float, int, float]]] = {}
     for label, options in ROWS.items():
         for sparsity in sparsities:
+            done = cache.get({"label": label, "sparsity": sparsity})
+            if done is not None:
+                table.setdefault(label, {})[sparsity] = (done["ppl"], done["params"], done["seconds"])
+                print(f"{label:>32} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  (earlier run)", flush=True)
+                continue
             kwargs = {"targets": ("mlp", "heads"), **options}
             start = time.perf_counter()
             result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", sparsity=sparsity, calibration=calib, progress=False, **kwargs)
             seconds = time.perf_counter() - start
             ppl = perplexity(result.model, tokenizer, **eval_args)
             table.setdefault(label, {})[sparsity] = (ppl, result.report["params_after"], seconds)
+            cache.put({"label": label, "sparsity": sparsity}, {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds})
             extra = f" chosen {result.report['blocks']['chosen']}" if "blocks" in result.report else ""
             print(f"{label:>32} {sparsity:.0%}: perplexity {ppl:9.2f}  params {result.report['params_after']:,}  {seconds:.0f} s{extra}", flush=True)
             del result
