@@ -1,11 +1,15 @@
 """Quality of pruning methods on SmolLM2-135M: perplexity against parameters kept.
 
-    python benchmarks/quality.py --methods snp,vbp --targets heads mlp,heads --sparsities 0.1,0.2,0.3 --name heads
+    python benchmarks/quality.py                       # the full grid (issue 6)
+    python benchmarks/quality.py --methods snp,vbp --targets heads mlp,heads --sparsities 0.1,0.2,0.3 \
+        --allocations uniform --name heads
 
 Calibration: the first 32 windows of 512 tokens of the WikiText-2 validation text; evaluation:
 the first 32 windows of 512 tokens of the WikiText-2 test text (both packaged with hf_snp).
 Every row uses the same calibration tokens and seed. Writes benchmarks/results/NAME.md (table)
-and NAME.png (perplexity against parameters kept, one line per method and target set).
+and NAME.png (perplexity against parameters kept, one line per method, target set and
+allocation). Finished rows are kept in benchmarks/results/NAME.jsonl, so a stopped grid goes on
+where it stopped (``--fresh`` starts over); the table lists the rows finished so far.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import time
 
 import torch
+from row_cache import RowCache
 
 import hf_snp
 from hf_snp.calibration import packaged_text
@@ -32,13 +37,15 @@ def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="snp,vbp,random")
+    parser.add_argument("--methods", default="snp,vbp,flap,wanda_sp,magnitude,random")
     parser.add_argument("--targets", nargs="+", default=["mlp", "mlp,heads"], help="target sets, each comma-separated")
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
     parser.add_argument("--gqa-mode", default="per_group")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--name", default="quality")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows finished by earlier runs")
     args = parser.parse_args()
 
     source = demo_model_source()
@@ -48,19 +55,32 @@ def main() -> None:
     eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
     dense_ppl = perplexity(dense, tokenizer, **eval_args)
     dense_params = hf_snp.count_parameters(dense)
-    rows = [("dense", "-", 0.0, dense_ppl, dense_params, 0.0)]
+    rows = [("dense", "-", "-", 0.0, dense_ppl, dense_params, 0.0)]
     print(f"dense: perplexity {dense_ppl:.2f}, {dense_params:,} parameters", flush=True)
-    for targets in args.targets:
-        for method in args.methods.split(","):
+    cache_path = os.path.join(RESULTS, f"{args.name}.jsonl")
+    if args.fresh and os.path.exists(cache_path):
+        os.remove(cache_path)
+    cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode, "dense": round(dense_ppl, 4)})
+    for allocation in args.allocations.split(","):
+        for targets in args.targets:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
-                model = copy.deepcopy(dense)
-                start = time.perf_counter()
-                result = hf_snp.prune(model, tokenizer, method=method, sparsity=sparsity, targets=targets.split(","),
-                                      calibration=calib, gqa_mode=args.gqa_mode, progress=False)
-                seconds = time.perf_counter() - start
-                ppl = perplexity(result.model, tokenizer, **eval_args)
-                rows.append((method, targets, sparsity, ppl, result.report["params_after"], seconds))
-                print(f"{method:>7} {targets:>10} {sparsity:.0%}: perplexity {ppl:9.2f}  params {result.report['params_after']:,}  {seconds:.0f} s", flush=True)
+                for method in args.methods.split(","):
+                    key = {"method": method, "targets": targets, "allocation": allocation, "sparsity": sparsity}
+                    done = cache.get(key)
+                    if done is None:
+                        start = time.perf_counter()
+                        result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method=method, sparsity=sparsity,
+                                              targets=targets.split(","), allocation=allocation, calibration=calib,
+                                              gqa_mode=args.gqa_mode, progress=False)
+                        seconds = time.perf_counter() - start
+                        ppl = perplexity(result.model, tokenizer, **eval_args)
+                        done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds}
+                        cache.put(key, done)
+                        del result
+                    rows.append((method, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"]))
+                    print(f"{method:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
+                          f"params {done['params']:,}  {done['seconds']:.0f} s", flush=True)
+                    write(args, rows, dense_params)
     write(args, rows, dense_params)
 
 
@@ -73,13 +93,22 @@ def write(args, rows, dense_params) -> None:
         f"{args.windows} x {args.seq_len} tokens of the test text; GQA mode {args.gqa_mode}; CPU, fp32.",
         "",
         "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
-        + f" --sparsities {args.sparsities} --gqa-mode {args.gqa_mode} --name {args.name}`",
+        + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} --name {args.name}`",
         "",
-        "| method | targets | sparsity | perplexity | parameters after | pruning s |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| method | targets | allocation | sparsity | perplexity | parameters after | pruning s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for method, targets, sparsity, ppl, params, seconds in rows:
-        lines.append(f"| {method} | {targets} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} |")
+    for method, targets, allocation, sparsity, ppl, params, seconds in rows:
+        lines.append(f"| {method} | {targets} | {allocation} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} |")
+    lines += ["", "Best method per setting (target: snp from 20% up):", "", "| targets | allocation | sparsity | best | snp rank |",
+              "| --- | --- | ---: | --- | ---: |"]
+    settings: dict[tuple, list[tuple[float, str]]] = {}
+    for method, targets, allocation, sparsity, ppl, _, _ in rows[1:]:
+        settings.setdefault((targets, allocation, sparsity), []).append((ppl, method))
+    for (targets, allocation, sparsity), results in settings.items():
+        ranked = [m for _, m in sorted(results)]
+        rank = f"{ranked.index('snp') + 1} of {len(ranked)}" if "snp" in ranked else "-"
+        lines.append(f"| {targets} | {allocation} | {sparsity:.0%} | {ranked[0]} | {rank} |")
     with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -89,20 +118,22 @@ def write(args, rows, dense_params) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for method, targets, _, ppl, params, _ in rows[1:]:
-        series.setdefault((method, targets), []).append((params / dense_params, ppl))
-    for (method, targets), points in series.items():
+    series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for method, targets, allocation, _, ppl, params, _ in rows[1:]:
+        series.setdefault((method, targets, allocation), []).append((params / dense_params, ppl))
+    for (method, targets, allocation), points in series.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} ({targets})")
-    ax.axhline(rows[0][3], color="grey", linestyle="--", label="dense")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if allocation == "uniform" else "x",
+                linestyle="-" if allocation == "uniform" else ":", label=f"{method} ({targets}, {allocation})")
+    ax.axhline(rows[0][4], color="grey", linestyle="--", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("fraction of parameters kept")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_title(f"SmolLM2-135M: {args.name}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"{args.name}.png"), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
