@@ -41,6 +41,10 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
         return [], []
     factor = robust_cholesky(moment, damping)
     precision = torch.cholesky_inverse(factor)
+    if weights is None and precision.device.type == "cpu" and precision.dtype == torch.float64:
+        found = _lapack_pivoted_cholesky(precision, num_remove)
+        if found is not None:
+            return found
     cols = precision.new_zeros(n, num_remove)
     diag = precision.diagonal().clone()
     alive = torch.ones(n, dtype=torch.bool, device=moment.device)
@@ -57,6 +61,20 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
         removed.append(p)
         unique_variance.append(float((1.0 if scale is None else scale[p]) / pivot))
     return removed, unique_variance
+
+
+def _lapack_pivoted_cholesky(precision: torch.Tensor, num_remove: int) -> tuple[list[int], list[float]] | None:
+    """The same elimination by LAPACK's blocked pivoted Cholesky (``dpstrf``: largest remaining
+    diagonal first), several times faster than the column loop on CPU. None when it stops early
+    (numerically singular precision), where the loop's floors take over."""
+    from scipy.linalg import lapack
+
+    factor, pivots, rank, info = lapack.dpstrf(precision.numpy(), tol=-1.0, lower=1)
+    if info < 0 or rank < num_remove:
+        return None
+    order = (torch.from_numpy(pivots[:num_remove]).long() - 1).tolist()
+    diagonal = torch.from_numpy(factor.diagonal()[:num_remove].copy()).pow(2)
+    return order, (1.0 / diagonal).tolist()
 
 
 def zca_order(moment: torch.Tensor, damping: float) -> tuple[list[int], torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,3 +137,15 @@ def test_statistics_match_a_direct_computation_and_exclude_masked_tokens():
     assert torch.allclose(sigma, torch.cov(kept.T, correction=0), rtol=1e-4, atol=1e-4)
     raw, _ = stats.moments(centered=False)
     assert torch.allclose(raw, kept.T @ kept / len(kept), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n, remove", [(40, 40), (64, 20), (7, 3)])
+def test_lapack_elimination_matches_the_column_loop(n, remove):
+    """LAPACK's pivoted Cholesky of the precision is the greedy ZCA elimination (unit weights force the loop)."""
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n, n, generator=generator, dtype=torch.float64) @ torch.randn(n, n, generator=generator, dtype=torch.float64)
+    moment = x.T @ x / len(x)
+    fast = greedy_zca_elimination(moment, remove, 1e-6)
+    loop = greedy_zca_elimination(moment, remove, 1e-6, weights=torch.ones(n, dtype=torch.float64))
+    assert fast[0] == loop[0]
+    assert torch.allclose(torch.tensor(fast[1]), torch.tensor(loop[1]), rtol=1e-8)
