@@ -149,3 +149,19 @@ def test_lapack_elimination_matches_the_column_loop(n, remove):
     loop = greedy_zca_elimination(moment, remove, 1e-6, weights=torch.ones(n, dtype=torch.float64))
     assert fast[0] == loop[0]
     assert torch.allclose(torch.tensor(fast[1]), torch.tensor(loop[1]), rtol=1e-8)
+
+
+@pytest.mark.parametrize("n", [7, 600, 1000])
+def test_statistics_accumulated_by_blocks_equal_the_covariance(n):
+    """The Gram is summed over its upper block triangle only: the moments must still be the full ones."""
+    generator = torch.Generator().manual_seed(n)
+    batches = [torch.randn(2, 40, n, generator=generator) * 3 + 1 for _ in range(3)]
+    stats = SiteStatistics("site", n, torch.device("cpu"))
+    for batch in batches:
+        stats.update(batch)
+    x = torch.cat([b.reshape(-1, n) for b in batches]).double()
+    sigma, mu = stats.moments(centered=True)
+    assert len(stats.blocks) == max(1, min(4, n // 256))
+    assert torch.allclose(sigma, torch.cov(x.T, correction=0), atol=1e-4) and torch.allclose(mu, x.mean(0), atol=1e-5)
+    second, _ = stats.moments(centered=False)
+    assert torch.allclose(second, x.T @ x / len(x), atol=1e-3)

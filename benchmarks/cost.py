@@ -1,0 +1,289 @@
+"""Cost of pruning: against one dense forward pass, memory against depth, scaling in tokens and width.
+
+    python benchmarks/cost.py [--parts ratio,depth,tokens,width] [--device cpu|cuda]
+    python benchmarks/cost.py --parts gpu --device cuda          # OPT-1.3b / Llama-7B shapes, bf16
+
+Parts:
+  ratio   SmolLM2-135M (the packaged demo model), 30% of MLP neurons with SNP, 32 x 512 calibration
+          tokens: pruning seconds / seconds of one dense forward pass over the same tokens, for uniform
+          (one pass) and global (two passes) allocation, with the per-phase breakdown.
+  depth   Peak memory against depth: Llama-shaped models of random weights (hidden 1024, MLP 2816,
+          16 heads / 4 KV heads) with 4, 8, 16, 32 blocks, each pruned in a fresh process, in memory
+          and with every block offloaded to disk (accelerate ``offload_folder``).
+  tokens  Seconds against calibration tokens (1k to 64k) on the 2-block model.
+  width   Seconds and the decomposition's share against MLP width (1k to 8k) on a 2-block model.
+  gpu     With a GPU: OPT-1.3b- and Llama-7B-shaped models of random bf16 weights, 128 x 2048
+          calibration tokens, seconds and peak GPU memory; and the Llama-7B shape again with
+          ``max_memory`` below its size, so accelerate offloads blocks to the CPU.
+
+Each part writes benchmarks/results/cost_PART.md (and its plot); cost.md gathers the CPU parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from measure import RssPeak, dense_forward_seconds, model_bytes, sync
+
+import hf_snp
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+             max_position_embeddings=4096, tie_word_embeddings=False)
+GPU_SHAPES = {
+    "OPT-1.3b shape": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
+                                   word_embed_proj_dim=2048, max_position_embeddings=2048)),
+    "Llama-7B shape": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
+}
+
+
+def random_model(family: str = "llama", dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    config = (LlamaConfig if family == "llama" else OPTConfig)(**{**(SHAPE if family == "llama" else {}), **overrides})
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def random_ids(vocab: int, samples: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (samples, length), generator=torch.Generator().manual_seed(1))
+
+
+def run_child(spec: dict) -> dict:
+    """One measurement in a fresh interpreter, so that its peak RSS is its own."""
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(spec: dict) -> None:
+    """Load the saved model ``spec['path']`` (optionally every block on disk), then prune it; print time and memory.
+
+    Memory is the peak RSS while pruning above the RSS with the model loaded, and the RSS that
+    the loaded model itself holds (its weights in memory; with disk offload, what stays resident)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(spec["path"])
+    ids = random_ids(config.vocab_size, spec["samples"], spec["seq_len"])
+    before_load = RssPeak.now()
+    kwargs = {}
+    if spec.get("offload"):
+        layers = {f"model.layers.{i}": "disk" for i in range(config.num_hidden_layers)}
+        kwargs = dict(device_map={"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", **layers},
+                      offload_folder=tempfile.mkdtemp(prefix="hf_snp_offload_"))
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], **kwargs).eval()
+    loaded = RssPeak.now()
+    with RssPeak() as rss:
+        result = hf_snp.prune(model, method="snp", sparsity=0.3, calibration=ids, batch_size=8, device="cpu", progress=False)
+    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded,
+                      "seconds": result.report["timings_s"]["total"], "resident_model": model_bytes(result.model)}))
+
+
+def part_ratio(args, device) -> list[str]:
+    from hf_snp.calibration import load_calibration
+    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+
+    source = demo_model_source()
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype=torch.float32).to(device)
+    calib = load_calibration("wikitext2-local", tokenizer, 32, 512, seed=0)
+    dense = dense_forward_seconds(model, calib.input_ids, 8, device)
+    lines = [f"## Pruning / one dense forward pass (SmolLM2-135M, 30% of MLP, SNP, {calib.num_tokens} tokens, {device})", "",
+             f"Dense forward pass: {dense:.2f} s ({calib.num_tokens / dense:.0f} tokens/s).", "",
+             "| allocation | pruning s | ratio | target | phases (s) |", "| --- | ---: | ---: | ---: | --- |"]
+    for allocation, target in (("uniform", 1.5), ("global", 2.5)):
+        result = hf_snp.prune(copy.deepcopy(model), tokenizer, method="snp", sparsity=0.3, calibration=calib, batch_size=8,
+                              device=device, allocation=allocation, progress=False)
+        timings = result.report["timings_s"]
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k not in ("total", "statistics_pass", "cut_pass"))
+        ratio = timings["total"] / dense
+        lines.append(f"| {allocation} | {timings['total']:.1f} | {ratio:.2f}x | {target}x {'met' if ratio <= target else 'missed'} | {phases} |")
+        print(lines[-1], flush=True)
+    return lines + [""]
+
+
+def part_depth(args) -> list[str]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hf_snp_depth_") as root:
+        for depth in (4, 8, 16, 32):
+            path = os.path.join(root, f"depth{depth}")
+            model = random_model(num_hidden_layers=depth)
+            size = model_bytes(model)
+            model.save_pretrained(path)
+            del model
+            for offload in (False, True):
+                got = run_child({"path": path, "samples": 8, "seq_len": 512, "offload": offload})
+                rows.append((depth, offload, size, got))
+                print(f"depth {depth} offload {offload}: loaded model RSS {got['loaded_rss'] / 2**20:.0f} MiB, pruning peak above it "
+                      f"{got['prune_peak'] / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB, {got['seconds']:.1f} s", flush=True)
+    lines = ["## Peak memory against depth (random-weight Llama shape, hidden 1024, MLP 2816, fp32, 8 x 512 tokens, CPU)", "",
+             "Each run is a fresh process: it loads the model (in memory, or with every block offloaded to disk by accelerate), "
+             "then prunes it. *Loaded* is the RSS the loaded model holds; *pruning peak* is the highest RSS while pruning "
+             "above that.", "",
+             "| blocks | model MiB | in memory: loaded MiB | in memory: pruning peak MiB | disk offload: loaded MiB | "
+             "disk offload: pruning peak MiB | seconds (memory / offload) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for depth in (4, 8, 16, 32):
+        mem = next(r for r in rows if r[0] == depth and not r[1])
+        off = next(r for r in rows if r[0] == depth and r[1])
+        lines.append(f"| {depth} | {mem[2] / 2**20:.0f} | {mem[3]['loaded_rss'] / 2**20:.0f} | {mem[3]['prune_peak'] / 2**20:.0f} | "
+                     f"{off[3]['loaded_rss'] / 2**20:.0f} | {off[3]['prune_peak'] / 2**20:.0f} | "
+                     f"{mem[3]['seconds']:.1f} / {off[3]['seconds']:.1f} |")
+    plot_lines("cost_depth.png", "blocks", "MiB", "Memory against depth",
+               {"model (fp32 weights)": [(r[0], r[2] / 2**20) for r in rows if not r[1]],
+                "pruning peak above the loaded model, in memory": [(r[0], r[3]["prune_peak"] / 2**20) for r in rows if not r[1]],
+                "pruning peak above the loaded model, blocks on disk": [(r[0], r[3]["prune_peak"] / 2**20) for r in rows if r[1]],
+                "loaded model RSS, blocks on disk": [(r[0], r[3]["loaded_rss"] / 2**20) for r in rows if r[1]]})
+    return lines + [""]
+
+
+def timed_prune(model, ids, device, **options) -> tuple[float, dict]:
+    result = hf_snp.prune(copy.deepcopy(model), method="snp", sparsity=0.3, calibration=ids, batch_size=8, device=device,
+                          progress=False, **options)
+    return result.report["timings_s"]["total"], result.report["timings_s"]
+
+
+def part_tokens(args, device) -> list[str]:
+    model = random_model(num_hidden_layers=2).to(device)
+    lines = ["## Seconds against calibration tokens (2 blocks of the Llama shape, 512-token windows)", "",
+             "| tokens | dense forward s | pruning s | ratio | pruning us/token |", "| ---: | ---: | ---: | ---: | ---: |"]
+    points = []
+    for samples in (2, 4, 8, 16, 32, 64, 128):
+        ids = random_ids(SHAPE["vocab_size"], samples, 512)
+        dense = dense_forward_seconds(model, ids, 8, device)
+        seconds, _ = timed_prune(model, ids, device)
+        tokens = samples * 512
+        points.append((tokens, seconds, dense))
+        lines.append(f"| {tokens} | {dense:.2f} | {seconds:.2f} | {seconds / dense:.2f}x | {1e6 * seconds / tokens:.1f} |")
+        print(lines[-1], flush=True)
+    plot_lines("cost_tokens.png", "calibration tokens", "seconds", "Pruning time against calibration tokens",
+               {"pruning": [(t, s) for t, s, _ in points], "dense forward": [(t, d) for t, _, d in points]}, log=True)
+    return lines + [""]
+
+
+def part_width(args, device) -> list[str]:
+    lines = ["## Seconds against MLP width (2 blocks, hidden 1024, 32 x 512 tokens)", "",
+             "| MLP width | pruning s | statistics s | decide s (decomposition) | cut s | recompute s | decide share |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    points = []
+    ids = random_ids(SHAPE["vocab_size"], 32, 512)
+    for width in (1024, 2048, 4096, 8192):
+        model = random_model(num_hidden_layers=2, intermediate_size=width).to(device)
+        seconds, timings = timed_prune(model, ids, device)
+        share = timings.get("decide", 0.0) / seconds
+        points.append((width, share))
+        lines.append(f"| {width} | {seconds:.2f} | {timings.get('statistics', 0):.2f} | {timings.get('decide', 0):.2f} | "
+                     f"{timings.get('cut', 0):.2f} | {timings.get('recompute', 0):.2f} | {share:.0%} |")
+        print(lines[-1], flush=True)
+    plot_lines("cost_width.png", "MLP width", "share of pruning time", "The decomposition's share against width",
+               {"decide (greedy elimination + least squares)": points})
+    return lines + [""]
+
+
+def part_gpu(args, device) -> list[str]:
+    lines = [f"## GPU: {torch.cuda.get_device_name(device)}, bf16 random weights, 128 x 2048 calibration tokens, 30% of MLP, SNP", "",
+             "| model | parameters | placement | pruning s | peak GPU memory GiB | model GiB |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for name, (family, shape) in GPU_SHAPES.items():
+        model = random_model(family, dtype=torch.bfloat16, **shape)
+        ids = random_ids(shape["vocab_size"], 128, 2048)
+        size = model_bytes(model)
+        runs = [("on the GPU", dict(device=device))]
+        if family == "llama":
+            runs.append(("max_memory below the model: offloaded", dict(max_gpu=size // 2)))
+        with tempfile.TemporaryDirectory(prefix="hf_snp_gpu_") as path:
+            model.save_pretrained(path)
+            del model
+            for placement, options in runs:
+                torch.cuda.reset_peak_memory_stats(device)
+                kwargs = dict(method="snp", sparsity=0.3, calibration=ids, batch_size=8, progress=False, dtype="bfloat16")
+                if "max_gpu" in options:
+                    kwargs.update(device_map="auto", max_memory={0: options["max_gpu"], "cpu": "100GiB"}, device=device)
+                else:
+                    kwargs.update(device_map={"": device.index or 0}, device=device)
+                start = time.perf_counter()
+                result = hf_snp.prune(path, **kwargs)
+                sync(device)
+                seconds = time.perf_counter() - start
+                lines.append(f"| {name} | {result.report['params_before']:,} | {placement} | {seconds:.1f} | "
+                             f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} | {size / 2**30:.1f} |")
+                print(lines[-1], flush=True)
+                del result
+                torch.cuda.empty_cache()
+    return lines + [""]
+
+
+def plot_lines(name: str, xlabel: str, ylabel: str, title: str, series: dict, log: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, name), dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="ratio,depth,tokens,width")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    device = torch.device(args.device)
+    os.makedirs(RESULTS, exist_ok=True)
+    parts = args.parts.split(",")
+    header = f"({device.type}, {os.cpu_count()} CPU cores, torch {torch.__version__})"
+    for part in parts:
+        runner = {"ratio": lambda: part_ratio(args, device), "depth": lambda: part_depth(args),
+                  "tokens": lambda: part_tokens(args, device), "width": lambda: part_width(args, device),
+                  "gpu": lambda: part_gpu(args, device)}.get(part)
+        if runner is None:
+            raise SystemExit(f"unknown part {part!r}")
+        if part == "gpu" and device.type != "cuda":
+            raise SystemExit("--parts gpu needs --device cuda")
+        lines = runner()
+        command = f"python benchmarks/cost.py --parts {part} --device {args.device}"
+        with open(os.path.join(RESULTS, f"cost_{part}.md"), "w") as handle:
+            handle.write("\n".join([*lines[:1], "", f"{header}. Regenerate: `{command}`", *lines[1:]]))
+    assemble()
+
+
+def assemble() -> None:
+    """results/cost.md: the CPU parts' sections, each as its latest run wrote it."""
+    sections = []
+    for part in ("ratio", "depth", "tokens", "width"):
+        path = os.path.join(RESULTS, f"cost_{part}.md")
+        if os.path.exists(path):
+            with open(path) as handle:
+                sections.append(handle.read().strip())
+    with open(os.path.join(RESULTS, "cost.md"), "w") as handle:
+        handle.write("# Pruning cost\n\nEach section comes from `benchmarks/cost.py --parts PART` (command in the section).\n\n"
+                     + "\n\n".join(sections) + "\n")
+    print(f"wrote {os.path.join(RESULTS, 'cost.md')}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Timing and memory helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+
+class RssPeak:
+    """Samples the resident set size in a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Seconds of one forward pass over ``ids`` in batches (after a short warm-up)."""
+    model(ids[:1, :32].to(device))
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(ids), batch_size):
+        model(ids[i : i + batch_size].to(device), use_cache=False)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
