@@ -59,10 +59,13 @@ def random_ids(vocab: int, samples: int, length: int) -> torch.Tensor:
     return torch.randint(0, vocab, (samples, length), generator=torch.Generator().manual_seed(1))
 
 
-def run_child(spec: dict) -> dict:
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: large buffers always mmapped, so returned when freed
+
+
+def run_child(spec: dict, env: dict | None = None) -> dict:
     """One measurement in a fresh interpreter, so that its peak RSS is its own."""
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
+                          cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -84,10 +87,13 @@ def child(spec: dict) -> None:
         kwargs = dict(device_map={"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", **layers},
                       offload_folder=tempfile.mkdtemp(prefix="hf_snp_offload_"))
     model = AutoModelForCausalLM.from_pretrained(spec["path"], **kwargs).eval()
-    loaded = RssPeak.now()
+    if not spec.get("offload"):  # weights mapped from the checkpoint become the process's own memory now
+        for param in model.parameters():
+            param.data = param.data.clone()
+    loaded, loaded_anon = RssPeak.now(), RssPeak.anon_now()
     with RssPeak() as rss:
         result = hf_snp.prune(model, method="snp", sparsity=0.3, calibration=ids, batch_size=8, device="cpu", progress=False)
-    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded,
+    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded, "prune_anon_peak": rss.anon_peak - loaded_anon,
                       "seconds": result.report["timings_s"]["total"], "resident_model": model_bytes(result.model)}))
 
 
@@ -115,7 +121,8 @@ def part_ratio(args, device) -> list[str]:
 
 
 def part_depth(args) -> list[str]:
-    rows = []
+    runs = [(label, offload, env) for offload in (False, True) for label, env in (("", None), (", fixed mmap threshold", FIXED_MMAP))]
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="hf_snp_depth_") as root:
         for depth in (4, 8, 16, 32):
             path = os.path.join(root, f"depth{depth}")
@@ -123,29 +130,35 @@ def part_depth(args) -> list[str]:
             size = model_bytes(model)
             model.save_pretrained(path)
             del model
-            for offload in (False, True):
-                got = run_child({"path": path, "samples": 8, "seq_len": 512, "offload": offload})
-                rows.append((depth, offload, size, got))
-                print(f"depth {depth} offload {offload}: loaded model RSS {got['loaded_rss'] / 2**20:.0f} MiB, pruning peak above it "
-                      f"{got['prune_peak'] / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB, {got['seconds']:.1f} s", flush=True)
+            for label, offload, env in runs:
+                got = run_child({"path": path, "samples": 8, "seq_len": 512, "offload": offload}, env)
+                rows[depth, offload, label] = (size, got)
+                print(f"depth {depth} offload {offload}{label}: loaded RSS {got['loaded_rss'] / 2**20:.0f} MiB, pruning peak above it "
+                      f"{got['prune_peak'] / 2**20:.0f} MiB (anonymous {got['prune_anon_peak'] / 2**20:.0f} MiB), model "
+                      f"{size / 2**20:.0f} MiB, {got['seconds']:.1f} s", flush=True)
+    mib = lambda value: f"{value / 2**20:.0f}"  # noqa: E731
     lines = ["## Peak memory against depth (random-weight Llama shape, hidden 1024, MLP 2816, fp32, 8 x 512 tokens, CPU)", "",
              "Each run is a fresh process: it loads the model (in memory, or with every block offloaded to disk by accelerate), "
-             "then prunes it. *Loaded* is the RSS the loaded model holds; *pruning peak* is the highest RSS while pruning "
-             "above that.", "",
-             "| blocks | model MiB | in memory: loaded MiB | in memory: pruning peak MiB | disk offload: loaded MiB | "
-             "disk offload: pruning peak MiB | seconds (memory / offload) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "then prunes it. *Loaded*: the RSS the loaded model holds. *Peak*: the highest RSS while pruning, above that. "
+             "*Anonymous*: the same without file pages mapped from the offload folder (the kernel drops and rereads those). "
+             "Each is measured with glibc's default allocator and with `MALLOC_MMAP_THRESHOLD_=131072`, which keeps glibc from "
+             "raising its mmap threshold after large frees and then keeping block-sized freed buffers in its heap.", "",
+             "| blocks | model MiB | in memory: loaded | peak | peak, fixed threshold | disk offload: loaded | peak | anonymous "
+             "| anonymous, fixed threshold | seconds (memory / offload) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for depth in (4, 8, 16, 32):
-        mem = next(r for r in rows if r[0] == depth and not r[1])
-        off = next(r for r in rows if r[0] == depth and r[1])
-        lines.append(f"| {depth} | {mem[2] / 2**20:.0f} | {mem[3]['loaded_rss'] / 2**20:.0f} | {mem[3]['prune_peak'] / 2**20:.0f} | "
-                     f"{off[3]['loaded_rss'] / 2**20:.0f} | {off[3]['prune_peak'] / 2**20:.0f} | "
-                     f"{mem[3]['seconds']:.1f} / {off[3]['seconds']:.1f} |")
-    plot_lines("cost_depth.png", "blocks", "MiB", "Memory against depth",
-               {"model (fp32 weights)": [(r[0], r[2] / 2**20) for r in rows if not r[1]],
-                "pruning peak above the loaded model, in memory": [(r[0], r[3]["prune_peak"] / 2**20) for r in rows if not r[1]],
-                "pruning peak above the loaded model, blocks on disk": [(r[0], r[3]["prune_peak"] / 2**20) for r in rows if r[1]],
-                "loaded model RSS, blocks on disk": [(r[0], r[3]["loaded_rss"] / 2**20) for r in rows if r[1]]})
+        size, mem = rows[depth, False, ""]
+        mem_fixed = rows[depth, False, ", fixed mmap threshold"][1]
+        off = rows[depth, True, ""][1]
+        off_fixed = rows[depth, True, ", fixed mmap threshold"][1]
+        lines.append(f"| {depth} | {mib(size)} | {mib(mem['loaded_rss'])} | {mib(mem['prune_peak'])} | {mib(mem_fixed['prune_peak'])} | "
+                     f"{mib(off['loaded_rss'])} | {mib(off['prune_peak'])} | {mib(off['prune_anon_peak'])} | "
+                     f"{mib(off_fixed['prune_anon_peak'])} | {mem['seconds']:.1f} / {off['seconds']:.1f} |")
+    series = {"model (fp32 weights)": [(d, rows[d, False, ""][0] / 2**20) for d in (4, 8, 16, 32)]}
+    for (label, offload, _), key in zip(runs, ("prune_peak", "prune_peak", "prune_anon_peak", "prune_anon_peak")):
+        name = f"{'blocks on disk, anonymous' if offload else 'in memory'} peak above loaded{label}"
+        series[name] = [(d, rows[d, offload, label][1][key] / 2**20) for d in (4, 8, 16, 32)]
+    plot_lines("cost_depth.png", "blocks", "MiB", "Memory against depth", series)
     return lines + [""]
 
 

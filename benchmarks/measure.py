@@ -10,18 +10,26 @@ import torch
 
 
 class RssPeak:
-    """Samples the resident set size in a background thread."""
+    """Samples the resident set size in a background thread: ``peak`` (all resident pages) and
+    ``anon_peak`` (anonymous pages only: without file pages mapped from checkpoints or an
+    offload folder, which the kernel can drop and reread)."""
 
     def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.anon_peak, self._stop = interval, 0, 0, threading.Event()
 
     @staticmethod
     def now() -> int:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    @staticmethod
+    def anon_now() -> int:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith("RssAnon:"))
+        return int(line.split()[1]) * 1024
+
     def __enter__(self):
-        self.peak = self.now()
+        self.peak, self.anon_peak = self.now(), self.anon_now()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -29,6 +37,7 @@ class RssPeak:
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self.now())
+            self.anon_peak = max(self.anon_peak, self.anon_now())
             time.sleep(self.interval)
 
     def __exit__(self, *exc):

@@ -27,6 +27,7 @@ from .sites import count_parameters
 from .hub import push_folder
 from .loading import ModelSource, load_config, load_image_processor, load_model, load_tokenizer
 from .methods import MethodOptions, get_method
+from .placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
 from .recipes import accepts_recipe
 from .report import SCHEMA_VERSION, PruneReport
 from .saving import finalize_architecture, prepare_output_dir, save_pruned
@@ -368,6 +369,8 @@ def prune(
         raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
     if source is not None:
         model = load_model(source, dtype, device_map, max_memory, offload_folder, trust_remote_code, adapter.auto_class)
+    if has_offloaded_weights(model):
+        keep_freed_blocks_out_of_memory()
     device = torch.device(device) if device is not None else default_device()
     store = torch.device(activation_device) if activation_device is not None else device
 

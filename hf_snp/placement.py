@@ -9,7 +9,10 @@ weights map and put the same hooks back, so the block leaves memory again.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -17,6 +20,8 @@ import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from accelerate.utils import named_module_tensors, offload_weight, set_module_tensor_to_device
 from torch import nn
+
+logger = logging.getLogger("hf_snp")
 
 
 def _align_hooks(hook) -> list[AlignDevicesHook]:
@@ -91,3 +96,29 @@ def _store(weights_map, name: str, value: torch.Tensor) -> None:
         offload_weight(value, key, weights_map.save_folder, index=weights_map.index)
     if key not in weights_map.all_keys:
         weights_map.all_keys.append(key)
+
+
+def has_offloaded_weights(model: nn.Module) -> bool:
+    """True when accelerate keeps some of the model's weights outside it (CPU or disk offload)."""
+    return any(align.offload for module in model.modules() if hasattr(module, "_hf_hook") for align in _align_hooks(module._hf_hook))
+
+
+def keep_freed_blocks_out_of_memory() -> bool:
+    """On glibc, serve large buffers by mmap so that a block's freed buffers leave memory at once.
+
+    By default glibc raises its mmap threshold after large frees and then keeps block-sized freed
+    buffers in its heap: with every block offloaded, the process RSS then grows towards the model's
+    size as blocks go by (benchmarks/cost.py: 1.4 GiB instead of 0.4 GiB at 32 blocks). Fixing
+    the threshold (what ``MALLOC_MMAP_THRESHOLD_`` does) keeps it flat. Process-wide; skipped where
+    the variable is already set or the C library is not glibc."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    done = bool(hasattr(libc, "mallopt") and libc.mallopt(m_mmap_threshold, 128 * 1024))
+    if done:
+        logger.info("offloaded model: glibc's mmap threshold fixed at 128 KiB so that freed block buffers leave memory")
+    return done

@@ -48,3 +48,14 @@ def test_disk_offloaded_run_matches_in_memory_run(tmp_path, family, method):
     assert offloaded.report["params_after"] == in_memory.report["params_after"]
     # the offloaded model still runs forward through accelerate's hooks
     assert torch.allclose(logits(offloaded.model), logits(in_memory.model), atol=1e-5)
+
+
+def test_offloaded_models_are_detected_for_the_allocator_setting(tmp_path, monkeypatch):
+    from hf_snp.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
+
+    TINY["llama"]().save_pretrained(tmp_path / "dense")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map_for("llama", {1}),
+                                                     offload_folder=str(tmp_path / "offload"))
+    assert has_offloaded_weights(offloaded) and not has_offloaded_weights(TINY["llama"]())
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own setting wins
+    assert keep_freed_blocks_out_of_memory() is False
