@@ -136,28 +136,36 @@ def part_depth(args) -> list[str]:
                 print(f"depth {depth} offload {offload}{label}: loaded RSS {got['loaded_rss'] / 2**20:.0f} MiB, pruning peak above it "
                       f"{got['prune_peak'] / 2**20:.0f} MiB (anonymous {got['prune_anon_peak'] / 2**20:.0f} MiB), model "
                       f"{size / 2**20:.0f} MiB, {got['seconds']:.1f} s", flush=True)
+    return depth_table(rows)
+
+
+def depth_table(rows: dict) -> list[str]:
+    """The depth section from {(depth, offload, label): (model bytes, child result)}; draws cost_depth.png."""
     mib = lambda value: f"{value / 2**20:.0f}"  # noqa: E731
     lines = ["## Peak memory against depth (random-weight Llama shape, hidden 1024, MLP 2816, fp32, 8 x 512 tokens, CPU)", "",
              "Each run is a fresh process: it loads the model (in memory, or with every block offloaded to disk by accelerate), "
              "then prunes it. *Loaded*: the RSS the loaded model holds. *Peak*: the highest RSS while pruning, above that. "
              "*Anonymous*: the same without file pages mapped from the offload folder (the kernel drops and rereads those). "
-             "Each is measured with glibc's default allocator and with `MALLOC_MMAP_THRESHOLD_=131072`, which keeps glibc from "
-             "raising its mmap threshold after large frees and then keeping block-sized freed buffers in its heap.", "",
+             "*Fixed threshold*: run with `MALLOC_MMAP_THRESHOLD_=131072`, which keeps glibc from raising its mmap threshold "
+             "after large frees and then keeping block-sized freed buffers in its heap; hf_snp sets the same itself when the "
+             "model has offloaded weights, so both offload columns have it.", "",
              "| blocks | model MiB | in memory: loaded | peak | peak, fixed threshold | disk offload: loaded | peak | anonymous "
-             "| anonymous, fixed threshold | seconds (memory / offload) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for depth in (4, 8, 16, 32):
+             "| anonymous, fixed threshold |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    depths = sorted({key[0] for key in rows})
+    for depth in depths:
         size, mem = rows[depth, False, ""]
         mem_fixed = rows[depth, False, ", fixed mmap threshold"][1]
         off = rows[depth, True, ""][1]
         off_fixed = rows[depth, True, ", fixed mmap threshold"][1]
         lines.append(f"| {depth} | {mib(size)} | {mib(mem['loaded_rss'])} | {mib(mem['prune_peak'])} | {mib(mem_fixed['prune_peak'])} | "
                      f"{mib(off['loaded_rss'])} | {mib(off['prune_peak'])} | {mib(off['prune_anon_peak'])} | "
-                     f"{mib(off_fixed['prune_anon_peak'])} | {mem['seconds']:.1f} / {off['seconds']:.1f} |")
-    series = {"model (fp32 weights)": [(d, rows[d, False, ""][0] / 2**20) for d in (4, 8, 16, 32)]}
-    for (label, offload, _), key in zip(runs, ("prune_peak", "prune_peak", "prune_anon_peak", "prune_anon_peak")):
+                     f"{mib(off_fixed['prune_anon_peak'])} |")
+    series = {"model (fp32 weights)": [(d, rows[d, False, ""][0] / 2**20) for d in depths]}
+    for offload, label, key in ((False, "", "prune_peak"), (False, ", fixed mmap threshold", "prune_peak"),
+                                (True, "", "prune_anon_peak")):
         name = f"{'blocks on disk, anonymous' if offload else 'in memory'} peak above loaded{label}"
-        series[name] = [(d, rows[d, offload, label][1][key] / 2**20) for d in (4, 8, 16, 32)]
+        series[name] = [(d, rows[d, offload, label][1][key] / 2**20) for d in depths]
     plot_lines("cost_depth.png", "blocks", "MiB", "Memory against depth", series)
     return lines + [""]
 
@@ -278,11 +286,14 @@ def main() -> None:
             raise SystemExit(f"unknown part {part!r}")
         if part == "gpu" and device.type != "cuda":
             raise SystemExit("--parts gpu needs --device cuda")
-        lines = runner()
-        command = f"python benchmarks/cost.py --parts {part} --device {args.device}"
-        with open(os.path.join(RESULTS, f"cost_{part}.md"), "w") as handle:
-            handle.write("\n".join([*lines[:1], "", f"{header}. Regenerate: `{command}`", *lines[1:]]))
+        write_part(part, runner(), header, args.device)
     assemble()
+
+
+def write_part(part: str, lines: list[str], header: str, device: str) -> None:
+    command = f"python benchmarks/cost.py --parts {part} --device {device}"
+    with open(os.path.join(RESULTS, f"cost_{part}.md"), "w") as handle:
+        handle.write("\n".join([*lines[:1], "", f"{header}. Regenerate: `{command}`", *lines[1:]]))
 
 
 def assemble() -> None:

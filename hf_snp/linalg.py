@@ -41,9 +41,10 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
         return [], []
     factor = robust_cholesky(moment, damping)
     precision = torch.cholesky_inverse(factor)
-    # LAPACK factors all n columns (n^3/3, compute-bound); the loop pays n * step per step (memory-bound):
-    # the loop wins for short prefixes, LAPACK for most of the order (the global allocation's curves)
-    if weights is None and num_remove > 0.6 * n and precision.device.type == "cpu" and precision.dtype == torch.float64:
+    # LAPACK factors all n columns (n^3/3 flops, blocked); the loop reads n * step numbers per step
+    # (memory-bound). On 2 CPU cores the loop only wins for short prefixes of narrow sites
+    # (30% of 1536 or 2048 units); from 4096 units LAPACK wins (benchmarks/cost.py, width).
+    if weights is None and (num_remove > 0.6 * n or n >= 4096) and precision.device.type == "cpu" and precision.dtype == torch.float64:
         found = _lapack_pivoted_cholesky(precision, num_remove)
         if found is not None:
             return found
