@@ -17,6 +17,7 @@ import os
 import time
 
 import torch
+from measure import save_line_plot
 from row_cache import RowCache
 
 import hf_snp
@@ -100,23 +101,10 @@ def write(args, table, dense_ppl, sparsities) -> None:
     with open(os.path.join(RESULTS, "ablation.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, row in table.items():
-        ax.plot([s * 100 for s in sparsities], [row[s][0] for s in sparsities], marker="o", label=label)
-    ax.axhline(dense_ppl, color="grey", linestyle="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity of mlp + heads parameters (%)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_title("SNP ablations on SmolLM2-135M")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "ablation.png"), dpi=120)
-
+    save_line_plot(os.path.join(RESULTS, "ablation.png"),
+                   {label: [(s * 100, row[s][0]) for s in sparsities] for label, row in table.items()},
+                   "sparsity of mlp + heads parameters (%)", "WikiText-2 perplexity", "SNP ablations on SmolLM2-135M",
+                   reference=("dense", dense_ppl), logy=True, size=(7, 4.5), legend_size=7)
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import torch
-from measure import RssPeak, dense_forward_seconds, model_bytes, sync
+from measure import RssPeak, dense_forward_seconds, model_bytes, save_line_plot, sync
 
 import hf_snp
 
@@ -246,24 +246,7 @@ def part_gpu(args, device) -> list[str]:
 
 
 def plot_lines(name: str, xlabel: str, ylabel: str, title: str, series: dict, log: bool = False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    if log:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, name), dpi=120)
-    plt.close(fig)
+    save_line_plot(os.path.join(RESULTS, name), series, xlabel, ylabel, title, logx=log, logy=log, size=(6, 3.8))
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from measure import save_line_plot
 from transformers import DeiTConfig, DeiTForImageClassification
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -125,23 +126,10 @@ def write(args, base, dense_params, train_seconds, rows) -> None:
     with open(os.path.join(RESULTS, "digits.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, targets in dict.fromkeys((m, t) for m, t, *_ in rows):
-        points = [(s * 100, a1) for m, t, s, a1, *_ in rows if (m, t) == (method, targets)]
-        ax.plot(*zip(*points), marker="o", label=f"{method} ({targets})")
-    ax.axhline(base["top1"], color="grey", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity of the targeted parameters (%)")
-    ax.set_ylabel("held-out top-1 accuracy")
-    ax.set_title("DeiT on digits: one-shot pruning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "digits.png"), dpi=120)
-
+    series = {f"{method} ({targets})": [(s * 100, a1) for m, t, s, a1, *_ in rows if (m, t) == (method, targets)]
+              for method, targets in dict.fromkeys((m, t) for m, t, *_ in rows)}
+    save_line_plot(os.path.join(RESULTS, "digits.png"), series, "sparsity of the targeted parameters (%)",
+                   "held-out top-1 accuracy", "DeiT on digits: one-shot pruning", reference=("dense", base["top1"]), size=(6.5, 4))
 
 if __name__ == "__main__":
     main()

@@ -64,3 +64,29 @@ def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: tor
 
 def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+def save_line_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str, *, reference: tuple[str, float] | None = None,
+                   logx: bool = False, logy: bool = False, size: tuple[float, float] = (6.5, 4.2), legend_size: int = 8) -> None:
+    """One line per ``series`` entry ({label: [(x, y), ...]}), an optional horizontal reference line, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
