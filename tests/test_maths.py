@@ -165,3 +165,22 @@ def test_statistics_accumulated_by_blocks_equal_the_covariance(n):
     assert torch.allclose(sigma, torch.cov(x.T, correction=0), atol=1e-4) and torch.allclose(mu, x.mean(0), atol=1e-5)
     second, _ = stats.moments(centered=False)
     assert torch.allclose(second, x.T @ x / len(x), atol=1e-3)
+
+
+@given(st.integers(1, 4), st.integers(1, 8), st.booleans(), st.data())
+@settings(max_examples=60, deadline=None)
+def test_select_by_score_removes_the_lowest_alive_group_of_each_pool_at_each_step(num_pools, per_pool, one_pool, data):
+    """The ranked-cursor selection equals the definition: per scheduled step, min over the pool's alive groups."""
+    from hf_snp.methods.base import RemovalPlan, select_by_score
+
+    n = num_pools * per_pool
+    pools = [list(range(n))] if one_pool else [list(range(i * per_pool, (i + 1) * per_pool)) for i in range(num_pools)]
+    rounds = data.draw(st.integers(0, min(len(pool) for pool in pools)))
+    scores = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), dtype=torch.float64)  # ties
+    plan = RemovalPlan(n, 1, pools, rounds)
+    alive, expected = [True] * n, []
+    for pool in plan.schedule:
+        best = min((g for g in pool if alive[g]), key=lambda g: (float(scores[g]), g))
+        alive[best] = False
+        expected.append(best)
+    assert select_by_score(scores, plan) == expected

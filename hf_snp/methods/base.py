@@ -48,15 +48,20 @@ class RemovalPlan:
 
 
 def select_by_score(scores: torch.Tensor, plan: RemovalPlan) -> list[int]:
-    """Follow the plan's schedule, each step removing the lowest-scored group left in its pool."""
-    alive = torch.ones(plan.num_groups, dtype=torch.bool)
-    removed = []
-    scores = scores.detach().cpu()
-    for pool in plan.schedule:
-        candidates = [g for g in pool if alive[g]]
-        best = min(candidates, key=lambda g: (float(scores[g]), g))
-        alive[best] = False
-        removed.append(best)
+    """Follow the plan's schedule, each step removing the lowest-scored group left in its pool
+    (ties: the lower index). Each pool is ranked once and walked with a cursor past removed groups."""
+    values = scores.detach().cpu().tolist()
+    ranked = [sorted(pool, key=lambda g: (values[g], g)) for pool in plan.pools]
+    cursor, alive, removed = [0] * len(ranked), [True] * plan.num_groups, []
+    for _ in range(plan.rounds):
+        for i, order in enumerate(ranked):
+            while cursor[i] < len(order) and not alive[order[cursor[i]]]:
+                cursor[i] += 1
+            if cursor[i] == len(order):
+                raise ValueError("a removal plan asked for more groups than its pool holds")
+            best = order[cursor[i]]
+            alive[best] = False
+            removed.append(best)
     return removed
 
 
