@@ -81,7 +81,6 @@ def main() -> None:
                     print(f"{method:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
                           f"params {done['params']:,}  {done['seconds']:.0f} s", flush=True)
                     write(args, rows, dense_params)
-    write(args, rows, dense_params)
 
 
 def write(args, rows, dense_params) -> None:

@@ -342,18 +342,16 @@ def prune(
     if isinstance(model, str):
         source = ModelSource.parse(model, gguf_file)
         model_config = load_config(source, trust_remote_code)
-        adapter = get_adapter(model_config)
-        check_modality(calibration, adapter.modality, adapter.family)
-        if adapter.modality == "image" and image_processor is None:
-            image_processor = _preprocessor_if_available("image", source, trust_remote_code, not _is_pixel_values(calibration))
-        if adapter.modality == "text" and tokenizer is None:
-            tokenizer = _preprocessor_if_available("text", source, trust_remote_code, is_text_calibration(calibration))
     elif isinstance(model, PreTrainedModel):
         model_config = model.config
-        adapter = get_adapter(model.config)
-        check_modality(calibration, adapter.modality, adapter.family)
     else:
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
+    adapter = get_adapter(model_config)
+    check_modality(calibration, adapter.modality, adapter.family)
+    if source is not None and adapter.modality == "image" and image_processor is None:
+        image_processor = _preprocessor_if_available("image", source, trust_remote_code, not _is_pixel_values(calibration))
+    if source is not None and adapter.modality == "text" and tokenizer is None:
+        tokenizer = _preprocessor_if_available("text", source, trust_remote_code, is_text_calibration(calibration))
     calib = load_calibration_for(adapter, model_config, calibration, tokenizer, image_processor, config)
     shapes = shape_model(model_config, adapter.auto_class, trust_remote_code) if source is not None else model
     config.validate(num_layers=len(adapter.layers(shapes)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -162,7 +162,6 @@ class StreamingEngine:
         self.device, self.store, self.batch_size, self.progress = device, store, batch_size, progress
         self.checkpoint = checkpoint
         self.timer = PhaseTimer(device)
-        self.replay_limit_bytes = REPLAY_LIMIT_BYTES
 
     def bias_available(self, site: Site) -> bool:
         if site.consumer_linear.bias is not None:
@@ -274,23 +273,20 @@ class StreamingEngine:
         if site is None or not self.adapter.mlp.parent:
             return None
         tokens = sum(item.hidden.shape[:-1].numel() for item in inputs)
-        return site if tokens * site.num_units * inputs[0].hidden.element_size() <= self.replay_limit_bytes else None
+        return site if tokens * site.num_units * inputs[0].hidden.element_size() <= REPLAY_LIMIT_BYTES else None
 
     @contextmanager
     def _replayed(self, attention: nn.Module, attention_cache: list, mlp_site: Site | None, mlp_cache: list, keep):
         """Second pass: cached attention outputs; the cut MLP computed from its cached kept activations."""
-        if not attention_cache:
+        with ExitStack() as stack:
+            if attention_cache:
+                attention_queue = iter(attention_cache)
+                stack.enter_context(replay_outputs(attention, lambda: (next(attention_queue).to(self.device), None)))
+            if mlp_site is not None:
+                mlp_queue, consumer, keep_index = iter(mlp_cache), mlp_site.consumer_linear, keep.to(self.store)
+                stack.enter_context(replay_outputs(
+                    mlp_site.parent, lambda: consumer(next(mlp_queue).index_select(-1, keep_index).to(self.device))))
             yield
-            return
-        attention_queue = iter(attention_cache)
-        with replay_outputs(attention, lambda: (next(attention_queue).to(self.device), None)):
-            if mlp_site is None:
-                yield
-                return
-            mlp_queue, consumer = iter(mlp_cache), mlp_site.consumer_linear
-            keep_index = keep.to(self.store)
-            with replay_outputs(mlp_site.parent, lambda: consumer(next(mlp_queue).index_select(-1, keep_index).to(self.device))):
-                yield
 
     def _prune_block(self, block: nn.Module, index: int, inputs: list[BlockInput], need_outputs: bool, records: list[dict]) -> dict:
         with self.timer("move"):
@@ -324,7 +320,8 @@ class StreamingEngine:
                     decision = self.method.decide(self.site_inputs(site, site_stats, site.plan(n)), self.options)
                 with self.timer("cut"):
                     site.apply(decision)
-                keep = decision.keep if site is mlp_site else keep
+                if site is mlp_site:
+                    keep = decision.keep
             del stats
             if need_outputs:
                 with self.timer("recompute"), self._replayed(attention, attention_cache, mlp_site, mlp_cache, keep):

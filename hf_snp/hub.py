@@ -23,13 +23,13 @@ def hub_reachable() -> bool:
     return True
 
 
-def load_hub_dataset(path: str, config: str | None, split: str, data_files: dict | None = None):
+def load_hub_dataset(path: str, config: str | None, split: str, data_files: dict | None = None, streaming: bool = False):
     """``datasets.load_dataset`` that fails at once with ConnectionError where the Hub is unreachable."""
     if not hub_reachable():
         raise ConnectionError("the Hugging Face Hub is not reachable (offline, or its host does not resolve)")
     import datasets
 
-    return datasets.load_dataset(path, config, split=split, data_files=data_files)
+    return datasets.load_dataset(path, config, split=split, data_files=data_files, streaming=streaming)
 
 
 def push_folder(folder: str, repo_id: str, private: bool = False, token: str | None = None,

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .calibration import CalibrationError
-from .hub import hub_reachable
+from .calibration import HUB_DATASETS, PACKAGED, CalibrationError
+from .hub import load_hub_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -84,7 +84,7 @@ def spec_modality(spec: Any) -> str | None:
             return "image" if folder_images(spec) else None
         if os.path.isfile(spec):
             return "image" if spec.lower().endswith(IMAGE_SUFFIXES) else "text"
-        return "text" if spec.split(":")[0] in ("wikitext2", "c4", "wikitext2-local", "wikitext2-test-local") else None
+        return "text" if spec.split(":")[0] in (*HUB_DATASETS, *PACKAGED) else None
     if hasattr(spec, "column_names"):
         return "image" if image_column(spec) is not None else "text"
     if isinstance(spec, Sequence) and len(spec) > 0:
@@ -97,19 +97,19 @@ def spec_modality(spec: Any) -> str | None:
     return None
 
 
-def check_modality(spec: Any, modality: str, family: str, argument: str = "calibration") -> None:
+def check_modality(spec: Any, modality: str, family: str) -> None:
     """Fail at once when the data's kind does not match the model's (before any weights load)."""
     found = spec_modality(spec)
     if found is None or found == modality:
         return
     if modality == "image":
         raise CalibrationError(
-            f"{family} is an image model, but {argument} is text ({_describe(spec)}). Give images: a datasets.Dataset "
+            f"{family} is an image model, but calibration is text ({_describe(spec)}). Give images: a datasets.Dataset "
             "with an image column, a folder of images, a list of PIL images, or a pixel_values tensor [N, C, H, W]"
             + (" (the default calibration 'wikitext2' is text)" if spec == "wikitext2" else "")
         )
     raise CalibrationError(
-        f"{family} is a text model, but {argument} is images ({_describe(spec)}). Give text: a dataset name, a "
+        f"{family} is a text model, but calibration is images ({_describe(spec)}). Give text: a dataset name, a "
         ".txt/.jsonl path, a list of strings, a datasets.Dataset with a text column, or token ids [N, L]"
     )
 
@@ -122,22 +122,21 @@ def _describe(spec: Any) -> str:
     return type(spec).__name__
 
 
-def _hub_images(name: str, num_samples: int, seed: int) -> tuple[list, list | None]:
+def _hub_images(name: str, num_samples: int, seed: int) -> list:
+    """``num_samples`` images streamed from a Hub dataset ``name[:split]``, shuffled with the seed."""
     path, _, split = name.partition(":")
-    if not hub_reachable():
+    try:
+        stream = load_hub_dataset(path, None, split or "train", streaming=True)
+    except ConnectionError as error:
         raise CalibrationError(f"image dataset {path!r} needs the Hugging Face Hub, which is not reachable; "
-                               "give a local folder of images, a list of PIL images or a pixel_values tensor")
-    import datasets
-
-    stream = datasets.load_dataset(path, split=split or "train", streaming=True)
-    stream = stream.shuffle(seed=seed, buffer_size=1000).take(num_samples)
-    rows = list(stream)
+                               "give a local folder of images, a list of PIL images or a pixel_values tensor") from error
+    rows = list(stream.shuffle(seed=seed, buffer_size=1000).take(num_samples))
     if not rows:
         raise CalibrationError(f"image dataset {name!r} gave no rows")
     column = next((c for c in IMAGE_COLUMNS if c in rows[0]), None)
     if column is None:
         raise CalibrationError(f"image dataset {name!r} has no image column (columns: {sorted(rows[0])})")
-    return [row[column] for row in rows], None
+    return [row[column] for row in rows]
 
 
 def resolve_images(spec: Any) -> tuple[list, str]:
@@ -203,7 +202,7 @@ def load_image_calibration(spec: Any, image_processor: Any, num_samples: int, se
         pixels = _check_pixels(spec)
         return ImageCalibrationData(pixels, f"pixel_values {tuple(pixels.shape)}", tokens_per_sample)
     if isinstance(spec, str) and not os.path.exists(spec):
-        images, _ = _hub_images(spec, num_samples, seed)
+        images = _hub_images(spec, num_samples, seed)
         source = f"{spec}: {len(images)} images, seed {seed}"
     else:
         images, source = resolve_images(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .adapters import adapter_for_type
 from .report import PruneReport
 
 CARD_MARKER = "The full pruning report (per-layer widths, timings) is in `hf_snp_report.json`."
@@ -22,15 +23,14 @@ def _compact_widths(report: PruneReport, column: str) -> str | None:
     return ", ".join(str(v) for v in values)
 
 
-IMAGE_TYPES = ("vit", "deit")
-
-
 def model_card(report: PruneReport, repo_id: str | None = None) -> str:
     """README.md text: YAML front matter (base_model, library_name, tags) and a summary."""
     base = report.get("base_model")
     method = report.get("method", "")
-    image = str(report.get("model_type", "")).removeprefix("hf_snp_") in IMAGE_TYPES
-    auto, preprocessor = ("AutoModelForImageClassification", "AutoImageProcessor") if image else ("AutoModelForCausalLM", "AutoTokenizer")
+    adapter = adapter_for_type(report["model_type"]) if report.get("model_type") else None  # a partial report: a causal LM
+    image = adapter is not None and adapter.modality == "image"
+    auto = adapter.auto_class if adapter is not None else "AutoModelForCausalLM"
+    preprocessor = "AutoImageProcessor" if image else "AutoTokenizer"
     front = ["---", "library_name: transformers", f"pipeline_tag: {'image-classification' if image else 'text-generation'}"]
     if base and "/" in str(base) and not str(base).startswith(("/", ".")):
         front.append(f"base_model: {base}")

@@ -77,7 +77,7 @@ def test_wikitext2_falls_back_to_the_packaged_text_offline(tokenizer, monkeypatc
 def test_hub_dataset_path_is_used_when_the_hub_answers(tokenizer, monkeypatch):
     calls = []
 
-    def fake_load_dataset(path, config, split=None, data_files=None):
+    def fake_load_dataset(path, config, split=None, data_files=None, streaming=False):
         calls.append((path, config, split, data_files))
         return datasets.Dataset.from_dict({"text": [text(), "", text(50)]})
 

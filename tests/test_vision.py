@@ -307,16 +307,16 @@ def test_a_hub_image_dataset_is_streamed_and_sampled_with_the_seed(monkeypatch):
     """The Hub boundary replaced: ``datasets.load_dataset(name, split=..., streaming=True)``."""
     import datasets
 
-    import hf_snp.images
+    import hf_snp.hub
 
     images = pil_images(12)
     calls = []
 
-    def fake_load_dataset(path, split=None, streaming=False):
+    def fake_load_dataset(path, config=None, split=None, data_files=None, streaming=False):
         calls.append((path, split, streaming))
         return datasets.IterableDataset.from_generator(lambda: ({"image": image, "label": 0} for image in images))
 
-    monkeypatch.setattr(hf_snp.images, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     a = load_image_calibration("user/images:train", processor(), num_samples=5, seed=0, tokens_per_sample=17)
     b = load_image_calibration("user/images:train", processor(), num_samples=5, seed=0, tokens_per_sample=17)
@@ -325,9 +325,9 @@ def test_a_hub_image_dataset_is_streamed_and_sampled_with_the_seed(monkeypatch):
 
 
 def test_a_hub_image_dataset_offline_fails_with_what_to_do_instead(monkeypatch):
-    import hf_snp.images
+    import hf_snp.hub
 
-    monkeypatch.setattr(hf_snp.images, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: False)
     with pytest.raises(CalibrationError, match="not reachable; give a local folder of images"):
         load_image_calibration("user/images", processor(), num_samples=5, seed=0, tokens_per_sample=17)
 

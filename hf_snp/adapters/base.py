@@ -79,7 +79,11 @@ def supported_families() -> str:
 
 def get_adapter(config: PretrainedConfig) -> ModelAdapter:
     """The adapter for ``config.model_type``; a clear error for unsupported architectures."""
-    model_type = getattr(config, "model_type", None)
+    return adapter_for_type(getattr(config, "model_type", None))
+
+
+def adapter_for_type(model_type: str | None) -> ModelAdapter:
+    """The adapter registered for a model_type (stock or hf_snp_*)."""
     if model_type not in _REGISTRY:
         raise ValueError(
             f"hf_snp cannot prune model_type {model_type!r}. Supported families: {supported_families()}."
