@@ -40,6 +40,10 @@ class _InputsCaptured(Exception):
     pass
 
 
+class _StatisticsTaken(Exception):
+    pass
+
+
 @dataclass
 class BlockInput:
     """One calibration batch at the entrance of the current block."""
@@ -214,7 +218,8 @@ class StreamingEngine:
             handles = [site.consumer_linear.register_forward_pre_hook(s.hook) for site, s in zip(sites, stats)]
             try:
                 with self.timer("curves_statistics"):
-                    self._run_block(block, inputs, stats, keep_outputs=index < len(layers) - 1)
+                    self._run_block(block, inputs, stats, keep_outputs=index < len(layers) - 1,
+                                    consumers=tuple(site.consumer_linear for site in sites))
             finally:
                 for handle in handles:
                     handle.remove()
@@ -259,13 +264,34 @@ class StreamingEngine:
         self._run_block(block, inputs, [], keep_outputs=True)
         placement.send_back(block)
 
-    def _run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics], keep_outputs: bool) -> None:
-        for item in inputs:
-            for s in stats:
-                s.token_mask = item.token_mask
-            out = block(item.hidden.to(self.device), **move(item.kwargs, self.device))
-            if keep_outputs:
-                item.hidden = out.to(self.store)
+    def _run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics], keep_outputs: bool,
+                   consumers: tuple[nn.Module, ...] = ()) -> None:
+        """Run ``block`` on every batch. When its outputs are not kept, each forward stops as soon as
+        all ``consumers`` have received their inputs (registered last, so after the statistics
+        hooks): the rest of the block (at least the last consumer's matmul) would be wasted."""
+        waiting: set[nn.Module] = set()
+
+        def stop_when_all_seen(module, args):
+            waiting.discard(module)
+            if not waiting:
+                raise _StatisticsTaken
+
+        handles = [] if keep_outputs else [m.register_forward_pre_hook(stop_when_all_seen) for m in consumers]
+        try:
+            for item in inputs:
+                for s in stats:
+                    s.token_mask = item.token_mask
+                if handles:
+                    waiting.update(consumers)
+                try:
+                    out = block(item.hidden.to(self.device), **move(item.kwargs, self.device))
+                except _StatisticsTaken:
+                    continue
+                if keep_outputs:
+                    item.hidden = out.to(self.store)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _mlp_replay_site(self, active: list, inputs: list[BlockInput]) -> Site | None:
         """The MLP site whose consumer inputs are worth caching: its MLP is a module of its own and they fit."""
@@ -310,7 +336,7 @@ class StreamingEngine:
                 handles.append(mlp_site.consumer_linear.register_forward_pre_hook(lambda m, a: mlp_cache.append(a[0].to(self.store))))
             try:
                 with self.timer("statistics"):
-                    self._run_block(block, inputs, stats, keep_outputs=False)
+                    self._run_block(block, inputs, stats, keep_outputs=False, consumers=tuple(site.consumer_linear for site, _ in active))
             finally:
                 for handle in handles:
                     handle.remove()

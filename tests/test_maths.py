@@ -11,7 +11,7 @@ from torch import nn
 from hf_snp.linalg import cumulative_variance, damped, greedy_zca_elimination, least_squares_map, zca_order
 from hf_snp.methods import Decision
 from hf_snp.methods.base import split
-from hf_snp.stats import SiteStatistics
+from hf_snp.stats import NonFiniteActivationError, SiteStatistics
 from hf_snp.surgery import fold_into_consumer
 
 F64 = dict(dtype=torch.float64)
@@ -139,6 +139,21 @@ def test_statistics_match_a_direct_computation_and_exclude_masked_tokens():
     assert torch.allclose(raw, kept.T @ kept / len(kept), rtol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("batch", [0, 2])
+def test_a_non_finite_activation_in_any_batch_is_refused(bad, batch):
+    """One NaN or inf in one token of one batch, the first (it also spoils the shift) or a later one."""
+    stats = SiteStatistics("layer 3 mlp", 6, torch.device("cpu"))
+    for index in range(3):
+        h = torch.randn(2, 5, 6)
+        if index == batch:
+            h[1, 3, 4] = bad
+            with pytest.raises(NonFiniteActivationError, match="layer 3 mlp"):
+                stats.update(h)
+            return
+        stats.update(h)
+
+
 @pytest.mark.parametrize("n, remove", [(40, 40), (64, 20), (7, 3)])
 def test_lapack_elimination_matches_the_column_loop(n, remove):
     """LAPACK's pivoted Cholesky of the precision is the greedy ZCA elimination (unit weights force the loop)."""
@@ -151,7 +166,7 @@ def test_lapack_elimination_matches_the_column_loop(n, remove):
     assert torch.allclose(torch.tensor(fast[1]), torch.tensor(loop[1]), rtol=1e-8)
 
 
-@pytest.mark.parametrize("n", [7, 600, 1000])
+@pytest.mark.parametrize("n", [7, 600, 1000, 1600])
 def test_statistics_accumulated_by_blocks_equal_the_covariance(n):
     """The Gram is summed over its upper block triangle only: the moments must still be the full ones."""
     generator = torch.Generator().manual_seed(n)
@@ -161,7 +176,7 @@ def test_statistics_accumulated_by_blocks_equal_the_covariance(n):
         stats.update(batch)
     x = torch.cat([b.reshape(-1, n) for b in batches]).double()
     sigma, mu = stats.moments(centered=True)
-    assert len(stats.blocks) == max(1, min(4, n // 256))
+    assert len(stats.panels) == max(1, min(8, n // 192))
     assert torch.allclose(sigma, torch.cov(x.T, correction=0), atol=1e-4) and torch.allclose(mu, x.mean(0), atol=1e-5)
     second, _ = stats.moments(centered=False)
     assert torch.allclose(second, x.T @ x / len(x), atol=1e-3)

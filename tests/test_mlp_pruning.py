@@ -192,3 +192,26 @@ def test_second_pass_from_cached_mlp_activations_matches_recomputing(family, met
     for (name, a), (_, b) in zip(replayed.model.state_dict().items(), recomputed.model.state_dict().items()):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
     assert torch.allclose(logits(replayed.model), logits(recomputed.model), atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["mlp"], ["mlp", "heads"]])
+def test_statistics_pass_stops_at_the_last_consumer(targets, monkeypatch):
+    """A block's statistics pass ends once every consumer has its inputs: down_proj never runs there
+    (only in the second pass, which the last block skips), and the result is the one of running
+    every block to its end."""
+    import hf_snp.engine
+
+    model = tiny_llama()
+    calls: dict[int, int] = {}
+    pruned_model = copy.deepcopy(model)
+    for index, layer in enumerate(pruned_model.model.layers):
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, out, i=index: calls.__setitem__(i, calls.get(i, 0) + 1))
+    stopped = prune_quiet(pruned_model, targets=targets, sparsity=0.3)
+    batches = 4  # 16 windows, batch size 4; once each in the replayed MLP, or in the cut block run again
+    assert [calls.get(i, 0) for i in range(4)] == [batches] * 3 + [0]
+
+    original = hf_snp.engine.StreamingEngine._run_block
+    monkeypatch.setattr(hf_snp.engine.StreamingEngine, "_run_block",
+                        lambda self, block, inputs, stats, keep_outputs, consumers=(): original(self, block, inputs, stats, keep_outputs))
+    full = prune_quiet(copy.deepcopy(model), targets=targets, sparsity=0.3)
+    assert torch.equal(logits(stopped.model), logits(full.model))
