@@ -18,12 +18,14 @@ import argparse
 import copy
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 from row_cache import RowCache
 
 import hf_snp
 from hf_snp.calibration import packaged_text
+from hf_snp.engine import StreamingEngine
 from hf_snp.evaluation import perplexity
 from hf_snp.loading import demo_model_source, load_model, load_tokenizer
 
@@ -33,6 +35,37 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[: num * length].view(num, length)
+
+
+class SharedDensePass:
+    """Global allocation's dense statistics pass depends on the method and the target set, not on
+    the sparsity: the grid runs it once per pair and gives its curves to the other sparsities.
+    ``reused_seconds`` is the pass's measured time when a row reused it, so that each row's
+    seconds are still those of a whole run."""
+
+    def __init__(self):
+        self.saved: dict[tuple, tuple[list, float]] = {}
+        self.reused_seconds = 0.0
+
+    @contextmanager
+    def sharing(self, key: tuple):
+        original, shared = StreamingEngine.collect_curves, self
+        shared.reused_seconds = 0.0
+
+        def collect_curves(engine, calib, rules):
+            if key in shared.saved:
+                curves, shared.reused_seconds = shared.saved[key]
+                return copy.deepcopy(curves)
+            start = time.perf_counter()
+            curves = original(engine, calib, rules)
+            shared.saved[key] = (copy.deepcopy(curves), time.perf_counter() - start)
+            return curves
+
+        StreamingEngine.collect_curves = collect_curves
+        try:
+            yield
+        finally:
+            StreamingEngine.collect_curves = original
 
 
 def main() -> None:
@@ -61,6 +94,7 @@ def main() -> None:
     if args.fresh and os.path.exists(cache_path):
         os.remove(cache_path)
     cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode, "dense": round(dense_ppl, 4)})
+    dense_pass = SharedDensePass()
     for allocation in args.allocations.split(","):
         for targets in args.targets:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
@@ -69,10 +103,11 @@ def main() -> None:
                     done = cache.get(key)
                     if done is None:
                         start = time.perf_counter()
-                        result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method=method, sparsity=sparsity,
-                                              targets=targets.split(","), allocation=allocation, calibration=calib,
-                                              gqa_mode=args.gqa_mode, progress=False)
-                        seconds = time.perf_counter() - start
+                        with dense_pass.sharing((method, targets)):
+                            result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method=method, sparsity=sparsity,
+                                                  targets=targets.split(","), allocation=allocation, calibration=calib,
+                                                  gqa_mode=args.gqa_mode, progress=False)
+                        seconds = time.perf_counter() - start + dense_pass.reused_seconds
                         ppl = perplexity(result.model, tokenizer, **eval_args)
                         done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds}
                         cache.put(key, done)
@@ -83,13 +118,33 @@ def main() -> None:
                     write(args, rows, dense_params)
 
 
+def pivot_tables(rows: list[tuple]) -> list[str]:
+    """One perplexity table per target set and allocation: sparsity down, method across, best in bold."""
+    lines: list[str] = []
+    groups: dict[tuple[str, str], dict[float, dict[str, float]]] = {}
+    methods: list[str] = []
+    for method, targets, allocation, sparsity, ppl, _, _ in rows:
+        groups.setdefault((targets, allocation), {}).setdefault(sparsity, {})[method] = ppl
+        methods += [method] if method not in methods else []
+    for (targets, allocation), by_sparsity in groups.items():
+        lines += ["", f"Perplexity, {targets}, {allocation} allocation:", "",
+                  "| sparsity | " + " | ".join(methods) + " |", "| ---: |" + " ---: |" * len(methods)]
+        for sparsity, results in by_sparsity.items():
+            best = min(results.values())
+            cells = ["" if m not in results else (f"**{results[m]:.2f}**" if results[m] == best else f"{results[m]:.2f}") for m in methods]
+            lines.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write(args, rows, dense_params) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     lines = [
         f"# {args.name}: SmolLM2-135M, WikiText-2",
         "",
         f"Calibration: first {args.windows} x {args.seq_len} tokens of the validation text; evaluation: first "
-        f"{args.windows} x {args.seq_len} tokens of the test text; GQA mode {args.gqa_mode}; CPU, fp32.",
+        f"{args.windows} x {args.seq_len} tokens of the test text; GQA mode {args.gqa_mode}; CPU, fp32. With global "
+        "allocation the dense statistics pass is run once per method and target set (it does not depend on the "
+        "sparsity); its measured seconds are counted in every row that used it.",
         "",
         "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
         + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} --name {args.name}`",
@@ -99,6 +154,7 @@ def write(args, rows, dense_params) -> None:
     ]
     for method, targets, allocation, sparsity, ppl, params, seconds in rows:
         lines.append(f"| {method} | {targets} | {allocation} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} |")
+    lines += pivot_tables(rows[1:])
     lines += ["", "Best method per setting (target: snp from 20% up):", "", "| targets | allocation | sparsity | best | snp rank |",
               "| --- | --- | ---: | --- | ---: |"]
     settings: dict[tuple, list[tuple[float, str]]] = {}

@@ -5,7 +5,8 @@ bring it to the execution device, accumulate every site's statistics with hooks,
 cut and reconstruct, recompute the block's outputs with the pruned block (sequential mode:
 later blocks see earlier errors), and send the block back. Submodules a cut does not change
 (the attention when only MLP units are pruned) are replayed from a cache in the second
-pass instead of being run again.
+pass instead of being run again, and a statistics pass whose outputs are not needed stops
+once every consumer has its inputs.
 """
 
 from __future__ import annotations
