@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -35,6 +36,15 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[: num * length].view(num, length)
+
+
+def code_commit() -> str:
+    """The commit the rows are measured with (pruning seconds change with the code; "+" when it has edits)."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+" if git("status", "--porcelain", "--", "../hf_snp") else "")) if head else "unknown"
 
 
 class SharedDensePass:
@@ -88,13 +98,13 @@ def main() -> None:
     eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
     dense_ppl = perplexity(dense, tokenizer, **eval_args)
     dense_params = hf_snp.count_parameters(dense)
-    rows = [("dense", "-", "-", 0.0, dense_ppl, dense_params, 0.0)]
+    rows = [("dense", "-", "-", 0.0, dense_ppl, dense_params, 0.0, "-")]
     print(f"dense: perplexity {dense_ppl:.2f}, {dense_params:,} parameters", flush=True)
     cache_path = os.path.join(RESULTS, f"{args.name}.jsonl")
     if args.fresh and os.path.exists(cache_path):
         os.remove(cache_path)
     cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode, "dense": round(dense_ppl, 4)})
-    dense_pass = SharedDensePass()
+    dense_pass, commit = SharedDensePass(), code_commit()
     for allocation in args.allocations.split(","):
         for targets in args.targets:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
@@ -109,10 +119,10 @@ def main() -> None:
                                                   gqa_mode=args.gqa_mode, progress=False)
                         seconds = time.perf_counter() - start + dense_pass.reused_seconds
                         ppl = perplexity(result.model, tokenizer, **eval_args)
-                        done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds}
+                        done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds, "commit": commit}
                         cache.put(key, done)
                         del result
-                    rows.append((method, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"]))
+                    rows.append((method, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"], done.get("commit", "?")))
                     print(f"{method:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
                           f"params {done['params']:,}  {done['seconds']:.0f} s", flush=True)
                     write(args, rows, dense_params)
@@ -123,7 +133,7 @@ def pivot_tables(rows: list[tuple]) -> list[str]:
     lines: list[str] = []
     groups: dict[tuple[str, str], dict[float, dict[str, float]]] = {}
     methods: list[str] = []
-    for method, targets, allocation, sparsity, ppl, _, _ in rows:
+    for method, targets, allocation, sparsity, ppl, *_ in rows:
         groups.setdefault((targets, allocation), {}).setdefault(sparsity, {})[method] = ppl
         methods += [method] if method not in methods else []
     for (targets, allocation), by_sparsity in groups.items():
@@ -149,16 +159,19 @@ def write(args, rows, dense_params) -> None:
         "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
         + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} --name {args.name}`",
         "",
-        "| method | targets | allocation | sparsity | perplexity | parameters after | pruning s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "Pruning seconds depend on the code they were measured with (`timed at`: its commit); perplexity and "
+        "parameters do not (the speed-ups in between are tested to give the same pruned weights).",
+        "",
+        "| method | targets | allocation | sparsity | perplexity | parameters after | pruning s | timed at |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for method, targets, allocation, sparsity, ppl, params, seconds in rows:
-        lines.append(f"| {method} | {targets} | {allocation} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} |")
+    for method, targets, allocation, sparsity, ppl, params, seconds, commit in rows:
+        lines.append(f"| {method} | {targets} | {allocation} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} | {commit} |")
     lines += pivot_tables(rows[1:])
     lines += ["", "Best method per setting (target: snp from 20% up):", "", "| targets | allocation | sparsity | best | snp rank |",
               "| --- | --- | ---: | --- | ---: |"]
     settings: dict[tuple, list[tuple[float, str]]] = {}
-    for method, targets, allocation, sparsity, ppl, _, _ in rows[1:]:
+    for method, targets, allocation, sparsity, ppl, *_ in rows[1:]:
         settings.setdefault((targets, allocation, sparsity), []).append((ppl, method))
     for (targets, allocation, sparsity), results in settings.items():
         ranked = [m for _, m in sorted(results)]
@@ -174,7 +187,7 @@ def write(args, rows, dense_params) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
-    for method, targets, allocation, _, ppl, params, _ in rows[1:]:
+    for method, targets, allocation, _, ppl, params, *_ in rows[1:]:
         series.setdefault((method, targets, allocation), []).append((params / dense_params, ppl))
     for (method, targets, allocation), points in series.items():
         points.sort()
