@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import torch
-from measure import RssPeak, dense_forward_seconds, model_bytes, save_line_plot, sync
+from measure import RssPeak, code_commit, dense_forward_seconds, model_bytes, save_line_plot, sync
 
 import hf_snp
 
@@ -260,7 +260,7 @@ def main() -> None:
     device = torch.device(args.device)
     os.makedirs(RESULTS, exist_ok=True)
     parts = args.parts.split(",")
-    header = f"({device.type}, {os.cpu_count()} CPU cores, torch {torch.__version__})"
+    header = f"({device.type}, {os.cpu_count()} CPU cores, torch {torch.__version__}, hf_snp at commit {code_commit()})"
     for part in parts:
         runner = {"ratio": lambda: part_ratio(args, device), "depth": lambda: part_depth(args),
                   "tokens": lambda: part_tokens(args, device), "width": lambda: part_width(args, device),

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 
 import torch
+
+
+def code_commit() -> str:
+    """The commit a measurement is taken with (timings change with the code); "+" when hf_snp/ has edits."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+" if git("status", "--porcelain", "--", "../hf_snp") else "")) if head else "unknown"
 
 
 class RssPeak:

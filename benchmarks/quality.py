@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import subprocess
 import time
 from contextlib import contextmanager
 
 import torch
+from measure import code_commit
 from row_cache import RowCache
 
 import hf_snp
@@ -36,15 +36,6 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[: num * length].view(num, length)
-
-
-def code_commit() -> str:
-    """The commit the rows are measured with (pruning seconds change with the code; "+" when it has edits)."""
-    def git(*command):
-        return subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD")
-    return (head + ("+" if git("status", "--porcelain", "--", "../hf_snp") else "")) if head else "unknown"
 
 
 class SharedDensePass:
