@@ -176,20 +176,26 @@ def write(args, rows, dense_params) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    target_sets = list(dict.fromkeys(row[1] for row in rows[1:]))
+    methods = list(dict.fromkeys(row[0] for row in rows[1:]))
+    fig, axes = plt.subplots(1, max(1, len(target_sets)), figsize=(6 * max(1, len(target_sets)), 4.5), squeeze=False, sharey=True)
     series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for method, targets, allocation, _, ppl, params, *_ in rows[1:]:
         series.setdefault((method, targets, allocation), []).append((params / dense_params, ppl))
-    for (method, targets, allocation), points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if allocation == "uniform" else "x",
-                linestyle="-" if allocation == "uniform" else ":", label=f"{method} ({targets}, {allocation})")
-    ax.axhline(rows[0][4], color="grey", linestyle="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction of parameters kept")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_title(f"SmolLM2-135M: {args.name}")
-    ax.legend(fontsize=6, ncol=2)
+    for ax, targets in zip(axes[0], target_sets):  # one panel per target set, one colour per method
+        for (method, set_, allocation), points in series.items():
+            if set_ != targets:
+                continue
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=f"C{methods.index(method) % 10}",
+                    marker="o" if allocation == "uniform" else "x", linestyle="-" if allocation == "uniform" else ":",
+                    label=f"{method}, {allocation}")
+        ax.axhline(rows[0][4], color="grey", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("fraction of parameters kept")
+        ax.set_title(f"SmolLM2-135M, {targets} ({args.name})")
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("WikiText-2 perplexity")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"{args.name}.png"), dpi=120)
     plt.close(fig)
