@@ -17,7 +17,7 @@ import os
 import time
 
 import torch
-from measure import save_line_plot
+from measure import first_windows, save_line_plot
 from row_cache import RowCache
 
 import hf_snp
@@ -48,8 +48,7 @@ def main() -> None:
     source = demo_model_source()
     tokenizer = load_tokenizer(source)
     dense = load_model(source, dtype=torch.float32)
-    ids = tokenizer(packaged_text("wikitext2-local"), return_tensors="pt").input_ids[0]
-    calib = ids[: args.windows * args.seq_len].view(args.windows, args.seq_len)
+    calib = first_windows(tokenizer, packaged_text("wikitext2-local"), args.windows, args.seq_len)
     eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
     dense_ppl = perplexity(dense, tokenizer, **eval_args)
     print(f"dense: perplexity {dense_ppl:.2f}", flush=True)

@@ -72,6 +72,12 @@ def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: tor
     return time.perf_counter() - start
 
 
+def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
+    """The first ``num`` windows of ``length`` tokens of ``text``, as [num, length] ids."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids[: num * length].view(num, length)
+
+
 def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 

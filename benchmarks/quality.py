@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from measure import code_commit
+from measure import code_commit, first_windows
 from row_cache import RowCache
 
 import hf_snp
@@ -31,11 +31,6 @@ from hf_snp.evaluation import perplexity
 from hf_snp.loading import demo_model_source, load_model, load_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def first_windows(tokenizer, text: str, num: int, length: int) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    return ids[: num * length].view(num, length)
 
 
 class SharedDensePass:
