@@ -1,0 +1,39 @@
+"""Write the reference pruned weights and reports of tests/regression_cases.py.
+
+How the stored files were made: from the pre-refactor commit ffcfff7, checked out as a
+worktree, with the case definitions of the current tests:
+
+    git -C /work/main worktree add /tmp/base ffcfff7
+    PYTHONPATH=/tmp/base:/work/main/tests python tests/data/regression/generate.py
+    git -C /work/main worktree remove /tmp/base --force
+
+(`import hf_snp` then resolves to /tmp/base/hf_snp; the script prints the path it used.)
+Run it again only to add a case, or on purpose when a change of results is intended.
+Usage: generate.py [CASE ...]  (default: every case).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from safetensors.torch import save_file
+
+import hf_snp
+from regression_cases import BY_NAME, CASES, DATA_DIR, report_subset, state_dict_of
+
+
+def main(names: list[str]) -> None:
+    print(f"hf_snp from {hf_snp.__file__}")
+    os.makedirs(DATA_DIR, exist_ok=True)
+    for case in [BY_NAME[n] for n in names] if names else CASES:
+        result = case.prune(hf_snp)
+        save_file(state_dict_of(result.model), os.path.join(DATA_DIR, f"{case.name}.safetensors"))
+        with open(os.path.join(DATA_DIR, f"{case.name}.json"), "w", encoding="utf-8") as handle:
+            json.dump(report_subset(result.report), handle, indent=1, sort_keys=True)
+        print(case.name, result.report["params_before"], "->", result.report["params_after"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
