@@ -99,7 +99,27 @@ def test_global_vbp_runs_and_reports_its_threshold():
     result = prune_quiet(tiny_llama(), method="vbp", sparsity=0.3, allocation="global")
     allocation = result.report["allocation"]
     assert allocation["mode"] == "global" and allocation["threshold"] is not None
-    assert len(allocation["curves"]) == 4 and all(c[0] == 1.0 for c in allocation["curves"].values())
+    assert len(allocation["curves"]) == 4
+    # VBP's costs are the units' variances on the dense model, removed smallest first: each curve is
+    # 1 - (sum of the s smallest variances) / (sum of all), and the threshold (a variance) cuts every
+    # unit at or below it, so each layer keeps exactly its units with a larger variance.
+    inputs = {}
+    dense = tiny_llama()
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(a[0]))
+             for i, layer in enumerate(dense.model.layers)]
+    with torch.no_grad():
+        for batch in calibration_ids().split(4):
+            dense(batch)
+    for hook in hooks:
+        hook.remove()
+    threshold = allocation["threshold"]
+    for i in range(4):
+        h = torch.cat(inputs[i]).reshape(-1, 48).double()
+        variance = h.var(0, unbiased=False).sort().values
+        expected = [1.0] + (1 - variance.cumsum(0) / variance.sum()).clamp_min(0).tolist()
+        assert allocation["curves"][f"{i}.mlp"] == pytest.approx(expected, abs=2e-5)
+        assert result.report["layers"][i]["mlp_width"] == 48 - int((variance <= threshold * (1 + 1e-6)).sum())
+    assert abs(allocation["planned_params_removed"] - allocation["target_params_removed"]) <= 3 * 32 / 2
 
 
 def test_unreachable_budget_fails_before_long_work(no_long_work):
@@ -107,11 +127,17 @@ def test_unreachable_budget_fails_before_long_work(no_long_work):
         hf_snp.prune(tiny_llama(), sparsity=0.5, min_width=40, calibration=torch.zeros(2, 4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("bad", [dict(allocation="best"), dict(ordering="magic"), dict(method="vbp", ordering="natural"),
-                                 dict(round_to=0), dict(min_width={"attention": 2}), dict(sparsity_per_target={"heads": 0.2}),
-                                 dict(allocation="global", layer_sparsity={0: 0.1})])
-def test_bad_allocation_options(bad, no_long_work):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(allocation="best"), r"unknown allocation 'best'"),
+    (dict(ordering="magic"), r"unknown ordering 'magic'"),
+    (dict(method="vbp", ordering="natural"), r"ordering='natural' is an SNP ablation.*'vbp'"),
+    (dict(round_to=0), r"round_to must be a positive integer"),
+    (dict(min_width={"attention": 2}), r"min_width must be a positive integer or a \{target: integer\} mapping.*'attention'"),
+    (dict(sparsity_per_target={"heads": 0.2}), r"sparsity_per_target names 'heads', which is not among targets"),
+    (dict(allocation="global", layer_sparsity={0: 0.1}), r"layer_sparsity fixes each layer's budget.*global"),
+])
+def test_bad_allocation_options(bad, message, no_long_work):
+    with pytest.raises(ValueError, match=message):
         hf_snp.prune(tiny_llama(), calibration=torch.zeros(2, 4, dtype=torch.long), **bad)
 
 
