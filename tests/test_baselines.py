@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY, logits, make_constant_neurons, mlp_sites, prune_quiet, sparsity_removing, tiny_llama, tiny_opt
+from conftest import TINY, calibration_ids, logits, make_constant_neurons, mlp_sites, prune_quiet, sparsity_removing, tiny_llama, tiny_opt
 from transformers import AutoModelForCausalLM
 
 BASELINES = ["flap", "wanda_sp", "magnitude"]
@@ -45,3 +45,206 @@ def test_baselines_prune_heads_and_mlp_and_reload(method, family, allocation, tm
     assert result.report["params_after"] == sum(p.numel() for p in result.model.parameters()) < before
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
+
+
+# --- properties of the baselines' choices, checked against scores computed here from the activations ---
+
+HEAD_DIM = 8  # tiny models: hidden 32, 4 heads
+UNIT_PARAMS = {  # parameters one unit takes out of its site (MLP neuron, query head)
+    ("llama", "mlp"): 3 * 32,  # gate row, up row, down column
+    ("opt", "mlp"): 32 + 1 + 32,  # fc1 row and bias, fc2 column
+    ("llama", "heads"): 2 * HEAD_DIM * 32,  # q rows, o columns (per_group keeps k and v)
+    ("opt", "heads"): 3 * (HEAD_DIM * 32 + HEAD_DIM) + 32 * HEAD_DIM,  # q, k, v rows with biases, out_proj columns
+}
+SITE_PARAMS = {("llama", "mlp"): 3 * 48 * 32, ("opt", "mlp"): 2 * 48 * 32 + 48 + 32,
+               ("llama", "heads"): 2 * 32 * 32 + 2 * 16 * 32, ("opt", "heads"): 4 * (32 * 32 + 32)}
+
+
+def decoder_layers(model):
+    return model.model.decoder.layers if model.config.model_type.endswith("opt") else model.model.layers
+
+
+def producer_and_consumer(layer, target):
+    """The linear whose rows are the units (MLP: up / fc1; heads: q), and the linear the units feed."""
+    if target == "heads":
+        return layer.self_attn.q_proj, getattr(layer.self_attn, "o_proj", None) or layer.self_attn.out_proj
+    return (layer.mlp.up_proj, layer.mlp.down_proj) if hasattr(layer, "mlp") else (layer.fc1, layer.fc2)
+
+
+def consumer_inputs(dense, pruned, target):
+    """Per layer i, the input of layer i's consumer as the engine sees it: layers < i pruned, layer i dense.
+
+    Built by running the pruned model with its layer i swapped for the dense one.
+    """
+    inputs = []
+    for i in range(len(decoder_layers(dense))):
+        hybrid = copy.deepcopy(pruned)
+        decoder_layers(hybrid)[i] = copy.deepcopy(decoder_layers(dense)[i])
+        captured = []
+        consumer = producer_and_consumer(decoder_layers(hybrid)[i], target)[1]
+        consumer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+        with torch.no_grad():
+            for batch in calibration_ids().split(4):
+                hybrid(batch, use_cache=False)
+        inputs.append(torch.cat(captured).flatten(0, -2).double())
+    return inputs
+
+
+def unit_scores(method, x, weight):
+    """The documented per-unit score: FLAP var(X_j)·‖W_:,j‖², wanda_sp ‖X_j‖·Σ|W_:,j|, magnitude ‖W_:,j‖."""
+    weight = weight.detach().double()
+    if method == "flap":
+        return x.var(0, unbiased=False) * weight.pow(2).sum(0)
+    if method == "wanda_sp":
+        return x.pow(2).sum(0).sqrt() * weight.abs().sum(0)
+    return weight.pow(2).sum(0).sqrt()
+
+
+def kept_groups(dense_producer, pruned_producer, size):
+    """Which groups of ``size`` producer rows survived (matched by their weights, which baselines leave alone)."""
+    dense_rows = dense_producer.weight.reshape(-1, size * dense_producer.in_features)
+    kept = []
+    for row in pruned_producer.weight.reshape(-1, size * pruned_producer.in_features):
+        matches = [g for g in range(len(dense_rows)) if torch.equal(dense_rows[g], row)]
+        assert len(matches) == 1
+        kept.append(matches[0])
+    return kept
+
+
+def pools_of(family, num_heads=4, num_kv=2):
+    """Query heads a per_group step chooses among: one pool per KV group (Llama GQA); one pool for OPT."""
+    if family == "opt":
+        return [list(range(num_heads))]
+    per = num_heads // num_kv
+    return [list(range(k * per, (k + 1) * per)) for k in range(num_kv)]
+
+
+@pytest.mark.parametrize("target", ["mlp", "heads"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_remove_the_lowest_scored_units(method, family, target):
+    """Every layer loses exactly the lowest-scored units (heads: within each KV group's pool) by the
+    method's documented score, computed here from the activations the engine saw."""
+    dense = TINY[family]()
+    result = prune_quiet(copy.deepcopy(dense), method=method, sparsity=0.3, targets=(target,))
+    size = HEAD_DIM if target == "heads" else 1
+    xs = consumer_inputs(dense, result.model, target)
+    for i, (dense_layer, pruned_layer) in enumerate(zip(decoder_layers(dense), decoder_layers(result.model))):
+        dense_producer, dense_consumer = producer_and_consumer(dense_layer, target)
+        kept = kept_groups(dense_producer, producer_and_consumer(pruned_layer, target)[0], size)
+        removed = set(range(dense_producer.out_features // size)) - set(kept)
+        assert removed, f"layer {i}: nothing removed, the test would be vacuous"
+        scores = unit_scores(method, xs[i], dense_consumer.weight).reshape(-1, size).sum(1)
+        pools = pools_of(family) if target == "heads" else [list(range(len(scores)))]
+        per_pool = len(removed) // len(pools)
+        expected = {g for pool in pools for g in sorted(pool, key=lambda g: float(scores[g]))[:per_pool]}
+        assert removed == expected, f"layer {i}: removed {sorted(removed)}, lowest scores {sorted(expected)}: {scores.tolist()}"
+
+
+def removed_and_added(family, report, targets):
+    """Parameters the report's widths take out (counted here per unit), and the biases it says were added."""
+    removed = added = 0
+    for layer in report["layers"]:
+        if "mlp" in targets:
+            removed += (layer["mlp_width_before"] - layer["mlp_width"]) * UNIT_PARAMS[(family, "mlp")]
+            added += 32 * layer["mlp_output_bias_added"]
+        if "heads" in targets:
+            removed += (layer["num_heads_before"] - layer["num_heads"]) * UNIT_PARAMS[(family, "heads")]
+            added += 32 * layer["attention_output_bias_added"]
+    return removed, added
+
+
+def assert_widths_are_the_modules(model, report, targets):
+    for layer, record in zip(decoder_layers(model), report["layers"]):
+        if "mlp" in targets:
+            assert producer_and_consumer(layer, "mlp")[1].in_features == record["mlp_width"]
+        if "heads" in targets:
+            assert producer_and_consumer(layer, "heads")[1].in_features == record["num_heads"] * HEAD_DIM
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_uniform_budget_and_parameter_counts(method, family):
+    """Uniform: each layer removes the unit count whose parameters come nearest 30% of its site, and the
+    report's widths and parameter counts are those of the modules."""
+    model = TINY[family]()
+    before = sum(p.numel() for p in model.parameters())
+    targets = ("mlp", "heads")
+    result = prune_quiet(model, method=method, sparsity=0.3, targets=targets)
+    report = result.report
+    assert_widths_are_the_modules(result.model, report, targets)
+    removed, added = removed_and_added(family, report, targets)
+    assert report["params_before"] == before
+    assert report["params_after"] == sum(p.numel() for p in result.model.parameters()) == before - removed + added
+    for record in report["layers"]:
+        mlp_unit = UNIT_PARAMS[(family, "mlp")]
+        nearest = min(range(48), key=lambda n: (abs(n * mlp_unit - 0.3 * SITE_PARAMS[(family, "mlp")]), n))
+        assert record["mlp_width_before"] - record["mlp_width"] == nearest
+        head_step = UNIT_PARAMS[(family, "heads")] * (2 if family == "llama" else 1)  # per_group: one head per KV group
+        steps = min(range(3 if family == "llama" else 5), key=lambda s: (abs(s * head_step - 0.3 * SITE_PARAMS[(family, "heads")]), s))
+        assert (record["num_heads_before"] - record["num_heads"]) * UNIT_PARAMS[(family, "heads")] == steps * head_step
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_global_allocation_meets_the_budget(method, family):
+    """Global: the removed parameters (counted here) are what the plan says, within one step of 30% of
+    all the sites' parameters; widths and counts are those of the modules."""
+    model = TINY[family]()
+    before = sum(p.numel() for p in model.parameters())
+    targets = ("mlp", "heads")
+    result = prune_quiet(model, method=method, sparsity=0.3, targets=targets, allocation="global")
+    report = result.report
+    assert_widths_are_the_modules(result.model, report, targets)
+    removed, added = removed_and_added(family, report, targets)
+    assert report["params_after"] == sum(p.numel() for p in result.model.parameters()) == before - removed + added
+    budget = 0.3 * 4 * (SITE_PARAMS[(family, "mlp")] + SITE_PARAMS[(family, "heads")])
+    assert report["allocation"]["target_params_removed"] == round(budget)
+    assert report["allocation"]["planned_params_removed"] == removed
+    largest_step = max(UNIT_PARAMS[(family, "mlp")], UNIT_PARAMS[(family, "heads")] * (2 if family == "llama" else 1))
+    assert abs(removed - budget) <= largest_step
+    assert 0 < removed
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_global_threshold_cuts_the_documented_scores(method):
+    """OPT (one pool per site): with global allocation, each site removes exactly its units whose global
+    score is at or below the reported threshold; scores from the dense model's activations (the dense
+    statistics pass): raw scores for wanda_sp and magnitude, standardised per site for FLAP."""
+    dense = tiny_opt()
+    result = prune_quiet(copy.deepcopy(dense), method=method, sparsity=0.3, targets=("mlp", "heads"), allocation="global")
+    threshold = result.report["allocation"]["threshold"]
+    for target, size, width_key in (("mlp", 1, "mlp_width"), ("heads", HEAD_DIM, "num_heads")):
+        xs = consumer_inputs(dense, dense, target)  # dense pass: every layer sees dense inputs
+        for i, layer in enumerate(decoder_layers(dense)):
+            scores = unit_scores(method, xs[i], producer_and_consumer(layer, target)[1].weight).reshape(-1, size).sum(1)
+            costs = scores.sort().values
+            if method == "flap":
+                costs = (costs - costs.mean()) / costs.std()
+            expected = int((costs <= threshold + 1e-6 * max(1.0, abs(threshold))).sum())  # the threshold is one of the scores
+            max_steps = len(costs) - 1 if target == "mlp" else len(costs)
+            record = result.report["layers"][i]
+            assert record[width_key + "_before"] - record[width_key] == min(expected, max_steps), (target, i)
+
+
+@pytest.mark.parametrize("target", ["mlp", "heads"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_flap_folds_the_removed_units_means_into_the_bias(family, target):
+    """FLAP's compensation: the consumer's bias moves by W_P mu_P (mu_P: the removed units' means over
+    the calibration tokens, computed here), and the kept columns are the dense ones."""
+    dense = TINY[family]()
+    result = prune_quiet(copy.deepcopy(dense), method="flap", sparsity=0.3, targets=(target,))
+    size = HEAD_DIM if target == "heads" else 1
+    xs = consumer_inputs(dense, result.model, target)
+    for i, (dense_layer, pruned_layer) in enumerate(zip(decoder_layers(dense), decoder_layers(result.model))):
+        dense_producer, dense_consumer = producer_and_consumer(dense_layer, target)
+        pruned_producer, pruned_consumer = producer_and_consumer(pruned_layer, target)
+        kept = kept_groups(dense_producer, pruned_producer, size)
+        keep = torch.tensor([g * size + d for g in kept for d in range(size)])
+        drop = torch.tensor(sorted(set(range(dense_consumer.in_features)) - set(keep.tolist())))
+        assert len(drop)
+        assert torch.equal(pruned_consumer.weight, dense_consumer.weight[:, keep])
+        old_bias = dense_consumer.bias if dense_consumer.bias is not None else torch.zeros(dense_consumer.out_features)
+        assert pruned_consumer.bias is not None  # Llama: FLAP adds the bias its compensation needs
+        shift = dense_consumer.weight.double()[:, drop] @ xs[i][:, drop].mean(0)
+        torch.testing.assert_close((pruned_consumer.bias.double() - old_bias.double()), shift, rtol=1e-4, atol=1e-5)
