@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationError
-from .engine import input_device
+from .placement import input_device
 from .hub import load_hub_dataset
 from .images import image_column, to_pixel_values
 

@@ -1,4 +1,4 @@
-"""Allocation across sites (DESIGN.md 2.3): how many removal steps each site takes.
+"""Allocation across sites (docs/design.md §3): how many removal steps each site takes.
 
 Uniform: every site loses the same fraction of its own parameters. Global: a dense statistics
 pass gives each site the cost of each successive removal (SNP: the LDL pivots in its order, so
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .sites import Site
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
 
 
 @dataclass
@@ -116,3 +119,64 @@ def allocate_global(curves: list[SiteCurve], target_params: float) -> Allocation
     steps = {curve.key: (curve.steps_at(threshold) if best >= 0 else 0) for curve in curves}
     total = sum(curve.params_removed[steps[curve.key]] for curve in curves)
     return Allocation(steps, threshold if best >= 0 else None, target_params, total)
+
+
+def site_budget(site: Site, config: "PruneConfig") -> float:
+    """Parameters a site should lose under uniform allocation (its layer's or its target's fraction)."""
+    if config.layer_sparsity and site.index in config.layer_sparsity:
+        return config.sparsity_of_layer(site.index) * site.num_params()
+    return config.target_sparsity(site.kind) * site.num_params()
+
+
+def allocate_per_budget(curves: list[SiteCurve], config: "PruneConfig", scale: float = 1.0) -> Allocation:
+    """One global threshold for all targets, or one per target with sparsity_per_target; every
+    budget multiplied by ``scale``."""
+    if config.sparsity_per_target:
+        groups = {t: [c for c in curves if c.kind == t] for t in config.unit_targets}
+    else:
+        groups = {"all": curves}
+    steps, thresholds, target, removed = {}, {}, 0.0, 0
+    for name, group in groups.items():
+        fraction = config.target_sparsity(name) if name != "all" else config.sparsity
+        budget = scale * fraction * sum(c.total_params for c in group)
+        found = allocate_global(group, budget)
+        steps.update(found.steps)
+        thresholds[name] = found.threshold
+        target, removed = target + budget, removed + found.removed_params
+    return Allocation(steps, thresholds if len(thresholds) > 1 else thresholds.get("all"), target, removed)
+
+
+def allocate_steps(config: "PruneConfig", rules: WidthRules, curves: list[SiteCurve] | None = None,
+                   scale: float = 1.0) -> tuple[Callable[[Site], int], Allocation | None]:
+    """The one allocation both the plain run and the block/unit search use: each site's step count,
+    uniform (no ``curves``) or global (one threshold on ``curves``), for ``scale`` times the budgets
+    that ``config`` sets (sparsity, sparsity_per_target, layer_sparsity)."""
+    if curves is None:
+        return (lambda site: nearest_steps(site, scale * site_budget(site, config), rules)), None
+    plan = allocate_per_budget(curves, config, scale)
+    return (lambda site: plan.steps[(site.index, site.kind)]), plan
+
+
+def budget_scale(sites: list[Site], config: "PruneConfig", params: float) -> float:
+    """The factor on ``config``'s budgets that makes ``sites`` lose ``params`` parameters in all."""
+    planned = sum(site_budget(site, config) for site in sites)
+    return params / planned if planned > 0 else 0.0
+
+
+def describe_allocation(config: "PruneConfig", plan: Allocation | None, curves: list[SiteCurve] | None) -> dict:
+    """The report's ``allocation`` entry: the mode and width rules; for global allocation the
+    threshold, the planned parameters and every site's retained-cost curve (downsampled)."""
+    report = {"mode": config.resolved_allocation, "round_to": config.round_to, "min_width": config.min_width,
+              "ordering": config.ordering, "reconstruct": config.reconstruct}
+    if plan is not None:
+        report.update(threshold=plan.threshold, target_params_removed=round(plan.target_params),
+                      planned_params_removed=plan.removed_params,
+                      curves={f"{c.layer}.{c.kind}": _downsample(c.retained()) for c in curves})
+    return report
+
+
+def _downsample(values: list[float], points: int = 65) -> list[float]:
+    """Retained fraction after s removals, at ``points`` evenly spaced step counts."""
+    if len(values) <= points:
+        return [round(v, 5) for v in values]
+    return [round(values[round(i * (len(values) - 1) / (points - 1))], 5) for i in range(points)]

@@ -7,7 +7,11 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 
+import yaml
+
+from .config import PruneConfig
 from .methods import METHODS
 
 S = argparse.SUPPRESS  # prune flags absent from the command line are not passed (recipe fields or defaults apply)
@@ -29,41 +33,35 @@ def _per_target(kind):
     return parse
 
 
+PARSERS = {"per_target_int": _per_target(int), "per_target_float": _per_target(float), "yaml": yaml.safe_load}
+
+
+def _flag_for(spec) -> dict:
+    """argparse keywords for one PruneConfig field, from its type, choices and parser."""
+    meta, kind = spec.metadata, str(spec.type)
+    choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+    keywords: dict = {"help": meta["help"].replace("%", "%%")}
+    if meta["parse"]:
+        keywords["type"] = PARSERS[meta["parse"]]
+    elif kind.startswith("bool"):
+        keywords["action"] = argparse.BooleanOptionalAction
+    elif kind.startswith("int"):
+        keywords["type"] = int
+    elif kind.startswith("float"):
+        keywords["type"] = float
+    if choices is not None:
+        keywords["choices"] = [c for c in choices if isinstance(c, str)]
+    return keywords
+
+
 def _prune_parser(commands) -> None:
+    """``hf-snp prune``: one flag per PruneConfig field (``--sparsity-per-target`` for sparsity_per_target)."""
     p = commands.add_parser("prune", help="prune a model and save it", argument_default=S)
     p.add_argument("model", nargs="?", help="Hub id, local directory, .gguf file, or smollm2-demo (or from --recipe)")
     p.add_argument("--recipe", help="YAML file of prune() arguments; flags given here override it")
-    p.add_argument("--method", choices=sorted(METHODS))
-    p.add_argument("--sparsity", type=float, help="fraction of the targeted parameters to remove (default 0.3)")
-    p.add_argument("--targets", help="comma-separated: mlp, heads (default mlp)")
-    p.add_argument("--gqa-mode", dest="gqa_mode", choices=["per_group", "kv_groups"],
-                   help="GQA head removal: same number of query heads per KV group (default), or whole KV groups")
-    p.add_argument("--allocation", choices=["uniform", "global"], help="default: uniform")
-    p.add_argument("--sparsity-per-target", dest="sparsity_per_target", type=_per_target(float),
-                   help="separate budgets, e.g. mlp=0.3,heads=0.1")
-    p.add_argument("--round-to", dest="round_to", type=_per_target(int), help="widths a multiple of N (or mlp=64,heads=2)")
-    p.add_argument("--min-width", dest="min_width", type=_per_target(int), help="fewest units a site keeps (or mlp=256,heads=1)")
-    p.add_argument("--ordering", choices=["zca", "natural", "random", "output_aware"], help="SNP ablation (default zca)")
-    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, help="SNP ablation: --no-reconstruct folds means only")
-    p.add_argument("--calibration", help="text: wikitext2, c4, wikitext2-local, or a .txt/.jsonl path (default wikitext2); "
-                   "ViT/DeiT: a folder of images or a Hub image dataset id (name or name:split)")
-    p.add_argument("--num-samples", dest="num_samples", type=int)
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--damping", type=float)
-    p.add_argument("--add-bias", dest="add_bias", action=argparse.BooleanOptionalAction,
-                   help="allow adding a bias to bias-free consumers (default: VBP yes, SNP no)")
-    p.add_argument("--gguf-file", dest="gguf_file")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="execution device (default: cuda if available, else cpu)")
-    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
-    p.add_argument("--out", dest="output_dir", help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="save the state after each block here")
-    p.add_argument("--resume", action="store_true", help="finish the run checkpointed in --checkpoint-dir")
-    p.add_argument("--push-to-hub", dest="push_to_hub", help="upload the result to this Hub repository (user/name)")
-    p.add_argument("--private", action="store_true", help="make a new Hub repository private")
+    for spec in fields(PruneConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        p.add_argument(*spec.metadata["flags"], flag, dest=spec.name, **_flag_for(spec))
     p.add_argument("--plots", action="store_true", default=False, help="write hf_snp_report.png beside the model")
     _add_verbosity(p)
 
@@ -132,7 +130,8 @@ def _prune(args: argparse.Namespace) -> None:
         raise ValueError("give a MODEL or a --recipe that names one")
     if "output_dir" not in options and not getattr(args, "recipe", None) and "push_to_hub" not in options:
         raise ValueError("give --out DIR (or --push-to-hub user/name)")
-    result = prune(progress=not args.quiet, recipe=getattr(args, "recipe", None), **options)
+    options.setdefault("progress", not args.quiet)
+    result = prune(recipe=getattr(args, "recipe", None), **options)
     output_dir = options.get("output_dir") or result.report.get("output_dir")
     if args.plots and output_dir:
         result.report.plot(os.path.join(output_dir, "hf_snp_report.png"))

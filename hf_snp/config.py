@@ -1,46 +1,104 @@
-"""PruneConfig: every option of a pruning run, validated before any long work starts."""
+"""PruneConfig: every option of a pruning run, declared once and validated before any long work starts.
+
+Each field carries its help text and how it is spelled on the command line. ``hf_snp.prune``
+takes the fields as keywords, recipes take them as keys, the CLI's ``prune`` flags are generated
+from them (``hf_snp.cli``), and the report records them.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+import textwrap
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import torch
 
 from .methods import METHODS, ORDERINGS
 from .sites import GQA_MODES
 
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks")
+ALLOCATIONS = ("uniform", "global")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# What a field is for. "pruning" fields decide the result (the report's top level and the checkpoint
+# fingerprint); the others say where the model comes from, where it runs and where it goes.
+PRUNING, DATA, LOADING, RUNNING, OUTPUT = "pruning", "data", "loading", "running", "output"
+
+
+def option(default: Any, help: str, group: str = PRUNING, *, choices: Callable[[], Any] | tuple | None = None,
+           parse: str | None = None, flags: tuple[str, ...] = ()) -> Any:
+    """A PruneConfig field with its help text. ``parse`` names the CLI parser for values that are not
+    plain numbers or strings ("per_target_int", "per_target_float", "yaml"); ``flags`` are extra
+    CLI spellings."""
+    metadata = {"help": help, "group": group, "choices": choices, "parse": parse, "flags": flags}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class PruneConfig:
-    """What to prune and how. See ``hf_snp.prune`` for the meaning of each field."""
+    """What to prune and how, where the model comes from, where it runs and where the result goes."""
 
-    method: str = "snp"
-    sparsity: float = 0.3
-    targets: tuple[str, ...] = ("mlp",)
-    num_samples: int = 128
-    seq_len: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    damping: float = 1e-6
-    add_bias: bool | None = None
-    layer_sparsity: dict[int, float] | None = field(default=None)
-    gqa_mode: str = "per_group"
-    allocation: str | None = None  # None: "uniform" (measured best on SmolLM2; see README)
-    sparsity_per_target: dict[str, float] | None = None
-    round_to: int | dict[str, int] | None = None
-    min_width: int | dict[str, int] | None = None
-    ordering: str = "zca"
-    reconstruct: bool = True
-
-    @property
-    def resolved_allocation(self) -> str:
-        """uniform unless asked: on SmolLM2 every global criterion measured so far lost to it."""
-        return self.allocation or "uniform"
-
-    def target_sparsity(self, target: str) -> float:
-        return float((self.sparsity_per_target or {}).get(target, self.sparsity))
+    method: str = option("snp", "'snp' (least-squares reconstruction), 'vbp' (variance + mean shift), or a baseline: "
+                                "'flap', 'wanda_sp', 'magnitude', 'random'", choices=lambda: sorted(METHODS))
+    sparsity: float = option(0.3, "fraction of the targeted modules' parameters to remove, in [0, 1)")
+    targets: tuple[str, ...] = option(
+        ("mlp",), "what to prune, comma-separated: 'mlp' (MLP neurons), 'heads' (attention heads), 'blocks' (whole "
+                  "blocks; the budget is then `sparsity` of all decoder-layer parameters, and with unit targets as well "
+                  "block removal, unit removal and a mix are compared by final-state CKA)")
+    allocation: str | None = option(None, "'uniform' (default): every layer loses the same fraction, one pass; 'global': "
+                                          "one threshold on the cost curves of all sites decides each width (two passes)",
+                                    choices=ALLOCATIONS)
+    sparsity_per_target: dict[str, float] | None = option(None, "a budget per target, e.g. mlp=0.3,heads=0.1",
+                                                          parse="per_target_float")
+    layer_sparsity: dict[int, float] | None = option(None, "per-layer override of `sparsity`: {layer: fraction} or a "
+                                                           "list (YAML on the command line: '{0: 0.1, 5: 0.5}')", parse="yaml")
+    round_to: int | dict[str, int] | None = option(None, "widths a multiple of N (MLP neurons), or per target: "
+                                                         "mlp=64,heads=2", parse="per_target_int")
+    min_width: int | dict[str, int] | None = option(None, "the fewest units a site keeps (MLP neurons), or per target: "
+                                                          "mlp=256,heads=1", parse="per_target_int")
+    gqa_mode: str = option("per_group", "grouped-query attention: 'per_group' removes the same number of query heads "
+                                        "from every KV group (k/v stay); 'kv_groups' removes whole KV groups",
+                           choices=GQA_MODES)
+    damping: float = option(1e-6, "lambda of lambda*mean(diag) added to the statistics before factoring them")
+    add_bias: bool | None = option(None, "allow adding a bias to a consumer that has none (default: the method decides; "
+                                         "VBP adds one for its mean shift, SNP keeps the stock architecture)")
+    ordering: str = option("zca", "SNP ablation: which units go first ('zca', 'natural', 'random', 'output_aware')",
+                           choices=ORDERINGS)
+    reconstruct: bool = option(True, "SNP ablation: False skips the least-squares reconstruction (means only)")
+    calibration: Any = option("wikitext2", "text: 'wikitext2', 'c4', 'wikitext2-local', a .txt/.jsonl path, a list of "
+                                           "strings, a datasets.Dataset or a LongTensor [N, L] of token ids; images: a "
+                                           "folder, a datasets.Dataset with an image column, a list of PIL images, a "
+                                           "pixel_values tensor, or a Hub dataset id 'name[:split]'", DATA)
+    num_samples: int = option(128, "calibration windows (or images) drawn from the source", DATA)
+    seq_len: int = option(2048, "tokens per calibration window", DATA)
+    seed: int = option(0, "seed of the calibration draw (and of the random baselines)", DATA)
+    batch_size: int = option(8, "calibration windows per forward call", DATA)
+    gguf_file: str | None = option(None, "a GGUF file inside `model` (a directory or Hub id)", LOADING)
+    dtype: str | torch.dtype = option("auto", "dtype the model is loaded in", LOADING,
+                                      choices=lambda: (*DTYPES, *(getattr(torch, name) for name in DTYPES[1:])))
+    device_map: Any = option(None, "accelerate device map for loading ('auto', or YAML: '{model.layers.0: cpu}')",
+                             LOADING, parse="yaml")
+    max_memory: dict | None = option(None, "accelerate memory budget per device (YAML: '{0: 8GiB, cpu: 64GiB}')",
+                                     LOADING, parse="yaml")
+    offload_folder: str | None = option(None, "folder for weights offloaded to disk", LOADING)
+    trust_remote_code: bool = option(False, "allow the model's own code from the Hub", LOADING)
+    device: str | None = option(None, "execution device for each block (default: the GPU when there is one)", RUNNING)
+    activation_device: str | None = option(None, "where calibration hidden states wait between blocks "
+                                                 "(default: the execution device)", RUNNING)
+    checkpoint_dir: str | None = option(None, "save the state after each block there (pruned blocks and records)",
+                                        RUNNING)
+    resume: bool = option(False, "continue the run checkpointed in checkpoint_dir (same model, calibration and "
+                                 "settings); the result is bit-identical to an uninterrupted run", RUNNING)
+    progress: bool = option(True, "show progress bars", RUNNING)
+    output_dir: str | None = option(None, "save the model, its tokenizer (or image processor), the report and a "
+                                          "model card there", OUTPUT, flags=("--out",))
+    overwrite: bool = option(False, "allow replacing a non-empty output_dir", OUTPUT)
+    push_to_hub: str | None = option(None, "a Hub repository ('user/name') to upload the saved model to", OUTPUT)
+    private: bool = option(False, "make a new Hub repository private", OUTPUT)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -48,42 +106,40 @@ class PruneConfig:
         self.targets = tuple(self.targets)
         if self.layer_sparsity is not None and not isinstance(self.layer_sparsity, Mapping):
             self.layer_sparsity = dict(enumerate(self.layer_sparsity))
+        if self.sparsity_per_target is not None:
+            self.sparsity_per_target = dict(self.sparsity_per_target)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "PruneConfig":
+        """A config from keyword options; an unknown name is an error that lists the known ones."""
+        unknown = sorted(set(options) - set(config_fields()))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; the options are the fields of hf_snp.PruneConfig: "
+                            f"{sorted(config_fields())}")
+        return cls(**options)
+
+    @property
+    def resolved_allocation(self) -> str:
+        """uniform unless asked: on SmolLM2 every global criterion measured so far lost to it."""
+        return self.allocation or "uniform"
+
+    @property
+    def unit_targets(self) -> tuple[str, ...]:
+        return tuple(t for t in self.targets if t != "blocks")
+
+    def target_sparsity(self, target: str) -> float:
+        return float((self.sparsity_per_target or {}).get(target, self.sparsity))
+
+    def sparsity_of_layer(self, index: int) -> float:
+        return float((self.layer_sparsity or {}).get(index, self.sparsity))
 
     def validate(self, num_layers: int | None = None) -> "PruneConfig":
         """Raise ValueError naming the bad field and the fix; returns self."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        _check_fraction("sparsity", self.sparsity)
-        if not self.targets:
-            raise ValueError(f"targets is empty; choose from {SUPPORTED_TARGETS}")
-        unknown = [t for t in self.targets if t not in SUPPORTED_TARGETS]
-        if unknown:
-            raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
-        if self.allocation not in (None, "uniform", "global"):
-            raise ValueError(f"unknown allocation {self.allocation!r}; choose 'uniform' or 'global'")
-        if self.ordering not in ORDERINGS:
-            raise ValueError(f"unknown ordering {self.ordering!r}; choose one of {ORDERINGS}")
-        if self.ordering != "zca" and self.method != "snp":
-            raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; it does not apply to method {self.method!r}")
-        for target, value in (self.sparsity_per_target or {}).items():
-            if target not in self.targets:
-                raise ValueError(f"sparsity_per_target names {target!r}, which is not among targets {list(self.targets)}")
-            _check_fraction(f"sparsity_per_target[{target!r}]", value)
-        if self.sparsity_per_target and self.layer_sparsity:
-            raise ValueError("layer_sparsity and sparsity_per_target cannot be combined; choose one way to set budgets")
-        if self.layer_sparsity and self.resolved_allocation == "global":
-            raise ValueError("layer_sparsity fixes each layer's budget, which global allocation decides: pass allocation='uniform'")
-        for name in ("round_to", "min_width"):
-            value = getattr(self, name)
-            entries = value.items() if isinstance(value, Mapping) else ([("mlp", value)] if value is not None else [])
-            for target, number in entries:
-                if target not in SUPPORTED_TARGETS or not isinstance(number, int) or isinstance(number, bool) or number < (1 if name == "round_to" else 0):
-                    raise ValueError(f"{name} must be a positive integer or a {{target: integer}} mapping, got {value!r}")
-        if self.gqa_mode not in GQA_MODES:
-            raise ValueError(f"unknown gqa_mode {self.gqa_mode!r}; choose one of {GQA_MODES}")
+        self._validate_budget()
+        self._validate_choices()
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < 1):
             raise ValueError(f"damping must be in [0, 1) (a fraction of the mean diagonal), got {self.damping!r}")
@@ -91,18 +147,99 @@ class PruneConfig:
             _check_fraction(f"layer_sparsity[{layer}]", value)
             if num_layers is not None and not 0 <= int(layer) < num_layers:
                 raise ValueError(f"layer_sparsity names layer {layer}, but the model has layers 0..{num_layers - 1}")
+        if self.push_to_hub is not None and "/" not in self.push_to_hub:
+            raise ValueError(f"push_to_hub={self.push_to_hub!r} should be a repository id like 'user/name'")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
+        if self.checkpoint_dir is not None and "blocks" in self.targets:
+            raise ValueError("checkpoint_dir / resume cover the per-block unit pruning; block pruning is one dense pass "
+                             "(plus the candidates' passes) and is not checkpointed: drop checkpoint_dir")
         return self
 
-    def sparsity_of_layer(self, index: int) -> float:
-        return float((self.layer_sparsity or {}).get(index, self.sparsity))
+    def _validate_budget(self) -> None:
+        _check_fraction("sparsity", self.sparsity)
+        if not self.targets:
+            raise ValueError(f"targets is empty; choose from {SUPPORTED_TARGETS}")
+        unknown = [t for t in self.targets if t not in SUPPORTED_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
+        for target, value in (self.sparsity_per_target or {}).items():
+            if target not in self.targets:
+                raise ValueError(f"sparsity_per_target names {target!r}, which is not among targets {list(self.targets)}")
+            _check_fraction(f"sparsity_per_target[{target!r}]", value)
+        if self.sparsity_per_target and self.layer_sparsity:
+            raise ValueError("layer_sparsity and sparsity_per_target cannot be combined; choose one way to set budgets")
+        if self.layer_sparsity and self.resolved_allocation == "global":
+            raise ValueError("layer_sparsity fixes each layer's budget, which global allocation decides: "
+                             "pass allocation='uniform'")
+        for name in ("round_to", "min_width"):
+            value = getattr(self, name)
+            entries = value.items() if isinstance(value, Mapping) else ([("mlp", value)] if value is not None else [])
+            for target, number in entries:
+                smallest = 1 if name == "round_to" else 0
+                if target not in SUPPORTED_TARGETS or not isinstance(number, int) or isinstance(number, bool) \
+                        or number < smallest:
+                    raise ValueError(f"{name} must be a positive integer or a {{target: integer}} mapping, got {value!r}")
+
+    def _validate_choices(self) -> None:
+        for spec in fields(self):
+            choices = spec.metadata.get("choices")
+            if choices is None:
+                continue
+            allowed = choices() if callable(choices) else choices
+            value = getattr(self, spec.name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"unknown {spec.name} {value!r}; choose one of {list(allowed)}")
+        if self.ordering != "zca" and self.method != "snp":
+            raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; it does not apply to method {self.method!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that decide the result (the report's top level and the checkpoint fingerprint)."""
+        data = {spec.name: getattr(self, spec.name) for spec in fields(self)
+                if spec.metadata["group"] == PRUNING or spec.name in ("num_samples", "seq_len", "seed", "batch_size")}
+        data["targets"] = list(self.targets)
+        return _jsonable(data)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-serialisable (objects such as a calibration dataset by their type name)."""
         data = asdict(self)
         data["targets"] = list(self.targets)
-        return data
+        return _jsonable(data)
+
+
+def config_fields() -> dict[str, Any]:
+    """name -> dataclasses.Field of every PruneConfig option."""
+    return {spec.name: spec for spec in fields(PruneConfig)}
+
+
+def field_default(spec) -> Any:
+    return spec.default_factory() if spec.default is MISSING else spec.default
+
+
+def with_config_options(func: Callable) -> Callable:
+    """Give ``func(..., **options)`` the PruneConfig fields as keyword-only parameters in its signature
+    and their help in its docstring (the options are declared once, in PruneConfig)."""
+    signature = inspect.signature(func)
+    parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    parameters += [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=field_default(spec),
+                                     annotation=spec.type) for spec in fields(PruneConfig)]
+    func.__signature__ = signature.replace(parameters=parameters)
+    lines = [f"        {spec.name}: " + textwrap.fill(spec.metadata["help"], 100, subsequent_indent=" " * 12).lstrip()
+             for spec in fields(PruneConfig)]
+    func.__doc__ = (func.__doc__ or "").rstrip() + "\n\n    PruneConfig options:\n" + "\n".join(lines) + "\n"
+    return func
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value):
+        return list(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return f"<{type(value).__name__}>"
 
 
 def _check_fraction(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a fraction in [0, 1) (e.g. 0.3 removes 30%), got {value!r}")
-

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import packaged_text
-from .engine import input_device
+from .placement import input_device
 from .hub import load_hub_dataset
 
 logger = logging.getLogger("hf_snp")

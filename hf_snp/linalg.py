@@ -80,21 +80,6 @@ def _lapack_pivoted_cholesky(precision: torch.Tensor, num_remove: int) -> tuple[
     return order, (1.0 / diagonal).tolist()
 
 
-def zca_order(moment: torch.Tensor, damping: float) -> tuple[list[int], torch.Tensor]:
-    """The full SNP order (most important unit first) and the LDL pivots D_jj in that order.
-
-    Eliminating every unit greedily and reversing gives an order in which each unit's pivot is
-    the variance it adds given the units before it: M (damped) = L D L^T in that order.
-    """
-    removed, unique_variance = greedy_zca_elimination(moment, moment.shape[0], damping)
-    return removed[::-1], torch.tensor(unique_variance[::-1], dtype=moment.dtype)
-
-
-def cumulative_variance(pivots: torch.Tensor) -> torch.Tensor:
-    """c(k) = sum_{j<=k} D_jj / sum_j D_jj: the variance kept by the first k units of the order."""
-    return torch.cumsum(pivots, 0) / pivots.sum()
-
-
 def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor, damping: float) -> torch.Tensor:
     """B = M_PK (M_KK + lambda I)^{-1}: the best linear prediction of removed units from kept ones."""
     factor = robust_cholesky(moment[keep][:, keep], damping)

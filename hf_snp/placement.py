@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook, add_hook_to_module, remove_hook_from_module
@@ -22,6 +23,23 @@ from accelerate.utils import named_module_tensors, offload_weight, set_module_te
 from torch import nn
 
 logger = logging.getLogger("hf_snp")
+
+
+def move(value: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    return value
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go (the input embedding's device; CPU when it is offloaded)."""
+    weight = next(model.get_input_embeddings().parameters())
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
 def _align_hooks(hook) -> list[AlignDevicesHook]:

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .passes import Passes
+    from .resolve import PruneRun
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "hf_snp_report.json"
@@ -20,6 +25,38 @@ REPORT_NAME = "hf_snp_report.json"
 
 class PruneReport(dict):
     """A dict (saved as JSON as is) with helpers to print and plot it."""
+
+    @classmethod
+    def build(cls, run: "PruneRun", passes: "Passes", save_format: str, params_before: int, params_after: int,
+              seconds: float) -> "PruneReport":
+        """The report of a finished run: its settings, the parameter counts, per-layer shapes, allocation,
+        blocks, timings; the other options under ``options``."""
+        from . import __version__
+        from .allocation import describe_allocation
+
+        config = run.config
+        return cls({
+            "schema_version": SCHEMA_VERSION,
+            "hf_snp_version": __version__,
+            "base_model": run.base_model,
+            "model_type": passes.model.config.model_type,
+            "save_format": save_format,
+            **config.settings(),
+            "options": {k: v for k, v in config.to_dict().items() if k not in config.settings()},
+            "calibration": run.calib.source,
+            "calibration_tokens": run.calib.num_tokens,
+            "device": str(run.device),
+            "output_dir": config.output_dir,
+            "params_before": params_before,
+            "params_after": params_after,
+            "params_removed": params_before - params_after,
+            "layers": passes.records,
+            "allocation": describe_allocation(config, passes.plan, passes.curves),
+            **({"blocks": passes.blocks} if passes.blocks else {}),
+            "timings_s": {**{k: round(v, 4) for k, v in passes.timings.items()}, "dense_pass": round(passes.dense_pass, 4),
+                          "cut_pass": round(passes.cut_pass, 4), "total": round(seconds, 4)},
+            "metrics": {},
+        })
 
     @classmethod
     def load(cls, path: str) -> "PruneReport":

@@ -9,16 +9,18 @@ blocks); keep the one whose final hidden states on the calibration data are most
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
 
+import torch
 from torch import nn
 
 from .adapters import ModelAdapter
-from .allocation import WidthRules, allocate_global, nearest_steps
+from .allocation import WidthRules, allocate_steps, budget_scale
 from .blocks import choose_blocks, linear_cka, remove_blocks, token_sample
 from .calibration import CalibrationData
 from .config import PruneConfig
+from .engine import PassResult, PhaseTimer, StreamingEngine
 from .sites import count_parameters
 
 
@@ -32,18 +34,20 @@ class Candidate:
     params_removed: int = 0
 
     def summary(self) -> dict:
-        return {"name": self.name, "blocks_removed": self.blocks, "params_removed": self.params_removed, "cka": round(self.cka, 6)}
+        return {"name": self.name, "blocks_removed": self.blocks, "params_removed": self.params_removed,
+                "cka": round(self.cka, 6)}
 
 
-def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, make_engine: Callable, calib: CalibrationData,
-                            config: PruneConfig, rules: WidthRules) -> tuple[Candidate, dict]:
+def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, config: PruneConfig,
+                            rules: WidthRules, timer: PhaseTimer, device: torch.device,
+                            store: torch.device) -> tuple[Candidate, dict]:
     """Prune copies of ``model`` three ways at one budget; return the best candidate and the comparison."""
-    dense = make_engine(model, ())
-    similarity = dense.score_blocks(calib)
-    reference = token_sample(*zip(*dense.final_hidden))
+    dense = StreamingEngine(model, adapter, config, device, store)
+    dense.timer = timer
+    similarity, final_hidden = dense.score_blocks(calib)
+    reference = token_sample(*zip(*final_hidden))
     params = [count_parameters(layer) for layer in adapter.layers(model)]
     budget = config.sparsity * sum(params)
-    unit_targets = tuple(t for t in config.targets if t != "blocks")
     dense_count = count_parameters(model)
     candidates: list[Candidate] = []
     for name, block_budget in (("blocks", budget), ("units", 0.0), ("mixed", budget / 2)):
@@ -52,23 +56,33 @@ def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, make_engine
             continue  # the same subnetwork as an earlier candidate
         candidate = Candidate(name, blocks, copy.deepcopy(model))
         remove_blocks(candidate.model, adapter, blocks)
-        engine = make_engine(candidate.model, unit_targets)
-        remaining = max(budget - sum(params[i] for i in blocks), 0.0)
-        if config.resolved_allocation == "global" and remaining > 0:
-            curves = engine.collect_curves(calib, rules)
-            plan = allocate_global(curves, remaining)
-            engine.steps_for = lambda site, steps=plan.steps: steps[(site.index, site.kind)]
-        else:
-            sites = [s for i, layer in enumerate(adapter.layers(candidate.model))
-                     for s in adapter.sites(layer, i, unit_targets, candidate.model.config, config.gqa_mode)]
-            fraction = remaining / max(sum(s.num_params() for s in sites), 1)
-            engine.steps_for = lambda site, f=fraction: nearest_steps(site, f * site.num_params(), rules)
         kept = [i for i in range(len(params)) if i not in set(blocks)]
-        candidate.records = [{**r, "source_layer": kept[r["layer"]]} for r in engine.run(calib, keep_final=True)]
-        candidate.cka = linear_cka(reference, token_sample(*zip(*engine.final_hidden)))
+        remaining = max(budget - sum(params[i] for i in blocks), 0.0)
+        engine = StreamingEngine(candidate.model, adapter, _after_blocks(config, kept), device, store)
+        engine.timer = timer
+        result = _prune_units(engine, calib, rules, remaining)
+        candidate.records = [{**r, "source_layer": kept[r["layer"]]} for r in result.records]
+        candidate.cka = linear_cka(reference, token_sample(*zip(*result.final_hidden)))
         candidate.params_removed = dense_count - count_parameters(candidate.model)
         candidates.append(candidate)
     best = max(candidates, key=lambda c: c.cka)
     comparison = {"similarity": [round(v, 6) for v in similarity], "removed": best.blocks, "chosen": best.name,
                   "budget_params": round(budget), "candidates": [c.summary() for c in candidates]}
     return best, comparison
+
+
+def _after_blocks(config: PruneConfig, kept: list[int]) -> PruneConfig:
+    """The config of the unit pass on a model that kept only the blocks ``kept`` (layer_sparsity renumbered)."""
+    layer_sparsity = config.layer_sparsity and {new: config.layer_sparsity[old] for new, old in enumerate(kept)
+                                                if old in config.layer_sparsity}
+    return dataclasses.replace(config, targets=config.unit_targets, layer_sparsity=layer_sparsity or None)
+
+
+def _prune_units(engine: StreamingEngine, calib: CalibrationData, rules: WidthRules, params: float) -> PassResult:
+    """Remove ``params`` parameters of units with the configured allocation, in proportion to the config's budgets."""
+    config = engine.config
+    sites = [site for i, layer in enumerate(engine.adapter.layers(engine.model)) for site in engine.sites(layer, i)]
+    scale = budget_scale(sites, config, params)
+    curves = engine.collect_curves(calib, rules) if config.resolved_allocation == "global" and params > 0 else None
+    steps_for, _ = allocate_steps(config, rules, curves, scale)
+    return engine.run(calib, steps_for, keep_final=True)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .methods import Decision, RemovalPlan, group_units, select_by_score
+from .removal import Decision, RemovalPlan, group_units, select_by_score
 from .models.modeling_hf_snp import AttentionLayout, MlpLayout, make_empty_attention
 from .surgery import fold_into_consumer, keep_rows
 

@@ -22,7 +22,7 @@ class SiteStatistics:
         self.name = name
         self.n = num_units
         self.shift: torch.Tensor | None = None
-        self.sum = torch.zeros(num_units, dtype=torch.float32, device=device)
+        self.shifted_sum = torch.zeros(num_units, dtype=torch.float32, device=device)
         self.gram = torch.zeros(num_units, num_units, dtype=torch.float32, device=device)
         self.count = 0
         self.token_mask: torch.Tensor | None = None  # [B*L] bool for the batch being run
@@ -48,7 +48,7 @@ class SiteStatistics:
                 f"NaN or inf in the activations entering {self.name}; check the model's dtype "
                 "(fp16 overflow) or its weights before pruning."
             )
-        self.sum += batch_sum
+        self.shifted_sum += batch_sum
         for a, b in self.panels:
             self.gram[a:b, a:].addmm_(h[:, a:b].T, h[:, a:])
         self.count += h.shape[0]
@@ -64,7 +64,7 @@ class SiteStatistics:
         gram = self.gram.to(torch.float64) / self.count
         for a, b in self.panels:  # the lower block triangle from the upper one
             gram[b:, a:b] = gram[a:b, b:].T
-        mean_shifted = self.sum.to(torch.float64) / self.count
+        mean_shifted = self.shifted_sum.to(torch.float64) / self.count
         sigma = gram - torch.outer(mean_shifted, mean_shifted)
         sigma = (sigma + sigma.T) / 2
         mu = mean_shifted + self.shift.to(torch.float64)

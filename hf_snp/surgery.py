@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .methods import Decision
+from .removal import Decision
 
 
 def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

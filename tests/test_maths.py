@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hf_snp.linalg import cumulative_variance, damped, greedy_zca_elimination, least_squares_map, zca_order
-from hf_snp.methods import Decision
-from hf_snp.methods.base import split
+from hf_snp.linalg import damped, greedy_zca_elimination, least_squares_map
+from hf_snp.methods import get_method
+from hf_snp.removal import Decision, split
 from hf_snp.stats import NonFiniteActivationError, SiteStatistics
 from hf_snp.surgery import fold_into_consumer
 
@@ -87,12 +87,13 @@ def test_least_squares_is_never_worse_than_no_reconstruction(problem, damping):
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.sampled_from([0.0, 1e-6, 1e-2]))
 def test_cumulative_variance_curve_ends_at_one_and_never_decreases(problem, damping):
+    """SNP's global scores over a full elimination: the fraction of variance removed, 0..1, non-decreasing."""
     h = problem[0]
     sigma, _ = empirical_moments(h)
-    order, pivots = zca_order(sigma, max(damping, 1e-9))
-    curve = cumulative_variance(pivots)
-    assert sorted(order) == list(range(h.shape[1]))
-    assert torch.all(pivots >= 0)
+    removed, pivots = greedy_zca_elimination(sigma, h.shape[1], max(damping, 1e-9))
+    curve = torch.tensor(get_method("snp").global_scores(pivots), dtype=torch.float64)
+    assert sorted(removed) == list(range(h.shape[1]))
+    assert all(p >= 0 for p in pivots)
     assert torch.all(curve[1:] >= curve[:-1] - 1e-12)
     assert abs(float(curve[-1]) - 1.0) < 1e-12
 
@@ -102,7 +103,8 @@ def test_cumulative_variance_curve_ends_at_one_and_never_decreases(problem, damp
 def test_greedy_pivots_are_the_ldl_diagonal_in_that_order(problem):
     """The left-looking elimination is a pivoted factorisation: its pivots match a Cholesky of the permuted matrix."""
     sigma, _ = empirical_moments(problem[0])
-    order, pivots = zca_order(sigma, 1e-9)
+    removed, unique = greedy_zca_elimination(sigma, sigma.shape[0], 1e-9)
+    order, pivots = removed[::-1], torch.tensor(unique[::-1], dtype=sigma.dtype)  # most important unit first
     permuted = damped(sigma, 1e-9)[order][:, order]
     ldl_diagonal = torch.linalg.cholesky(permuted).diagonal() ** 2
     assert torch.allclose(pivots, ldl_diagonal, rtol=1e-6, atol=1e-12)
@@ -186,7 +188,7 @@ def test_statistics_accumulated_by_blocks_equal_the_covariance(n):
 @settings(max_examples=60, deadline=None)
 def test_select_by_score_removes_the_lowest_alive_group_of_each_pool_at_each_step(num_pools, per_pool, one_pool, data):
     """The ranked-cursor selection equals the definition: per scheduled step, min over the pool's alive groups."""
-    from hf_snp.methods.base import RemovalPlan, select_by_score
+    from hf_snp.removal import RemovalPlan, select_by_score
 
     n = num_pools * per_pool
     pools = [list(range(n))] if one_pool else [list(range(i * per_pool, (i + 1) * per_pool)) for i in range(num_pools)]

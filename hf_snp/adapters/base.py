@@ -24,6 +24,10 @@ class ModelAdapter:
     attention_layout: AttentionLayout
     mlp_width_field: str = ""  # config field holding the (uniform) MLP width
     stock_head_pruning: bool = False  # can the stock config express fewer (uniform) heads?
+    # what the second pass may replay (hf_snp.replay): the attention returns (output, weights) and the
+    # block reads nothing else of it; the MLP is a module whose output is its consumer's output
+    attention_returns_pair: bool = True
+    mlp_is_consumer_output: bool = True
 
     def layers_path_of(self, model: PreTrainedModel) -> str:
         return self.layers_path.format(prefix=getattr(model, "base_model_prefix", ""))

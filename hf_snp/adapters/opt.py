@@ -12,6 +12,7 @@ class OPTAdapter(ModelAdapter):
     attention_layout = OPT_ATTENTION
     mlp_width_field = "ffn_dim"
     stock_head_pruning = False  # OPTAttention derives head_dim from hidden_size // num_attention_heads
+    mlp_is_consumer_output = False  # fc1/fc2 sit in the decoder layer itself, with no MLP module to replay
 
 
 register_adapter(OPTAdapter())

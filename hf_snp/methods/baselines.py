@@ -5,9 +5,15 @@ Each scores the groups a plan may remove and takes the lowest first; none recons
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .base import MethodOptions, ScoredMethod, SiteInputs, register_method
+from ..removal import select_by_score
+from .base import PruningMethod, ScoredMethod, SiteInputs, register_method
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
 
 
 @register_method
@@ -38,7 +44,7 @@ class WandaSP(ScoredMethod):
 
     name = "wanda_sp"
 
-    def compensate(self, site: SiteInputs, decision, options: MethodOptions) -> None:
+    def compensate(self, site: SiteInputs, decision, config: "PruneConfig") -> None:
         return None
 
     def scores(self, site: SiteInputs) -> torch.Tensor:
@@ -53,8 +59,23 @@ class Magnitude(ScoredMethod):
 
     name = "magnitude"
 
-    def compensate(self, site: SiteInputs, decision, options: MethodOptions) -> None:
+    def compensate(self, site: SiteInputs, decision, config: "PruneConfig") -> None:
         return None
 
     def scores(self, site: SiteInputs) -> torch.Tensor:
         return site.consumer_weight.to(torch.float64).pow(2).sum(0).sqrt()
+
+
+@register_method
+class RandomPruning(PruningMethod):
+    """Baseline: remove random units (seeded), no compensation."""
+
+    name = "random"
+
+    def order(self, site: SiteInputs, config: "PruneConfig") -> tuple[list[int], list[float]]:
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + site.key)
+        removed = select_by_score(torch.rand(site.plan.num_groups, generator=generator), site.plan)
+        return removed, [1.0] * len(removed)
+
+    def compensate(self, site: SiteInputs, decision, config: "PruneConfig") -> None:
+        return None

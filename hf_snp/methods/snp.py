@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..linalg import greedy_group_elimination, greedy_zca_elimination, least_squares_map, ordered_pivot_costs
-from .base import Decision, MethodOptions, PruningMethod, SiteInputs, register_method, select_by_score
+from ..removal import Decision, select_by_score
+from .base import PruningMethod, SiteInputs, register_method
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
 
 
 @register_method
@@ -19,30 +25,30 @@ class SNP(PruningMethod):
 
     name = "snp"
 
-    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
+    def order(self, site: SiteInputs, config: PruneConfig) -> tuple[list[int], list[float]]:
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
-        if options.ordering in ("zca", "output_aware"):
-            weight = site.consumer_weight if options.ordering == "output_aware" else None
+        if config.ordering in ("zca", "output_aware"):
+            weight = site.consumer_weight if config.ordering == "output_aware" else None
             if plan.group_size == 1 and len(plan.pools) == 1:
                 energy = None if weight is None else weight.to(moment).pow(2).sum(0)
-                return greedy_zca_elimination(moment, plan.rounds, options.damping, energy)
-            return greedy_group_elimination(moment, plan, options.damping, weight)
-        if options.ordering == "natural":  # keep the first units: remove from the end
+                return greedy_zca_elimination(moment, plan.rounds, config.damping, energy)
+            return greedy_group_elimination(moment, plan, config.damping, weight)
+        if config.ordering == "natural":  # keep the first units: remove from the end
             scores = -torch.arange(plan.num_groups, dtype=torch.float64)
         else:  # random
-            scores = torch.rand(plan.num_groups, generator=torch.Generator().manual_seed(options.seed * 100_003 + site.key), dtype=torch.float64)
+            scores = torch.rand(plan.num_groups, generator=torch.Generator().manual_seed(config.seed * 100_003 + site.key), dtype=torch.float64)
         removed = select_by_score(scores, plan)
         kept = [g for g in range(plan.num_groups) if g not in set(removed)]
-        costs = ordered_pivot_costs(moment, kept + removed[::-1], plan.group_size, options.damping)[len(kept):][::-1]
+        costs = ordered_pivot_costs(moment, kept + removed[::-1], plan.group_size, config.damping)[len(kept):][::-1]
         return removed, costs
 
-    def compensate(self, site: SiteInputs, decision: Decision, options: MethodOptions) -> None:
-        if not options.reconstruct:
-            return super().compensate(site, decision, options)
+    def compensate(self, site: SiteInputs, decision: Decision, config: PruneConfig) -> None:
+        if not config.reconstruct:
+            return super().compensate(site, decision, config)
         moment, mu = site.stats.moments(centered=site.bias_available)
         if len(decision.drop) and len(decision.keep):
-            decision.coef = least_squares_map(moment, decision.keep, decision.drop, options.damping)
+            decision.coef = least_squares_map(moment, decision.keep, decision.drop, config.damping)
             if site.bias_available:
                 decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep]
         elif len(decision.drop) and site.bias_available:  # nothing kept: the best constant is the mean

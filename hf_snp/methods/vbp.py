@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MethodOptions, PruningMethod, ScoredMethod, SiteInputs, register_method, select_by_score
+from .base import ScoredMethod, SiteInputs, register_method
 
 
 @register_method
@@ -21,18 +21,3 @@ class VBP(ScoredMethod):
 
     def scores(self, site: SiteInputs) -> torch.Tensor:
         return site.stats.moments(centered=True)[0].diagonal()
-
-
-@register_method
-class RandomPruning(PruningMethod):
-    """Baseline: remove random units (seeded), no compensation."""
-
-    name = "random"
-
-    def order(self, site: SiteInputs, options: MethodOptions) -> tuple[list[int], list[float]]:
-        generator = torch.Generator().manual_seed(options.seed * 100_003 + site.key)
-        removed = select_by_score(torch.rand(site.plan.num_groups, generator=generator), site.plan)
-        return removed, [1.0] * len(removed)
-
-    def compensate(self, site: SiteInputs, decision, options: MethodOptions) -> None:
-        return None

@@ -1,0 +1,70 @@
+"""Checks on shapes only, before any weights load: budgets that cannot be met, rank-deficient
+calibration, budgets below one removal step."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from transformers import PreTrainedModel
+
+from .adapters import ModelAdapter
+from .allocation import WidthRules, nearest_steps
+from .config import PruneConfig
+from .sites import Site
+
+logger = logging.getLogger("hf_snp")
+
+
+class RankDeficientCalibrationWarning(UserWarning):
+    """Calibration tokens are fewer than the units of a site."""
+
+
+def shape_model(model_config, auto_class: str = "AutoModelForCausalLM", trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model built on the meta device: its shapes, no weights (for checks before loading)."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def preflight(adapter: ModelAdapter, shapes: PreTrainedModel, config: PruneConfig, rules: WidthRules,
+              num_tokens: int) -> None:
+    """Refuse budgets that min_width / round_to make impossible; warn about rank-deficient statistics and
+    budgets too small for one step."""
+    layers = adapter.layers(shapes)
+    sites = [site for i, layer in enumerate(layers)
+             for site in adapter.sites(layer, i, config.targets, shapes.config, config.gqa_mode)]
+    for target in config.unit_targets:
+        own = [site for site in sites if site.kind == target]
+        total = sum(site.num_params() for site in own)
+        reachable = sum(site.params_removed(max(rules.allowed_steps(site))) for site in own)
+        budget = config.target_sparsity(target) * total
+        if budget > reachable + max(site.params_per_step() for site in own):
+            raise ValueError(
+                f"the budget cannot be met: {config.target_sparsity(target):.0%} of {target} is {budget:,.0f} "
+                f"parameters, but with min_width={config.min_width!r} and round_to={config.round_to!r} at most "
+                f"{reachable:,} ({reachable / total:.0%}) can be removed; lower the sparsity or relax min_width / round_to"
+            )
+    if sites:
+        _warnings(sites[: len(config.unit_targets)], config, rules, num_tokens)
+
+
+def _warnings(sites: list[Site], config: PruneConfig, rules: WidthRules, num_tokens: int) -> None:
+    widest = max(sites, key=lambda site: site.num_units)
+    if num_tokens < widest.num_units:
+        _warn(RankDeficientCalibrationWarning,
+              f"calibration has {num_tokens} tokens but the widest site ({widest.kind}, {widest.num_units} units) "
+              f"needs at least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering "
+              f"and reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
+    for site in sites if config.resolved_allocation == "uniform" else []:
+        if config.sparsity > 0 and nearest_steps(site, config.target_sparsity(site.kind) * site.num_params(), rules) == 0:
+            step = site.params_removed(1) / site.num_params()
+            _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: one removal "
+                               f"step takes {step:.0%} of a layer's {site.kind} parameters; raise the sparsity for this target")
+
+
+def _warn(category: type[Warning], message: str) -> None:
+    warnings.warn(message, category, stacklevel=5)
+    logger.warning(message)
