@@ -7,29 +7,25 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, eval_ids, logits, prune_quiet, run_python
+from conftest import TINY, eval_ids, logits, prune_quiet
+from fresh_python import fresh_python
 
 from hf_snp.report import REPORT_NAME
-
-RELOAD = """
-import sys, torch
-{block}
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({path!r}, {kwargs})
-ids = torch.load({ids!r})
-torch.save(model(ids).logits, {out!r})
-print(type(model).__name__)
-"""
 
 BLOCK_HF_SNP = "sys.modules['hf_snp'] = None  # import hf_snp now raises ImportError"
 
 
 def reload_in_fresh_process(tmp_path, path, kwargs: str, block: str = "") -> tuple[torch.Tensor, str]:
+    """AutoModelForCausalLM.from_pretrained(path, kwargs) in a process that started with ``block``
+    (one such process serves every reload of the session: fresh_python.py)."""
     ids_file, out_file = str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")
     torch.save(eval_ids(), ids_file)
-    code = RELOAD.format(block=block, path=str(path), kwargs=kwargs, ids=ids_file, out=out_file)
-    class_name = run_python(code, {"HF_MODULES_CACHE": str(tmp_path / "modules")}).strip().splitlines()[-1]
-    return torch.load(out_file), class_name
+    reply = fresh_python(block).reload(path, ids_file, out_file, kwargs)
+    if block == BLOCK_HF_SNP:
+        assert not reply["hf_snp_loaded"]
+    if block == "import hf_snp" and "trust_remote_code" not in kwargs and reply["class"].startswith("HfSnp"):
+        assert reply["module"].startswith("hf_snp.")  # hf_snp's own class, not a checkpoint's code file
+    return torch.load(out_file), reply["class"]
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

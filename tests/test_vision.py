@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    IMAGE, TINY_VISION, image_logits, make_constant_neurons, pixel_values, run_python, sites_of, tiny_deit, tiny_deit_teacher, tiny_llama,
+    IMAGE, TINY_VISION, image_logits, make_constant_neurons, pixel_values, sites_of, tiny_deit, tiny_deit_teacher, tiny_llama,
     tiny_vit,
 )
 from PIL import Image
+from fresh_python import fresh_python
 from test_heads import make_redundant_heads
+from test_save_reload import BLOCK_HF_SNP  # the checkpoint's own code must do: import hf_snp raises ImportError
 from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 import hf_snp
@@ -132,17 +134,6 @@ def test_uniform_widths_save_as_the_stock_class_with_the_image_processor(family,
     assert torch.allclose(image_logits(loaded), image_logits(result.model), atol=1e-5)
 
 
-RELOAD = """
-import sys, torch
-sys.modules['hf_snp'] = None  # the checkpoint's own code must do: import hf_snp raises ImportError
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained({path!r}, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(model(pixel_values=torch.load({pixels!r})).logits, {out!r})
-print(type(model).__name__)
-"""
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["snp", "vbp"])
 def test_per_layer_widths_save_as_the_hf_snp_type_and_reload_without_hf_snp(family, method, tmp_path):
@@ -153,9 +144,10 @@ def test_per_layer_widths_save_as_the_hf_snp_type_and_reload_without_hf_snp(fami
     result.save(str(tmp_path / "out"))
     pixels, out = str(tmp_path / "pixels.pt"), str(tmp_path / "logits.pt")
     torch.save(pixel_values(4, seed=7), pixels)
-    code = RELOAD.format(path=str(tmp_path / "out"), pixels=pixels, out=out)
-    name = run_python(code, {"HF_MODULES_CACHE": str(tmp_path / "modules")}).strip().splitlines()[-1]
-    assert name == "HfSnp" + stock_name
+    reply = fresh_python(BLOCK_HF_SNP).reload(tmp_path / "out", pixels, out, "trust_remote_code=True",
+                                              auto="AutoModelForImageClassification", input_name="pixel_values")
+    name = reply["class"]
+    assert name == "HfSnp" + stock_name and not reply["hf_snp_loaded"]
     assert torch.allclose(torch.load(out), image_logits(result.model), atol=1e-5)
     # in-process, with hf_snp imported, the Auto class picks the same head by config.architectures
     local = AutoModelForImageClassification.from_pretrained(str(tmp_path / "out")).eval()
