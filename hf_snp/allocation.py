@@ -1,4 +1,4 @@
-"""Allocation across sites (docs/design.md §3): how many removal steps each site takes.
+"""Allocation across sites (docs/design.md §6): how many removal steps each site takes.
 
 Uniform: every site loses the same fraction of its own parameters. Global: a dense statistics
 pass gives each site the cost of each successive removal (SNP: the LDL pivots in its order, so
@@ -66,9 +66,15 @@ class SiteCurve:
 
     @classmethod
     def from_site(cls, site: Site, scores: list[float], costs: list[float], rules: WidthRules | None = None) -> "SiteCurve":
+        """``scores`` and ``costs`` have one entry per group removed in the full order. A step may remove
+        several groups (GQA ``per_group``: one query head from every KV group): its cost is their sum, and
+        its score the one of its last group."""
         rules = rules or WidthRules()
         steps = range(site.max_steps() + 1)
-        return cls(site.index, site.kind, scores[: site.max_steps()], costs, [site.params_removed(s) for s in steps],
+        per_step = max(len(costs) // max(site.curve_steps(), 1), 1)
+        step_costs = [sum(costs[i:i + per_step]) for i in range(0, len(costs), per_step)]
+        step_scores = scores[per_step - 1::per_step][: site.max_steps()]
+        return cls(site.index, site.kind, step_scores, step_costs, [site.params_removed(s) for s in steps],
                    [rules.allowed(site, s) for s in steps], [site.width_after(s) for s in steps], site.num_params())
 
     @property

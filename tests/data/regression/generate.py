@@ -9,6 +9,10 @@ worktree, with the case definitions of the current tests:
 
 (`import hf_snp` then resolves to /tmp/base/hf_snp; the script prints the path it used.)
 Run it again only to add a case, or on purpose when a change of results is intended.
+
+Regenerated on purpose, with the code of the commit that changed them:
+* snp_global_mlp_heads_llama, snp_global_per_target_llama: global allocation's per_group head
+  curves priced step s as s heads instead of s x (KV groups) heads (fixed in SiteCurve.from_site).
 Usage: generate.py [CASE ...]  (default: every case).
 """
 
