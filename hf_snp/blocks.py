@@ -1,5 +1,6 @@
 """Whole-block pruning: score blocks by how little they change the residual stream, remove the most
-redundant ones, and renumber what remains so the model (and its KV cache) stays consistent."""
+redundant ones, and renumber what remains so the model (and its KV cache) stays consistent
+(docs/design.md §7.1)."""
 
 from __future__ import annotations
 

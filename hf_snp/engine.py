@@ -1,4 +1,4 @@
-"""The streaming engine (docs/design.md §5).
+"""The streaming engine (docs/design.md §8).
 
 Capture the inputs of block 0 for every calibration batch, then for each block in order: bring it
 to the execution device, accumulate every site's statistics with hooks, decide, cut and

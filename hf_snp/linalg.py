@@ -1,4 +1,5 @@
-"""The linear algebra of SNP: damping, greedy ZCA elimination, least-squares reconstruction."""
+"""The linear algebra of SNP: damping, greedy ZCA elimination, least-squares reconstruction
+(docs/design.md §2.3, §3)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Removal plans and decisions: which units a site may lose together, and what happens to them.
 
 A site (``hf_snp.sites``) describes its geometry as a :class:`RemovalPlan`; a method turns
-statistics into a :class:`Decision` that the site applies (docs/design.md §2).
+statistics into a :class:`Decision` that the site applies (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def group_sums(values: torch.Tensor, plan: RemovalPlan) -> torch.Tensor:
 class Decision:
     """What to do with one site: keep these units, fold the removed ones into the consumer.
 
-    The consumer becomes W'_K = W_K + W_P coef and b' = b + W_P shift (docs/design.md §2).
+    The consumer becomes W'_K = W_K + W_P coef and b' = b + W_P shift (docs/design.md §3.6, §5.3).
     ``coef`` None means no reconstruction; ``shift`` None means no bias change.
     """
 

@@ -3,7 +3,7 @@
 When only MLP units are cut, a block's attention output is the same in the second pass as in the
 statistics pass, and the cut MLP's output is its consumer applied to the kept activations the
 statistics pass already saw. Both are recorded during the statistics pass and replayed during the
-second one. What this assumes about a family is declared by its adapter
+second one (docs/design.md §8.3). What this assumes about a family is declared by its adapter
 (``ModelAdapter.attention_returns_pair``, ``ModelAdapter.mlp_is_consumer_output``).
 """
 

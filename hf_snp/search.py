@@ -1,4 +1,4 @@
-"""Blocks together with units: candidates that meet one budget, judged by final-state CKA.
+"""Blocks together with units: candidates that meet one budget, judged by final-state CKA (docs/design.md §7.2).
 
 The seed idea of "Pruning Everything, Everywhere, All at Once": build subnetworks that meet
 the same parameter budget by block removal, by unit removal, and mixed (half of the budget by

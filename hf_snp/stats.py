@@ -1,4 +1,4 @@
-"""Per-site activation statistics: s = sum h, G = sum h h^T, T = token count.
+"""Per-site activation statistics (docs/design.md §2): s = sum h, G = sum h h^T, T = token count.
 
 Accumulated in float32 on the execution device. The running sums are taken around a
 shift c (the mean of the first batch) so that the covariance does not lose its small

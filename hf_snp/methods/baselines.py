@@ -1,4 +1,4 @@
-"""Baseline scorers in the same engine (same calibration, sites, budgets and save path).
+"""Baseline scorers (docs/design.md §4.2) in the same engine (same calibration, sites, budgets and save path).
 
 Each scores the groups a plan may remove and takes the lowest first; none reconstructs.
 """

@@ -1,4 +1,4 @@
-"""SNP: unnormalised-ZCA ordering by greedy elimination and least-squares reconstruction."""
+"""SNP: unnormalised-ZCA ordering by greedy elimination and least-squares reconstruction (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VBP: keep the highest-variance units and fold the removed units' means into the bias."""
+"""VBP: keep the highest-variance units and fold the removed units' means into the bias (docs/design.md §4.1)."""
 
 from __future__ import annotations
 
