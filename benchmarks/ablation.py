@@ -67,13 +67,16 @@ def main() -> None:
                 continue
             kwargs = {"targets": ("mlp", "heads"), **options}
             start = time.perf_counter()
-            result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", sparsity=sparsity, calibration=calib, progress=False, **kwargs)
+            result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", sparsity=sparsity, calibration=calib,
+                                  progress=False, **kwargs)
             seconds = time.perf_counter() - start
             ppl = perplexity(result.model, tokenizer, **eval_args)
             table.setdefault(label, {})[sparsity] = (ppl, result.report["params_after"], seconds)
-            cache.put({"label": label, "sparsity": sparsity}, {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds})
+            cache.put({"label": label, "sparsity": sparsity},
+                      {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds})
             extra = f" chosen {result.report['blocks']['chosen']}" if "blocks" in result.report else ""
-            print(f"{label:>32} {sparsity:.0%}: perplexity {ppl:9.2f}  params {result.report['params_after']:,}  {seconds:.0f} s{extra}", flush=True)
+            print(f"{label:>32} {sparsity:.0%}: perplexity {ppl:9.2f}  params {result.report['params_after']:,}  "
+                  f"{seconds:.0f} s{extra}", flush=True)
             del result
     write(args, table, dense_ppl, sparsities)
 
@@ -84,8 +87,9 @@ def write(args, table, dense_ppl, sparsities) -> None:
     lines = [
         "# SNP ablations: SmolLM2-135M, mlp + heads, WikiText-2 perplexity",
         "",
-        f"Calibration: first {args.windows} x {args.seq_len} tokens of the validation text (same for every row); evaluation: "
-        f"first {args.windows} x {args.seq_len} tokens of the test text; dense {dense_ppl:.2f}. CPU, fp32, GQA per_group.",
+        f"Calibration: first {args.windows} x {args.seq_len} tokens of the validation text (same for every row); "
+        f"evaluation: first {args.windows} x {args.seq_len} tokens of the test text; dense {dense_ppl:.2f}. "
+        "CPU, fp32, GQA per_group.",
         "",
         f"Regenerate: `python benchmarks/ablation.py --sparsities {args.sparsities} --windows {args.windows}`",
         "",
@@ -94,7 +98,8 @@ def write(args, table, dense_ppl, sparsities) -> None:
     ]
     for label, row in table.items():
         lines.append(f"| {label} | " + " | ".join(f"{row[s][0]:.2f}" for s in sparsities) + " |")
-    lines += ["", "Parameters after and pruning seconds:", "", f"| variant | {header} |", "| --- | " + " | ".join("---:" for _ in sparsities) + " |"]
+    lines += ["", "Parameters after and pruning seconds:", "", f"| variant | {header} |",
+              "| --- | " + " | ".join("---:" for _ in sparsities) + " |"]
     for label, row in table.items():
         lines.append(f"| {label} | " + " | ".join(f"{row[s][1]:,} / {row[s][2]:.0f} s" for s in sparsities) + " |")
     with open(os.path.join(RESULTS, "ablation.md"), "w") as handle:

@@ -39,8 +39,8 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
              max_position_embeddings=4096, tie_word_embeddings=False)
 GPU_SHAPES = {
-    "OPT-1.3b shape": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
-                                   word_embed_proj_dim=2048, max_position_embeddings=2048)),
+    "OPT-1.3b shape": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                                   num_attention_heads=32, word_embed_proj_dim=2048, max_position_embeddings=2048)),
     "Llama-7B shape": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
 }
@@ -84,7 +84,8 @@ def child(spec: dict) -> None:
     kwargs = {}
     if spec.get("offload"):
         layers = {f"model.layers.{i}": "disk" for i in range(config.num_hidden_layers)}
-        kwargs = dict(device_map={"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", **layers},
+        kwargs = dict(device_map={"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                                  "lm_head": "cpu", **layers},
                       offload_folder=tempfile.mkdtemp(prefix="hf_snp_offload_"))
     model = AutoModelForCausalLM.from_pretrained(spec["path"], **kwargs).eval()
     if not spec.get("offload"):  # weights mapped from the checkpoint become the process's own memory now
@@ -92,9 +93,10 @@ def child(spec: dict) -> None:
             param.data = param.data.clone()
     loaded, loaded_anon = RssPeak.now(), RssPeak.anon_now()
     with RssPeak() as rss:
-        result = hf_snp.prune(model, method="snp", sparsity=0.3, calibration=ids, batch_size=8, device="cpu", progress=False)
-    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded, "prune_anon_peak": rss.anon_peak - loaded_anon,
-                      "seconds": result.report["timings_s"]["total"]}))
+        result = hf_snp.prune(model, method="snp", sparsity=0.3, calibration=ids, batch_size=8, device="cpu",
+                              progress=False)
+    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded,
+                      "prune_anon_peak": rss.anon_peak - loaded_anon, "seconds": result.report["timings_s"]["total"]}))
 
 
 def part_ratio(args, device) -> list[str]:
@@ -106,22 +108,25 @@ def part_ratio(args, device) -> list[str]:
     model = load_model(source, dtype=torch.float32).to(device)
     calib = load_calibration("wikitext2-local", tokenizer, 32, 512, seed=0)
     dense = dense_forward_seconds(model, calib.input_ids, 8, device)
-    lines = [f"## Pruning / one dense forward pass (SmolLM2-135M, 30% of MLP, SNP, {calib.num_tokens} tokens, {device})", "",
+    lines = [f"## Pruning / one dense forward pass (SmolLM2-135M, 30% of MLP, SNP, {calib.num_tokens} tokens, "
+             f"{device})", "",
              f"Dense forward pass: {dense:.2f} s ({calib.num_tokens / dense:.0f} tokens/s).", "",
              "| allocation | pruning s | ratio | target | phases (s) |", "| --- | ---: | ---: | ---: | --- |"]
     for allocation, target in (("uniform", 1.5), ("global", 2.5)):
-        result = hf_snp.prune(copy.deepcopy(model), tokenizer, method="snp", sparsity=0.3, calibration=calib, batch_size=8,
-                              device=device, allocation=allocation, progress=False)
+        result = hf_snp.prune(copy.deepcopy(model), tokenizer, method="snp", sparsity=0.3, calibration=calib,
+                              batch_size=8, device=device, allocation=allocation, progress=False)
         timings = result.report["timings_s"]
         phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k not in ("total", "dense_pass", "cut_pass"))
         ratio = timings["total"] / dense
-        lines.append(f"| {allocation} | {timings['total']:.1f} | {ratio:.2f}x | {target}x {'met' if ratio <= target else 'missed'} | {phases} |")
+        lines.append(f"| {allocation} | {timings['total']:.1f} | {ratio:.2f}x | "
+                     f"{target}x {'met' if ratio <= target else 'missed'} | {phases} |")
         print(lines[-1], flush=True)
     return lines + [""]
 
 
 def part_depth(args) -> list[str]:
-    runs = [(label, offload, env) for offload in (False, True) for label, env in (("", None), (", fixed mmap threshold", FIXED_MMAP))]
+    runs = [(label, offload, env) for offload in (False, True)
+            for label, env in (("", None), (", fixed mmap threshold", FIXED_MMAP))]
     rows = {}
     with tempfile.TemporaryDirectory(prefix="hf_snp_depth_") as root:
         for depth in (4, 8, 16, 32):
@@ -133,8 +138,9 @@ def part_depth(args) -> list[str]:
             for label, offload, env in runs:
                 got = run_child({"path": path, "samples": 8, "seq_len": 512, "offload": offload}, env)
                 rows[depth, offload, label] = (size, got)
-                print(f"depth {depth} offload {offload}{label}: loaded RSS {got['loaded_rss'] / 2**20:.0f} MiB, pruning peak above it "
-                      f"{got['prune_peak'] / 2**20:.0f} MiB (anonymous {got['prune_anon_peak'] / 2**20:.0f} MiB), model "
+                print(f"depth {depth} offload {offload}{label}: loaded RSS {got['loaded_rss'] / 2**20:.0f} MiB, "
+                      f"pruning peak above it {got['prune_peak'] / 2**20:.0f} MiB "
+                      f"(anonymous {got['prune_anon_peak'] / 2**20:.0f} MiB), model "
                       f"{size / 2**20:.0f} MiB, {got['seconds']:.1f} s", flush=True)
     return depth_table(rows)
 
@@ -142,15 +148,17 @@ def part_depth(args) -> list[str]:
 def depth_table(rows: dict) -> list[str]:
     """The depth section from {(depth, offload, label): (model bytes, child result)}; draws cost_depth.png."""
     mib = lambda value: f"{value / 2**20:.0f}"  # noqa: E731
-    lines = ["## Peak memory against depth (random-weight Llama shape, hidden 1024, MLP 2816, fp32, 8 x 512 tokens, CPU)", "",
-             "Each run is a fresh process: it loads the model (in memory, or with every block offloaded to disk by accelerate), "
-             "then prunes it. *Loaded*: the RSS the loaded model holds. *Peak*: the highest RSS while pruning, above that. "
-             "*Anonymous*: the same without file pages mapped from the offload folder (the kernel drops and rereads those). "
-             "*Fixed threshold*: run with `MALLOC_MMAP_THRESHOLD_=131072`, which keeps glibc from raising its mmap threshold "
-             "after large frees and then keeping block-sized freed buffers in its heap; hf_snp sets the same itself when the "
-             "model has offloaded weights, so both offload columns have it.", "",
-             "| blocks | model MiB | in memory: loaded | peak | peak, fixed threshold | disk offload: loaded | peak | anonymous "
-             "| anonymous, fixed threshold |",
+    lines = ["## Peak memory against depth (random-weight Llama shape, hidden 1024, MLP 2816, fp32, "
+             "8 x 512 tokens, CPU)", "",
+             "Each run is a fresh process: it loads the model (in memory, or with every block offloaded to disk by "
+             "accelerate), then prunes it. *Loaded*: the RSS the loaded model holds. *Peak*: the highest RSS while "
+             "pruning, above that. *Anonymous*: the same without file pages mapped from the offload folder (the kernel "
+             "drops and rereads those). *Fixed threshold*: run with `MALLOC_MMAP_THRESHOLD_=131072`, which keeps glibc "
+             "from raising its mmap threshold after large frees and then keeping block-sized freed buffers in its "
+             "heap; hf_snp sets the same itself when the model has offloaded weights, so both offload columns have "
+             "it.", "",
+             "| blocks | model MiB | in memory: loaded | peak | peak, fixed threshold | disk offload: loaded | peak "
+             "| anonymous | anonymous, fixed threshold |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     depths = sorted({key[0] for key in rows})
     for depth in depths:
@@ -158,7 +166,8 @@ def depth_table(rows: dict) -> list[str]:
         mem_fixed = rows[depth, False, ", fixed mmap threshold"][1]
         off = rows[depth, True, ""][1]
         off_fixed = rows[depth, True, ", fixed mmap threshold"][1]
-        lines.append(f"| {depth} | {mib(size)} | {mib(mem['loaded_rss'])} | {mib(mem['prune_peak'])} | {mib(mem_fixed['prune_peak'])} | "
+        lines.append(f"| {depth} | {mib(size)} | {mib(mem['loaded_rss'])} | {mib(mem['prune_peak'])} | "
+                     f"{mib(mem_fixed['prune_peak'])} | "
                      f"{mib(off['loaded_rss'])} | {mib(off['prune_peak'])} | {mib(off['prune_anon_peak'])} | "
                      f"{mib(off_fixed['prune_anon_peak'])} |")
     series = {"model (fp32 weights)": [(d, rows[d, False, ""][0] / 2**20) for d in depths]}
@@ -171,15 +180,16 @@ def depth_table(rows: dict) -> list[str]:
 
 
 def timed_prune(model, ids, device, **options) -> tuple[float, dict]:
-    result = hf_snp.prune(copy.deepcopy(model), method="snp", sparsity=0.3, calibration=ids, batch_size=8, device=device,
-                          progress=False, **options)
+    result = hf_snp.prune(copy.deepcopy(model), method="snp", sparsity=0.3, calibration=ids, batch_size=8,
+                          device=device, progress=False, **options)
     return result.report["timings_s"]["total"], result.report["timings_s"]
 
 
 def part_tokens(args, device) -> list[str]:
     model = random_model(num_hidden_layers=2).to(device)
     lines = ["## Seconds against calibration tokens (2 blocks of the Llama shape, 512-token windows)", "",
-             "| tokens | dense forward s | pruning s | ratio | pruning us/token |", "| ---: | ---: | ---: | ---: | ---: |"]
+             "| tokens | dense forward s | pruning s | ratio | pruning us/token |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
     points = []
     for samples in (2, 4, 8, 16, 32, 64, 128):
         ids = random_ids(SHAPE["vocab_size"], samples, 512)
@@ -187,7 +197,8 @@ def part_tokens(args, device) -> list[str]:
         seconds, _ = timed_prune(model, ids, device)
         tokens = samples * 512
         points.append((tokens, seconds, dense))
-        lines.append(f"| {tokens} | {dense:.2f} | {seconds:.2f} | {seconds / dense:.2f}x | {1e6 * seconds / tokens:.1f} |")
+        lines.append(f"| {tokens} | {dense:.2f} | {seconds:.2f} | {seconds / dense:.2f}x | "
+                     f"{1e6 * seconds / tokens:.1f} |")
         print(lines[-1], flush=True)
     plot_lines("cost_tokens.png", "calibration tokens", "seconds", "Pruning time against calibration tokens",
                {"pruning": [(t, s) for t, s, _ in points], "dense forward": [(t, d) for t, _, d in points]}, log=True)
@@ -205,8 +216,9 @@ def part_width(args, device) -> list[str]:
         seconds, timings = timed_prune(model, ids, device)
         share = timings.get("decide", 0.0) / seconds
         points.append((width, share))
-        lines.append(f"| {width} | {seconds:.2f} | {timings.get('statistics', 0):.2f} | {timings.get('decide', 0):.2f} | "
-                     f"{timings.get('cut', 0):.2f} | {timings.get('recompute', 0):.2f} | {share:.0%} |")
+        lines.append(f"| {width} | {seconds:.2f} | {timings.get('statistics', 0):.2f} | "
+                     f"{timings.get('decide', 0):.2f} | {timings.get('cut', 0):.2f} | "
+                     f"{timings.get('recompute', 0):.2f} | {share:.0%} |")
         print(lines[-1], flush=True)
     plot_lines("cost_width.png", "MLP width", "share of pruning time", "The decomposition's share against width",
                {"decide (greedy elimination + least squares)": points})
@@ -214,8 +226,10 @@ def part_width(args, device) -> list[str]:
 
 
 def part_gpu(args, device) -> list[str]:
-    lines = [f"## GPU: {torch.cuda.get_device_name(device)}, bf16 random weights, 128 x 2048 calibration tokens, 30% of MLP, SNP", "",
-             "| model | parameters | placement | pruning s | peak GPU memory GiB | model GiB |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = [f"## GPU: {torch.cuda.get_device_name(device)}, bf16 random weights, 128 x 2048 calibration tokens, "
+             "30% of MLP, SNP", "",
+             "| model | parameters | placement | pruning s | peak GPU memory GiB | model GiB |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
     for name, (family, shape) in GPU_SHAPES.items():
         model = random_model(family, dtype=torch.bfloat16, **shape)
         ids = random_ids(shape["vocab_size"], 128, 2048)
@@ -228,7 +242,8 @@ def part_gpu(args, device) -> list[str]:
             del model
             for placement, options in runs:
                 torch.cuda.reset_peak_memory_stats(device)
-                kwargs = dict(method="snp", sparsity=0.3, calibration=ids, batch_size=8, progress=False, dtype="bfloat16")
+                kwargs = dict(method="snp", sparsity=0.3, calibration=ids, batch_size=8, progress=False,
+                              dtype="bfloat16")
                 if "max_gpu" in options:
                     kwargs.update(device_map="auto", max_memory={0: options["max_gpu"], "cpu": "100GiB"}, device=device)
                 else:
@@ -288,7 +303,8 @@ def assemble() -> None:
             with open(path) as handle:
                 sections.append(handle.read().strip())
     with open(os.path.join(RESULTS, "cost.md"), "w") as handle:
-        handle.write("# Pruning cost\n\nEach section comes from `benchmarks/cost.py --parts PART` (command in the section).\n\n"
+        handle.write("# Pruning cost\n\n"
+                     "Each section comes from `benchmarks/cost.py --parts PART` (command in the section).\n\n"
                      + "\n\n".join(sections) + "\n")
     print(f"wrote {os.path.join(RESULTS, 'cost.md')}")
 

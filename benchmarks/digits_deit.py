@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from measure import save_line_plot
+from PIL import Image
 from transformers import DeiTConfig, DeiTForImageClassification
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -46,8 +46,9 @@ def digits_split(seed: int = 0) -> dict:
 
 
 def digits_config() -> DeiTConfig:
-    return DeiTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=256, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return DeiTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, intermediate_size=256, num_labels=10, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
 
 
 def train_digits_deit(epochs: int = 30, seed: int = 0, log: bool = False):
@@ -98,12 +99,14 @@ def main() -> None:
     for targets in args.targets:
         for method in ("snp", "vbp"):
             for sparsity in (float(s) for s in args.sparsities.split(",")):
-                result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=sparsity, targets=targets.split(","),
-                                      calibration=calibration, image_processor=processor, num_samples=CALIBRATION,
-                                      seed=args.seed, progress=False)
+                result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=sparsity,
+                                      targets=targets.split(","), calibration=calibration, image_processor=processor,
+                                      num_samples=CALIBRATION, seed=args.seed, progress=False)
                 accuracy = hf_snp.evaluate_accuracy(result.model, test, progress=False)
-                rows.append((method, targets, sparsity, accuracy["top1"], accuracy["top5"], result.report["params_after"]))
-                print(f"{method} {targets:>9} {sparsity:.0%}: top-1 {accuracy['top1']:.4f}  params {result.report['params_after']:,}", flush=True)
+                rows.append((method, targets, sparsity, accuracy["top1"], accuracy["top5"],
+                             result.report["params_after"]))
+                print(f"{method} {targets:>9} {sparsity:.0%}: top-1 {accuracy['top1']:.4f}  "
+                      f"params {result.report['params_after']:,}", flush=True)
     write(args, base, hf_snp.count_parameters(dense), train_seconds, rows)
 
 
@@ -112,12 +115,13 @@ def write(args, base, dense_params, train_seconds, rows) -> None:
     lines = [
         "# DeiT on scikit-learn digits: held-out accuracy after one-shot pruning",
         "",
-        f"A DeiT (4 blocks, hidden 64, 4 heads, MLP 256, patch 4 on 32x32 inputs) trained from scratch for {args.epochs} epochs "
-        f"on {TRAIN} digit scans ({train_seconds:.0f} s on CPU); accuracy on the {1797 - TRAIN} held-out scans. Calibration: "
-        f"{CALIBRATION} training images through the ViT image processor. Dense: top-1 {base['top1']:.4f}, top-5 {base['top5']:.4f}, "
-        f"{dense_params:,} parameters. Uniform allocation.",
+        f"A DeiT (4 blocks, hidden 64, 4 heads, MLP 256, patch 4 on 32x32 inputs) trained from scratch for "
+        f"{args.epochs} epochs on {TRAIN} digit scans ({train_seconds:.0f} s on CPU); accuracy on the "
+        f"{1797 - TRAIN} held-out scans. Calibration: {CALIBRATION} training images through the ViT image processor. "
+        f"Dense: top-1 {base['top1']:.4f}, top-5 {base['top5']:.4f}, {dense_params:,} parameters. Uniform allocation.",
         "",
-        f"Regenerate: `python benchmarks/digits_deit.py --epochs {args.epochs} --sparsities {args.sparsities} --targets {' '.join(args.targets)}`",
+        f"Regenerate: `python benchmarks/digits_deit.py --epochs {args.epochs} --sparsities {args.sparsities} "
+        f"--targets {' '.join(args.targets)}`",
         "",
         "| method | targets | sparsity | top-1 | top-5 | parameters after |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -129,7 +133,8 @@ def write(args, base, dense_params, train_seconds, rows) -> None:
     series = {f"{method} ({targets})": [(s * 100, a1) for m, t, s, a1, *_ in rows if (m, t) == (method, targets)]
               for method, targets in dict.fromkeys((m, t) for m, t, *_ in rows)}
     save_line_plot(os.path.join(RESULTS, "digits.png"), series, "sparsity of the targeted parameters (%)",
-                   "held-out top-1 accuracy", "DeiT on digits: one-shot pruning", reference=("dense", base["top1"]), size=(6.5, 4))
+                   "held-out top-1 accuracy", "DeiT on digits: one-shot pruning", reference=("dense", base["top1"]),
+                   size=(6.5, 4))
 
 if __name__ == "__main__":
     main()

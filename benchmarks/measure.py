@@ -13,7 +13,8 @@ import torch
 def code_commit() -> str:
     """The commit a measurement is taken with (timings change with the code); "+" when hf_snp/ has edits."""
     def git(*command):
-        return subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD")
     return (head + ("+" if git("status", "--porcelain", "--", "../hf_snp") else "")) if head else "unknown"
@@ -82,8 +83,9 @@ def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 
 
-def save_line_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str, *, reference: tuple[str, float] | None = None,
-                   logx: bool = False, logy: bool = False, size: tuple[float, float] = (6.5, 4.2), legend_size: int = 8) -> None:
+def save_line_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str, *,
+                   reference: tuple[str, float] | None = None, logx: bool = False, logy: bool = False,
+                   size: tuple[float, float] = (6.5, 4.2), legend_size: int = 8) -> None:
     """One line per ``series`` entry ({label: [(x, y), ...]}), an optional horizontal reference line, saved as PNG."""
     import matplotlib
 

@@ -89,7 +89,8 @@ def main() -> None:
     cache_path = os.path.join(RESULTS, f"{args.name}.jsonl")
     if args.fresh and os.path.exists(cache_path):
         os.remove(cache_path)
-    cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode, "dense": round(dense_ppl, 4)})
+    cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode,
+                                  "dense": round(dense_ppl, 4)})
     dense_pass, commit = SharedDensePass(), code_commit()
     for allocation in args.allocations.split(","):
         for targets in args.targets:
@@ -105,10 +106,12 @@ def main() -> None:
                                                   gqa_mode=args.gqa_mode, progress=False)
                         seconds = time.perf_counter() - start + dense_pass.reused_seconds
                         ppl = perplexity(result.model, tokenizer, **eval_args)
-                        done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds, "commit": commit}
+                        done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds,
+                                "commit": commit}
                         cache.put(key, done)
                         del result
-                    rows.append((method, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"], done.get("commit", "?")))
+                    rows.append((method, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"],
+                                 done.get("commit", "?")))
                     print(f"{method:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
                           f"params {done['params']:,}  {done['seconds']:.0f} s", flush=True)
                     write(args, rows, dense_params)
@@ -127,7 +130,8 @@ def pivot_tables(rows: list[tuple]) -> list[str]:
                   "| sparsity | " + " | ".join(methods) + " |", "| ---: |" + " ---: |" * len(methods)]
         for sparsity, results in by_sparsity.items():
             best = min(results.values())
-            cells = ["" if m not in results else (f"**{results[m]:.2f}**" if results[m] == best else f"{results[m]:.2f}") for m in methods]
+            cells = ["" if m not in results
+                     else (f"**{results[m]:.2f}**" if results[m] == best else f"{results[m]:.2f}") for m in methods]
             lines.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
     return lines
 
@@ -143,7 +147,8 @@ def write(args, rows, dense_params) -> None:
         "sparsity); its measured seconds are counted in every row that used it.",
         "",
         "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
-        + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} --name {args.name}`",
+        + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} "
+        f"--name {args.name}`",
         "",
         "Pruning seconds depend on the code they were measured with (`timed at`: its commit); perplexity and "
         "parameters do not (the speed-ups in between are tested to give the same pruned weights).",
@@ -152,10 +157,11 @@ def write(args, rows, dense_params) -> None:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for method, targets, allocation, sparsity, ppl, params, seconds, commit in rows:
-        lines.append(f"| {method} | {targets} | {allocation} | {sparsity:.0%} | {ppl:.2f} | {params:,} | {seconds:.0f} | {commit} |")
+        lines.append(f"| {method} | {targets} | {allocation} | {sparsity:.0%} | {ppl:.2f} | {params:,} | "
+                     f"{seconds:.0f} | {commit} |")
     lines += pivot_tables(rows[1:])
-    lines += ["", "Best method per setting (target: snp from 20% up):", "", "| targets | allocation | sparsity | best | snp rank |",
-              "| --- | --- | ---: | --- | ---: |"]
+    lines += ["", "Best method per setting (target: snp from 20% up):", "",
+              "| targets | allocation | sparsity | best | snp rank |", "| --- | --- | ---: | --- | ---: |"]
     settings: dict[tuple, list[tuple[float, str]]] = {}
     for method, targets, allocation, sparsity, ppl, *_ in rows[1:]:
         settings.setdefault((targets, allocation, sparsity), []).append((ppl, method))
@@ -173,7 +179,8 @@ def write(args, rows, dense_params) -> None:
 
     target_sets = list(dict.fromkeys(row[1] for row in rows[1:]))
     methods = list(dict.fromkeys(row[0] for row in rows[1:]))
-    fig, axes = plt.subplots(1, max(1, len(target_sets)), figsize=(6 * max(1, len(target_sets)), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, max(1, len(target_sets)), figsize=(6 * max(1, len(target_sets)), 4.5), squeeze=False,
+                             sharey=True)
     series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for method, targets, allocation, _, ppl, params, *_ in rows[1:]:
         series.setdefault((method, targets, allocation), []).append((params / dense_params, ppl))

@@ -9,9 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationError
-from .placement import input_device
 from .hub import load_hub_dataset
 from .images import image_column, to_pixel_values
+from .placement import input_device
 
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
@@ -41,12 +41,14 @@ def _images_and_labels(dataset: Any, label_column: str | None) -> tuple[Any, tor
                                    f"(columns: {dataset.column_names}); name the label with label_column=")
         return dataset[column], torch.as_tensor(dataset[label]).long()
     raise CalibrationError(f"unsupported evaluation data {type(dataset).__name__}: give a datasets.Dataset with image "
-                           "and label columns, an (images or pixel_values, labels) pair, an imagefolder path or a Hub id")
+                           "and label columns, an (images or pixel_values, labels) pair, an imagefolder path "
+                           "or a Hub id")
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, dataset: Any, image_processor: Any = None, batch_size: int = 32, label_column: str | None = None,
-                      max_samples: int | None = None, progress: bool = True) -> dict[str, float]:
+def evaluate_accuracy(model, dataset: Any, image_processor: Any = None, batch_size: int = 32,
+                      label_column: str | None = None, max_samples: int | None = None,
+                      progress: bool = True) -> dict[str, float]:
     """Top-1 and top-5 accuracy of ``model`` on ``dataset`` ("top5" counts the min(5, classes) best).
 
     ``dataset``: a ``datasets.Dataset`` with image and label columns, a pair (images or a

@@ -31,7 +31,8 @@ class WidthRules:
         def per_target(value):
             if value is None:
                 return {}
-            return dict(value) if isinstance(value, Mapping) else {"mlp": int(value)}  # a plain number is about MLP widths
+            # a plain number is about MLP widths
+            return dict(value) if isinstance(value, Mapping) else {"mlp": int(value)}
 
         return cls(per_target(round_to), per_target(min_width))
 
@@ -65,7 +66,8 @@ class SiteCurve:
     total_params: int  # all parameters of the site (the budget is a fraction of their sum)
 
     @classmethod
-    def from_site(cls, site: Site, scores: list[float], costs: list[float], rules: WidthRules | None = None) -> "SiteCurve":
+    def from_site(cls, site: Site, scores: list[float], costs: list[float],
+                  rules: WidthRules | None = None) -> "SiteCurve":
         """``scores`` and ``costs`` have one entry per group removed in the full order. A step may remove
         several groups (GQA ``per_group``: one query head from every KV group): its cost is their sum, and
         its score the one of its last group."""

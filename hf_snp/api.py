@@ -36,9 +36,11 @@ class PruneResult:
     image_processor: Any = None
 
     def save(self, output_dir: str, overwrite: bool = False) -> None:
-        save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite, image_processor=self.image_processor)
+        save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite,
+                    image_processor=self.image_processor)
 
-    def push_to_hub(self, repo_id: str, private: bool = False, folder: str | None = None, token: str | None = None) -> str:
+    def push_to_hub(self, repo_id: str, private: bool = False, folder: str | None = None,
+                    token: str | None = None) -> str:
         """Upload the pruned model with its tokenizer, report and model card; returns the commit URL."""
         if folder is not None:
             return push_folder(folder, repo_id, private=private, token=token)

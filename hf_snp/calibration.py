@@ -52,7 +52,8 @@ class CalibrationData:
         """(forward kwargs, token mask) per batch; the mask is None when no token is padding."""
         for start in range(0, self.num_samples, batch_size):
             ids, mask = self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
-            yield {"input_ids": ids, "attention_mask": mask, "use_cache": False}, None if bool(mask.all()) else mask.bool().flatten()
+            yield ({"input_ids": ids, "attention_mask": mask, "use_cache": False},
+                   None if bool(mask.all()) else mask.bool().flatten())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.input_ids, self.attention_mask
@@ -69,7 +70,8 @@ def _hub_texts(name: str) -> list[str]:
         data = load_hub_dataset(path, config, split, data_files)
     except Exception as error:  # noqa: BLE001  (offline, or the Hub refused)
         if name == "wikitext2":
-            logger.warning("could not load %s from the Hub (%s); using the packaged WikiText-2 validation text", name, type(error).__name__)
+            logger.warning("could not load %s from the Hub (%s); using the packaged WikiText-2 validation text",
+                           name, type(error).__name__)
             return [packaged_text("wikitext2-local")]
         raise CalibrationError(f"could not load calibration dataset {name!r} from the Hub: {error}. "
                                "Pass a local .txt/.jsonl path, a list of strings or a token tensor instead.") from error
@@ -114,7 +116,8 @@ def resolve_texts(spec: Any) -> tuple[list[str], str]:
         if os.path.exists(spec):
             return _file_texts(spec), os.path.basename(spec)
         raise CalibrationError(
-            f"calibration {spec!r} is neither a known dataset ({sorted([*HUB_DATASETS, *PACKAGED])}) nor an existing file"
+            f"calibration {spec!r} is neither a known dataset ({sorted([*HUB_DATASETS, *PACKAGED])}) "
+            "nor an existing file"
         )
     if isinstance(spec, Sequence) and all(isinstance(item, str) for item in spec):
         return list(spec), f"list of {len(spec)} texts"
@@ -128,7 +131,8 @@ def resolve_texts(spec: Any) -> tuple[list[str], str]:
 
 def _from_tensor(ids: torch.Tensor, mask: torch.Tensor | None) -> CalibrationData:
     if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64) or ids.dim() != 2:
-        raise CalibrationError(f"a calibration tensor must be a LongTensor [N, L] of token ids; got {ids.dtype} {tuple(ids.shape)}")
+        raise CalibrationError(f"a calibration tensor must be a LongTensor [N, L] of token ids; "
+                               f"got {ids.dtype} {tuple(ids.shape)}")
     if ids.numel() == 0:
         raise CalibrationError("the calibration tensor is empty")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -149,7 +153,8 @@ def load_calibration(spec: Any, tokenizer, num_samples: int, seq_len: int, seed:
     if isinstance(spec, torch.Tensor):
         return _from_tensor(spec, None)
     if isinstance(spec, dict) and "input_ids" in spec:
-        return _from_tensor(torch.as_tensor(spec["input_ids"]), None if spec.get("attention_mask") is None else torch.as_tensor(spec["attention_mask"]))
+        return _from_tensor(torch.as_tensor(spec["input_ids"]),
+                            None if spec.get("attention_mask") is None else torch.as_tensor(spec["attention_mask"]))
     texts, source = resolve_texts(spec)
     text = "\n\n".join(t for t in texts if t and t.strip())
     if not text:

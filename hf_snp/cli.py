@@ -19,7 +19,8 @@ S = argparse.SUPPRESS  # prune flags absent from the command line are not passed
 
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("--quiet", action="store_true", default=False, help="only warnings and errors, no progress bars")
+    verbosity.add_argument("--quiet", action="store_true", default=False,
+                           help="only warnings and errors, no progress bars")
     verbosity.add_argument("--verbose", action="store_true", default=False, help="debug logging")
 
 
@@ -67,7 +68,8 @@ def _prune_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-snp", description="One-shot structured pruning of Hugging Face models (SNP, VBP).")
+    parser = argparse.ArgumentParser(prog="hf-snp",
+                                     description="One-shot structured pruning of Hugging Face models (SNP, VBP).")
     commands = parser.add_subparsers(dest="command", required=True)
     _prune_parser(commands)
 
@@ -82,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     _add_verbosity(d)
 
-    e = commands.add_parser("eval", help="perplexity and lm-eval tasks of a saved model; accuracy of an image classifier")
+    e = commands.add_parser("eval",
+                            help="perplexity and lm-eval tasks of a saved model; accuracy of an image classifier")
     e.add_argument("model", help="directory or Hub id")
     e.add_argument("--task", choices=["language-modeling", "image-classification"], default="language-modeling",
                    help="image-classification: top-1/top-5 accuracy on --dataset")
-    e.add_argument("--dataset", default=None, help="image-classification: an imagefolder folder or a Hub id (name:split)")
+    e.add_argument("--dataset", default=None,
+                   help="image-classification: an imagefolder folder or a Hub id (name:split)")
     e.add_argument("--label-column", default=None, help="image-classification: the label column (default: label)")
     e.add_argument("--max-samples", type=int, default=None, help="image-classification: evaluate the first N images")
     e.add_argument("--ppl", default=None, help="perplexity on wikitext2, wikitext2-test-local, or a text file")
@@ -135,7 +139,8 @@ def _prune(args: argparse.Namespace) -> None:
     output_dir = options.get("output_dir") or result.report.get("output_dir")
     if args.plots and output_dir:
         result.report.plot(os.path.join(output_dir, "hf_snp_report.png"))
-    summary = {k: result.report[k] for k in ("method", "sparsity", "targets", "params_before", "params_after", "save_format")}
+    summary = {k: result.report[k]
+               for k in ("method", "sparsity", "targets", "params_before", "params_after", "save_format")}
     print(json.dumps({**summary, "output_dir": output_dir, "seconds": result.report["timings_s"]["total"]}, indent=2))
 
 
@@ -152,8 +157,8 @@ def _image_eval(args: argparse.Namespace) -> dict:
     if args.device:
         model.to(args.device)
     processor = AutoImageProcessor.from_pretrained(args.model)
-    accuracy = evaluate_accuracy(model, args.dataset, processor, batch_size=args.batch_size or 32, label_column=args.label_column,
-                                 max_samples=args.max_samples, progress=not args.quiet)
+    accuracy = evaluate_accuracy(model, args.dataset, processor, batch_size=args.batch_size or 32,
+                                 label_column=args.label_column, max_samples=args.max_samples, progress=not args.quiet)
     return {"accuracy": {**accuracy, "dataset": args.dataset}}
 
 
@@ -186,7 +191,8 @@ def _language_eval(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     results: dict = {}
     if args.ppl is not None:
-        results["perplexity"] = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows, progress=not args.quiet)
+        results["perplexity"] = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows,
+                                           progress=not args.quiet)
         results["perplexity_protocol"] = f"{args.ppl}, seq_len {args.seq_len}, windows {args.max_windows or 'all'}"
     if args.tasks is not None:
         from .harness import lm_eval
@@ -215,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.out, args.method, args.sparsity, args.num_samples, args.seq_len, args.eval_windows, args.device, args.overwrite)
+            run_demo(args.out, args.method, args.sparsity, args.num_samples, args.seq_len, args.eval_windows,
+                     args.device, args.overwrite)
         elif args.command == "eval":
             _eval(args)
         elif args.command == "report":

@@ -47,15 +47,17 @@ class PruneConfig:
     sparsity: float = option(0.3, "fraction of the targeted modules' parameters to remove, in [0, 1)")
     targets: tuple[str, ...] = option(
         ("mlp",), "what to prune, comma-separated: 'mlp' (MLP neurons), 'heads' (attention heads), 'blocks' (whole "
-                  "blocks; the budget is then `sparsity` of all decoder-layer parameters, and with unit targets as well "
-                  "block removal, unit removal and a mix are compared by final-state CKA)")
-    allocation: str | None = option(None, "'uniform' (default): every layer loses the same fraction, one pass; 'global': "
-                                          "one threshold on the cost curves of all sites decides each width (two passes)",
+                  "blocks; the budget is then `sparsity` of all decoder-layer parameters, and with unit targets as "
+                  "well block removal, unit removal and a mix are compared by final-state CKA)")
+    allocation: str | None = option(None, "'uniform' (default): every layer loses the same fraction, one pass; "
+                                          "'global': one threshold on the cost curves of all sites decides each width "
+                                          "(two passes)",
                                     choices=ALLOCATIONS)
     sparsity_per_target: dict[str, float] | None = option(None, "a budget per target, e.g. mlp=0.3,heads=0.1",
                                                           parse="per_target_float")
     layer_sparsity: dict[int, float] | None = option(None, "per-layer override of `sparsity`: {layer: fraction} or a "
-                                                           "list (YAML on the command line: '{0: 0.1, 5: 0.5}')", parse="yaml")
+                                                           "list (YAML on the command line: '{0: 0.1, 5: 0.5}')",
+                                                     parse="yaml")
     round_to: int | dict[str, int] | None = option(None, "widths a multiple of N (MLP neurons), or per target: "
                                                          "mlp=64,heads=2", parse="per_target_int")
     min_width: int | dict[str, int] | None = option(None, "the fewest units a site keeps (MLP neurons), or per target: "
@@ -64,8 +66,8 @@ class PruneConfig:
                                         "from every KV group (k/v stay); 'kv_groups' removes whole KV groups",
                            choices=GQA_MODES)
     damping: float = option(1e-6, "lambda of lambda*mean(diag) added to the statistics before factoring them")
-    add_bias: bool | None = option(None, "allow adding a bias to a consumer that has none (default: the method decides; "
-                                         "VBP adds one for its mean shift, SNP keeps the stock architecture)")
+    add_bias: bool | None = option(None, "allow adding a bias to a consumer that has none (default: the method "
+                                         "decides; VBP adds one for its mean shift, SNP keeps the stock architecture)")
     ordering: str = option("zca", "SNP ablation: which units go first ('zca', 'natural', 'random', 'output_aware')",
                            choices=ORDERINGS)
     reconstruct: bool = option(True, "SNP ablation: False skips the least-squares reconstruction (means only)")
@@ -152,8 +154,8 @@ class PruneConfig:
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
         if self.checkpoint_dir is not None and "blocks" in self.targets:
-            raise ValueError("checkpoint_dir / resume cover the per-block unit pruning; block pruning is one dense pass "
-                             "(plus the candidates' passes) and is not checkpointed: drop checkpoint_dir")
+            raise ValueError("checkpoint_dir / resume cover the per-block unit pruning; block pruning is one dense "
+                             "pass (plus the candidates' passes) and is not checkpointed: drop checkpoint_dir")
         return self
 
     def _validate_budget(self) -> None:
@@ -165,7 +167,8 @@ class PruneConfig:
             raise ValueError(f"unknown target(s) {unknown}; supported targets: {SUPPORTED_TARGETS}")
         for target, value in (self.sparsity_per_target or {}).items():
             if target not in self.targets:
-                raise ValueError(f"sparsity_per_target names {target!r}, which is not among targets {list(self.targets)}")
+                raise ValueError(f"sparsity_per_target names {target!r}, "
+                                 f"which is not among targets {list(self.targets)}")
             _check_fraction(f"sparsity_per_target[{target!r}]", value)
         if self.sparsity_per_target and self.layer_sparsity:
             raise ValueError("layer_sparsity and sparsity_per_target cannot be combined; choose one way to set budgets")
@@ -179,7 +182,8 @@ class PruneConfig:
                 smallest = 1 if name == "round_to" else 0
                 if target not in SUPPORTED_TARGETS or not isinstance(number, int) or isinstance(number, bool) \
                         or number < smallest:
-                    raise ValueError(f"{name} must be a positive integer or a {{target: integer}} mapping, got {value!r}")
+                    raise ValueError(f"{name} must be a positive integer or a {{target: integer}} mapping, "
+                                     f"got {value!r}")
 
     def _validate_choices(self) -> None:
         for spec in fields(self):
@@ -191,7 +195,8 @@ class PruneConfig:
             if value is not None and value not in allowed:
                 raise ValueError(f"unknown {spec.name} {value!r}; choose one of {list(allowed)}")
         if self.ordering != "zca" and self.method != "snp":
-            raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; it does not apply to method {self.method!r}")
+            raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; "
+                             f"it does not apply to method {self.method!r}")
 
     def settings(self) -> dict[str, Any]:
         """The fields that decide the result (the report's top level and the checkpoint fingerprint)."""
@@ -232,7 +237,8 @@ def with_config_options(func: Callable) -> Callable:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _jsonable(v) for k, v in value.items()}
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _jsonable(v)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value):
         return list(value)
     if value is None or isinstance(value, (str, int, float, bool)):

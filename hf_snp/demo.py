@@ -8,10 +8,10 @@ import time
 import torch
 
 from .api import prune
-from .sites import count_parameters
 from .evaluation import perplexity
 from .loading import demo_model_source, load_model, load_tokenizer
 from .saving import prepare_output_dir
+from .sites import count_parameters
 
 
 def run_demo(
@@ -47,7 +47,8 @@ def run_demo(
         ("", "dense", f"pruned ({method}, {sparsity:.0%} of MLP)"),
         ("perplexity", f"{ppl_before:.2f}", f"{ppl_after:.2f}"),
         ("parameters", f"{dense_params:,}", f"{result.report['params_after']:,}"),
-        ("MLP width", str(result.report["layers"][0]["mlp_width_before"]), str(result.report["layers"][0]["mlp_width"])),
+        ("MLP width", str(result.report["layers"][0]["mlp_width_before"]),
+         str(result.report["layers"][0]["mlp_width"])),
     ]
     print()
     for row in rows:

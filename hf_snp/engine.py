@@ -78,7 +78,8 @@ class PhaseTimer:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, calib: Calibration, batch_size: int, store: torch.device, progress: bool = True
+    model: nn.Module, first_block: nn.Module, calib: Calibration, batch_size: int, store: torch.device,
+    progress: bool = True
 ) -> list[BlockInput]:
     """Run the model up to ``first_block`` for each calibration batch and keep the block's inputs.
 
@@ -245,13 +246,15 @@ class StreamingEngine:
         hidden states of the pruned model."""
         stream = BlockStream(self, calib, f"Pruning blocks ({self.method.name})", self.checkpoint)
         for visit in stream:
-            visit.record = self._prune_block(visit, stream.inputs, steps_for, need_outputs=keep_final or not visit.is_last)
+            visit.record = self._prune_block(visit, stream.inputs, steps_for,
+                                             need_outputs=keep_final or not visit.is_last)
         return PassResult(stream.records, stream.final_hidden() if keep_final else None)
 
     def gather_statistics(self, block: nn.Module, sites: list[Site], inputs: list[BlockInput], keep_outputs: bool,
                           extra_hooks: Callable[[], list] = list) -> list[SiteStatistics]:
         """Run ``block`` on every batch with one statistics hook per site's consumer input."""
-        stats = [SiteStatistics(f"{site.name} ({type(site.consumer_linear).__name__} input)", site.num_units, self.device)
+        stats = [SiteStatistics(f"{site.name} ({type(site.consumer_linear).__name__} input)", site.num_units,
+                                self.device)
                  for site in sites]
         handles = [site.consumer_linear.register_forward_pre_hook(s.hook) for site, s in zip(sites, stats)]
         handles += extra_hooks()

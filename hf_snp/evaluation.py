@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import packaged_text
-from .placement import input_device
 from .hub import load_hub_dataset
+from .placement import input_device
 
 logger = logging.getLogger("hf_snp")
 
@@ -30,9 +30,11 @@ def test_text(dataset: str) -> str:
         try:
             return "\n\n".join(load_hub_dataset(path, config, split)[column])
         except Exception as error:  # noqa: BLE001  (offline: the packaged test split is the same text)
-            logger.warning("could not load %s from the Hub (%s); using the packaged WikiText-2 test text", dataset, type(error).__name__)
+            logger.warning("could not load %s from the Hub (%s); using the packaged WikiText-2 test text",
+                           dataset, type(error).__name__)
             return packaged_text("wikitext2-test-local")
-    raise ValueError(f"unknown evaluation dataset {dataset!r}: give a text file path or one of {[*HUB_TEST_SETS, 'wikitext2-test-local']}")
+    raise ValueError(f"unknown evaluation dataset {dataset!r}: give a text file path or one of "
+                     f"{[*HUB_TEST_SETS, 'wikitext2-test-local']}")
 
 
 @torch.no_grad()
@@ -49,7 +51,8 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seq_len: int = 2048
     for start in tqdm(range(0, windows, batch_size), desc="Perplexity", disable=not progress, leave=False):
         batch = data[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten().to(logits.device), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten().to(logits.device),
+                                                 reduction="sum")
         total += float(loss)
         count += batch[:, 1:].numel()
     return math.exp(total / count)

@@ -79,6 +79,6 @@ def lm_eval(
         raise ValueError("lm_eval needs the tokenizer of an in-memory model: pass tokenizer=...")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     task_list = [LOCAL_TASKS[t]() if isinstance(t, str) and t in LOCAL_TASKS else t for t in tasks]
-    output = simple_evaluate(model=lm, tasks=task_list, task_manager=TaskManager(include_path=include_path), limit=limit,
-                             num_fewshot=num_fewshot, log_samples=False, **kwargs)
+    output = simple_evaluate(model=lm, tasks=task_list, task_manager=TaskManager(include_path=include_path),
+                             limit=limit, num_fewshot=num_fewshot, log_samples=False, **kwargs)
     return output["results"]

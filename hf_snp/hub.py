@@ -23,7 +23,8 @@ def hub_reachable() -> bool:
     return True
 
 
-def load_hub_dataset(path: str, config: str | None, split: str, data_files: dict | None = None, streaming: bool = False):
+def load_hub_dataset(path: str, config: str | None, split: str, data_files: dict | None = None,
+                     streaming: bool = False):
     """``datasets.load_dataset`` that fails at once with ConnectionError where the Hub is unreachable."""
     if not hub_reachable():
         raise ConnectionError("the Hugging Face Hub is not reachable (offline, or its host does not resolve)")
@@ -45,7 +46,8 @@ def push_folder(folder: str, repo_id: str, private: bool = False, token: str | N
     from .report import REPORT_NAME, PruneReport
 
     if not os.path.exists(os.path.join(folder, "config.json")) or not os.path.exists(os.path.join(folder, REPORT_NAME)):
-        raise FileNotFoundError(f"{folder!r} is not a checkpoint saved by hf_snp (config.json and {REPORT_NAME} expected)")
+        raise FileNotFoundError(f"{folder!r} is not a checkpoint saved by hf_snp "
+                                f"(config.json and {REPORT_NAME} expected)")
     if "/" not in repo_id:
         raise ValueError(f"repo_id {repo_id!r} should look like 'user/name'")
     readme = os.path.join(folder, "README.md")
@@ -55,6 +57,7 @@ def push_folder(folder: str, repo_id: str, private: bool = False, token: str | N
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     report = PruneReport.load(folder)
-    message = commit_message or f"hf_snp: {report.get('method')} {report.get('sparsity', 0):.0%} of {', '.join(report.get('targets', []))}"
+    message = commit_message or (f"hf_snp: {report.get('method')} {report.get('sparsity', 0):.0%} of "
+                                 f"{', '.join(report.get('targets', []))}")
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=message)
     return getattr(commit, "commit_url", str(commit))

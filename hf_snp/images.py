@@ -129,7 +129,8 @@ def _hub_images(name: str, num_samples: int, seed: int) -> list:
         stream = load_hub_dataset(path, None, split or "train", streaming=True)
     except ConnectionError as error:
         raise CalibrationError(f"image dataset {path!r} needs the Hugging Face Hub, which is not reachable; "
-                               "give a local folder of images, a list of PIL images or a pixel_values tensor") from error
+                               "give a local folder of images, a list of PIL images "
+                               "or a pixel_values tensor") from error
     rows = list(stream.shuffle(seed=seed, buffer_size=1000).take(num_samples))
     if not rows:
         raise CalibrationError(f"image dataset {name!r} gave no rows")
@@ -184,13 +185,15 @@ def to_pixel_values(images: Sequence, image_processor: Any, batch_size: int = 64
 
 def _check_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
     if not pixel_values.is_floating_point() or pixel_values.dim() != 4:
-        raise CalibrationError(f"pixel_values must be a float tensor [N, C, H, W]; got {pixel_values.dtype} {tuple(pixel_values.shape)}")
+        raise CalibrationError(f"pixel_values must be a float tensor [N, C, H, W]; "
+                               f"got {pixel_values.dtype} {tuple(pixel_values.shape)}")
     if pixel_values.shape[0] == 0:
         raise CalibrationError("the pixel_values tensor is empty")
     return pixel_values
 
 
-def load_image_calibration(spec: Any, image_processor: Any, num_samples: int, seed: int, tokens_per_sample: int) -> ImageCalibrationData:
+def load_image_calibration(spec: Any, image_processor: Any, num_samples: int, seed: int,
+                           tokens_per_sample: int) -> ImageCalibrationData:
     """``num_samples`` calibration images (a seeded random subset when the source has more) as pixel values.
 
     A ``pixel_values`` tensor is used as given."""
@@ -207,8 +210,10 @@ def load_image_calibration(spec: Any, image_processor: Any, num_samples: int, se
     else:
         images, source = resolve_images(spec)
         if len(images) > num_samples:
-            picks = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
-            images = [images[i] for i in picks.tolist()] if not hasattr(images, "select") else images.select(picks.tolist())
+            picks = torch.randperm(len(images),
+                                   generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
+            images = ([images[i] for i in picks.tolist()] if not hasattr(images, "select")
+                      else images.select(picks.tolist()))
         if hasattr(images, "column_names"):
             images = images[image_column(images)]
         source = f"{source}: {len(images)} images, seed {seed}"

@@ -45,7 +45,8 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
     # LAPACK factors all n columns (n^3/3 flops, blocked); the loop reads n * step numbers per step
     # (memory-bound). On 2 CPU cores the loop only wins for short prefixes of narrow sites
     # (30% of 1536 or 2048 units); from 4096 units LAPACK wins (benchmarks/cost.py, width).
-    if weights is None and (num_remove > 0.6 * n or n >= 4096) and precision.device.type == "cpu" and precision.dtype == torch.float64:
+    if (weights is None and (num_remove > 0.6 * n or n >= 4096) and precision.device.type == "cpu"
+            and precision.dtype == torch.float64):
         found = _lapack_pivoted_cholesky(precision, num_remove)
         if found is not None:
             return found
@@ -129,7 +130,8 @@ def ordered_pivot_costs(moment: torch.Tensor, keep_first: list[int], group_size:
     factor = robust_cholesky(moment[units][:, units], damping)
     blocks = factor.diagonal().pow(2).view(len(keep_first), group_size)
     if group_size > 1:
-        full = torch.stack([factor[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size].pow(2).sum()
+        full = torch.stack([factor[i * group_size:(i + 1) * group_size,
+                                   i * group_size:(i + 1) * group_size].pow(2).sum()
                             for i in range(len(keep_first))])
         return full.tolist()
     return blocks.sum(1).tolist()

@@ -46,7 +46,8 @@ def run_passes(run: PruneRun, model: PreTrainedModel) -> Passes:
     steps_for, plan = allocate_steps(config, run.rules, curves)
     dense_pass = time.perf_counter() - start
     records = engine.run(run.calib, steps_for).records
-    return Passes(model, records, engine.timer.seconds, dense_pass, time.perf_counter() - start - dense_pass, curves, plan)
+    return Passes(model, records, engine.timer.seconds, dense_pass, time.perf_counter() - start - dense_pass, curves,
+                  plan)
 
 
 def _remove_blocks(run: PruneRun, engine: StreamingEngine, model: PreTrainedModel, start: float) -> Passes:

@@ -48,7 +48,8 @@ def _align_hooks(hook) -> list[AlignDevicesHook]:
 
 
 def _tensor_names(module: nn.Module, hook: AlignDevicesHook) -> list[str]:
-    return [name for name, _ in named_module_tensors(module, include_buffers=hook.offload_buffers, recurse=hook.place_submodules)]
+    return [name for name, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
+                                                     recurse=hook.place_submodules)]
 
 
 @dataclass
@@ -83,7 +84,8 @@ class BlockPlacement:
                 continue
             for align in _align_hooks(hook):
                 if align.offload and align.weights_map is not None:
-                    for name, value in named_module_tensors(module, include_buffers=align.offload_buffers, recurse=align.place_submodules):
+                    for name, value in named_module_tensors(module, include_buffers=align.offload_buffers,
+                                                            recurse=align.place_submodules):
                         _store(align.weights_map, name, value.detach().to("cpu"))
             add_hook_to_module(module, hook)
 
@@ -118,7 +120,8 @@ def _store(weights_map, name: str, value: torch.Tensor) -> None:
 
 def has_offloaded_weights(model: nn.Module) -> bool:
     """True when accelerate keeps some of the model's weights outside it (CPU or disk offload)."""
-    return any(align.offload for module in model.modules() if hasattr(module, "_hf_hook") for align in _align_hooks(module._hf_hook))
+    return any(align.offload for module in model.modules() if hasattr(module, "_hf_hook")
+               for align in _align_hooks(module._hf_hook))
 
 
 def keep_freed_blocks_out_of_memory() -> bool:

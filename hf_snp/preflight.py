@@ -21,7 +21,8 @@ class RankDeficientCalibrationWarning(UserWarning):
     """Calibration tokens are fewer than the units of a site."""
 
 
-def shape_model(model_config, auto_class: str = "AutoModelForCausalLM", trust_remote_code: bool = False) -> PreTrainedModel:
+def shape_model(model_config, auto_class: str = "AutoModelForCausalLM",
+                trust_remote_code: bool = False) -> PreTrainedModel:
     """The model built on the meta device: its shapes, no weights (for checks before loading)."""
     import transformers
 
@@ -45,7 +46,8 @@ def preflight(adapter: ModelAdapter, shapes: PreTrainedModel, config: PruneConfi
             raise ValueError(
                 f"the budget cannot be met: {config.target_sparsity(target):.0%} of {target} is {budget:,.0f} "
                 f"parameters, but with min_width={config.min_width!r} and round_to={config.round_to!r} at most "
-                f"{reachable:,} ({reachable / total:.0%}) can be removed; lower the sparsity or relax min_width / round_to"
+                f"{reachable:,} ({reachable / total:.0%}) can be removed; "
+                "lower the sparsity or relax min_width / round_to"
             )
     if sites:
         _warnings(sites[: len(config.unit_targets)], config, rules, num_tokens)
@@ -56,13 +58,15 @@ def _warnings(sites: list[Site], config: PruneConfig, rules: WidthRules, num_tok
     if num_tokens < widest.num_units:
         _warn(RankDeficientCalibrationWarning,
               f"calibration has {num_tokens} tokens but the widest site ({widest.kind}, {widest.num_units} units) "
-              f"needs at least {widest.num_units} for full-rank statistics: damping keeps them usable, but the ordering "
-              f"and reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
+              f"needs at least {widest.num_units} for full-rank statistics: damping keeps them usable, but the "
+              f"ordering and reconstruction are poorly determined; use num_samples x seq_len >= {widest.num_units}")
     for site in sites if config.resolved_allocation == "uniform" else []:
-        if config.sparsity > 0 and nearest_steps(site, config.target_sparsity(site.kind) * site.num_params(), rules) == 0:
+        if (config.sparsity > 0
+                and nearest_steps(site, config.target_sparsity(site.kind) * site.num_params(), rules) == 0):
             step = site.params_removed(1) / site.num_params()
-            _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: one removal "
-                               f"step takes {step:.0%} of a layer's {site.kind} parameters; raise the sparsity for this target")
+            _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: "
+                               f"one removal step takes {step:.0%} of a layer's {site.kind} parameters; "
+                               "raise the sparsity for this target")
 
 
 def _warn(category: type[Warning], message: str) -> None:

@@ -33,7 +33,8 @@ def load_recipe(recipe: str | dict, allowed: list[str]) -> dict[str, Any]:
         raise RecipeError(f"{source}: a recipe is a mapping of prune() arguments, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(allowed) - set(METADATA_KEYS))
     if unknown:
-        raise RecipeError(f"{source}: unknown recipe key(s) {unknown}; allowed keys: {sorted([*allowed, *METADATA_KEYS])}")
+        raise RecipeError(f"{source}: unknown recipe key(s) {unknown}; "
+                          f"allowed keys: {sorted([*allowed, *METADATA_KEYS])}")
     return {k: v for k, v in recipe.items() if k not in METADATA_KEYS}
 
 
@@ -48,6 +49,7 @@ def accepts_recipe(func: Callable) -> Callable:
         explicit = signature.bind_partial(*args, **kwargs).arguments
         return func(**{**load_recipe(recipe, recipe_fields(func)), **explicit})
 
-    parameters = [*signature.parameters.values(), inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    parameters = [*signature.parameters.values(),
+                  inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None)]
     wrapper.__signature__ = signature.replace(parameters=parameters)
     return wrapper

@@ -42,7 +42,8 @@ class ModelAdapter:
     def head_dim(self, config: PretrainedConfig) -> int:
         return config.hidden_size // config.num_attention_heads
 
-    def sites(self, layer: nn.Module, index: int, targets: tuple[str, ...], config: PretrainedConfig, gqa_mode: str) -> list[Site]:
+    def sites(self, layer: nn.Module, index: int, targets: tuple[str, ...], config: PretrainedConfig,
+              gqa_mode: str) -> list[Site]:
         """The prunable sites of one layer for the requested targets (attention first)."""
         sites: list[Site] = []
         if "heads" in targets:

@@ -37,7 +37,9 @@ class SNP(PruningMethod):
         if config.ordering == "natural":  # keep the first units: remove from the end
             scores = -torch.arange(plan.num_groups, dtype=torch.float64)
         else:  # random
-            scores = torch.rand(plan.num_groups, generator=torch.Generator().manual_seed(config.seed * 100_003 + site.key), dtype=torch.float64)
+            scores = torch.rand(plan.num_groups,
+                                generator=torch.Generator().manual_seed(config.seed * 100_003 + site.key),
+                                dtype=torch.float64)
         removed = select_by_score(scores, plan)
         kept = [g for g in range(plan.num_groups) if g not in set(removed)]
         costs = ordered_pivot_costs(moment, kept + removed[::-1], plan.group_size, config.damping)[len(kept):][::-1]
