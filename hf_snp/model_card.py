@@ -14,8 +14,8 @@ METHOD_NAMES = {
 }
 
 
-def _compact_widths(report: PruneReport, column: str) -> str | None:
-    values = [layer[column] for layer in report.get("layers", []) if column in layer]
+def _compact_widths(report: PruneReport, field: str) -> str | None:
+    values = [getattr(after, field) for _, _, after in report.layer_shapes() if getattr(after, field) is not None]
     if not values:
         return None
     if len(set(values)) == 1:
@@ -50,8 +50,9 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
         f"| parameters | {report.get('params_before', 0):,} -> {report.get('params_after', 0):,} |",
         f"| calibration | {report.get('calibration')} |",
     ]
-    for column, label in (("mlp_width", "MLP width"), ("num_heads", "query heads"), ("num_kv_heads", "KV heads")):
-        widths = _compact_widths(report, column)
+    for field, label in (("intermediate_size", "MLP width"), ("num_attention_heads", "query heads"),
+                         ("num_key_value_heads", "KV heads")):
+        widths = _compact_widths(report, field)
         if widths:
             body.append(f"| {label} | {widths} |")
     for name, value in report.get("metrics", {}).items():

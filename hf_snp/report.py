@@ -15,12 +15,17 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from .models.modeling_hf_snp import LayerShape
+
 if TYPE_CHECKING:
     from .passes import Passes
     from .resolve import PruneRun
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "hf_snp_report.json"
+# the LayerShape widths a report shows, with their labels
+WIDTH_LABELS = {"intermediate_size": "MLP neurons", "num_attention_heads": "query heads",
+                "num_key_value_heads": "KV heads"}
 
 
 class PruneReport(dict):
@@ -68,6 +73,15 @@ class PruneReport(dict):
         with open(path, encoding="utf-8") as handle:
             return cls(json.load(handle))
 
+    def layer_shapes(self) -> list[tuple[int, LayerShape, LayerShape]]:
+        """(layer, widths before, shape after) for every per-layer record."""
+        return [(layer["layer"], LayerShape.from_record(layer, before=True), LayerShape.from_record(layer))
+                for layer in self.get("layers", [])]
+
+    def _width_fields(self, candidates=tuple(WIDTH_LABELS)) -> list[str]:
+        """The width fields that some layer record holds (its pruned targets)."""
+        return [f for f in candidates if any(getattr(after, f) is not None for _, _, after in self.layer_shapes())]
+
     def table(self) -> str:
         """A plain-text summary and a per-layer table."""
         lines = [
@@ -80,12 +94,13 @@ class PruneReport(dict):
         ]
         for name, value in self.get("metrics", {}).items():
             lines.append(f"{name:<12} {value:.4g}" if isinstance(value, float) else f"{name:<12} {value}")
-        columns = [c for c in ("mlp_width", "num_heads", "num_kv_heads") if any(c in layer for layer in self.get("layers", []))]
+        columns = self._width_fields()
         if columns:
-            lines += ["", "layer  " + "  ".join(f"{c:>16}" for c in columns)]
-            for layer in self["layers"]:
-                cells = [f"{layer.get(c + '_before', layer.get(c))} -> {layer.get(c)}" for c in columns]
-                lines.append(f"{layer['layer']:>5}  " + "  ".join(f"{cell:>16}" for cell in cells))
+            lines += ["", "layer  " + "  ".join(f"{LayerShape.RECORD_KEYS[c]:>16}" for c in columns)]
+            for index, before, after in self.layer_shapes():
+                cells = [f"{getattr(before, c) if getattr(before, c) is not None else getattr(after, c)} -> "
+                         f"{getattr(after, c)}" for c in columns]
+                lines.append(f"{index:>5}  " + "  ".join(f"{cell:>16}" for cell in cells))
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
@@ -95,19 +110,20 @@ class PruneReport(dict):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [c for c in ("mlp_width", "num_heads") if any(c in layer for layer in self.get("layers", []))]
+        panels = self._width_fields(("intermediate_size", "num_attention_heads"))
         ppl = {k: v for k, v in self.get("metrics", {}).items() if k.startswith("perplexity") and isinstance(v, (int, float))}
         curves = self.get("allocation", {}).get("curves") or {}
         count = len(panels) + bool(ppl) + bool(curves)
         fig, axes = plt.subplots(1, max(count, 1), figsize=(4.5 * max(count, 1), 3.4), squeeze=False)
-        layers = [layer["layer"] for layer in self.get("layers", [])]
+        shapes = self.layer_shapes()
+        layers = [index for index, _, _ in shapes]
         for ax, column in zip(axes[0], panels):
-            before = [layer.get(column + "_before", 0) for layer in self["layers"]]
-            after = [layer.get(column, 0) for layer in self["layers"]]
+            before = [getattr(b, column) or 0 for _, b, _ in shapes]
+            after = [getattr(a, column) or 0 for _, _, a in shapes]
             ax.bar(layers, before, color="lightgrey", label="before")
             ax.bar(layers, after, color="tab:blue", label="after")
             ax.set_xlabel("layer")
-            ax.set_ylabel({"mlp_width": "MLP neurons", "num_heads": "query heads"}[column])
+            ax.set_ylabel(WIDTH_LABELS[column])
             ax.legend(fontsize=8)
         if curves:
             ax = axes[0][len(panels)]

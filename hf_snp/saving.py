@@ -5,74 +5,152 @@ Writes go to a temporary directory beside the target, renamed into place when co
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
 
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .adapters import ModelAdapter
 from .model_card import model_card
 from .models import HF_SNP_TYPES, hf_snp_class_for
+from .models.modeling_hf_snp import LayerShape
 from .report import REPORT_NAME, PruneReport
 
+logger = logging.getLogger(__name__)
 
 
 def base_model_type(model_type: str) -> str:
     return model_type.removeprefix("hf_snp_")
 
 
-SPEC_KEYS = {  # report field -> hf_snp_layers key
-    "mlp_width": "intermediate_size",
-    "num_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-}
-BIAS_KEYS = {"mlp_output_bias_added": "mlp_output_bias", "attention_output_bias_added": "attention_output_bias"}
+def layer_shapes(records: list[dict], previous: list[LayerShape]) -> list[LayerShape]:
+    """Every layer's shape after pruning: its previous shape updated with the record's new shapes and biases."""
+    return [old.updated(LayerShape.from_record(record)) for record, old in zip(records, previous)]
 
 
-def layer_specs(records: list[dict], previous: list[dict]) -> list[dict]:
-    """hf_snp_layers entries: the previous spec updated with each layer's new shapes and biases."""
-    specs = []
-    for record, old in zip(records, previous):
-        spec = dict(old)
-        spec.update({key: record[field] for field, key in SPEC_KEYS.items() if field in record})
-        spec.update({key: True for field, key in BIAS_KEYS.items() if record.get(field)})
-        specs.append(spec)
-    return specs
+def config_shapes(config: PretrainedConfig, num_layers: int) -> list[LayerShape]:
+    """The per-layer shapes a config holds (``hf_snp_layers``; all stock for a stock config)."""
+    specs = getattr(config, "hf_snp_layers", None) or [{} for _ in range(num_layers)]
+    return [LayerShape.from_spec(spec) for spec in specs]
 
 
-def _uniform(specs: list[dict], key: str):
-    values = {spec.get(key) for spec in specs}
-    return values.pop() if len(values) == 1 else None
+def stock_config_class(config: PretrainedConfig) -> type:
+    """The stock config class of ``config``'s family (the base of its hf_snp config class)."""
+    return HF_SNP_TYPES[base_model_type(config.model_type)][0].__bases__[0]
+
+
+def _stock_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[LayerShape]) -> dict | None:
+    """The uniform shapes in stock config fields, or None where the stock layout cannot hold them
+    (per-layer widths, an added bias, heads the family's stock config cannot express)."""
+    if any(shape.mlp_output_bias or shape.attention_output_bias for shape in shapes):
+        return None
+    uniform = {}
+    for field in LayerShape.WIDTHS:
+        values = {getattr(shape, field) for shape in shapes}
+        if len(values) > 1:
+            return None
+        uniform[field] = values.pop() if values else None
+    heads, kv_heads = uniform["num_attention_heads"], uniform["num_key_value_heads"]
+    heads_changed = heads is not None and heads != config.num_attention_heads
+    if heads_changed and not (adapter.stock_head_pruning and heads and kv_heads):
+        return None
+    return {"width": uniform["intermediate_size"], "heads": (heads, kv_heads) if heads_changed else None}
+
+
+def _set_stock_fields(config: PretrainedConfig, adapter: ModelAdapter, stock: dict) -> None:
+    if hasattr(config, "hf_snp_layers"):
+        config.hf_snp_layers = None  # an hf_snp model that became uniform again
+    if stock["width"] is not None:
+        adapter.set_uniform_mlp_width(config, stock["width"])
+    if stock["heads"] is not None:
+        adapter.set_uniform_heads(config, *stock["heads"])
+
+
+def _set_hf_snp_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[LayerShape]) -> None:
+    if getattr(config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
+        config.head_dim = adapter.head_dim(config)
+    config.__class__ = HF_SNP_TYPES[base_model_type(config.model_type)][0]  # a subclass of the stock config
+    config.hf_snp_layers = [shape.to_spec() for shape in shapes]
+
+
+def config_rejection(config_cls: type, config: PretrainedConfig) -> str | None:
+    """Why ``config_cls`` refuses ``config`` as save_pretrained validates it and from_pretrained reads it
+    back (None when it accepts it)."""
+    try:
+        if hasattr(config_cls, "validate"):  # transformers 5 validates the config in save_pretrained
+            config_cls.validate(config)
+        data = config.to_dict()
+        data["model_type"] = config_cls.model_type
+        if not config_cls.model_type.startswith("hf_snp_"):
+            data.pop("hf_snp_layers", None)
+            data.pop("auto_map", None)
+        config_cls.from_dict(data)  # construction validates too (from_pretrained)
+    except Exception as error:  # noqa: BLE001 - any refusal means "not this format"; the reason is passed on
+        return f"{type(error).__name__}: {error}".replace("\n", " ")
+    return None
+
+
+def choose_save_format(adapter: ModelAdapter, config: PretrainedConfig, shapes: list[LayerShape]) -> str:
+    """"stock" when the stock config holds ``shapes`` (uniform, no added bias) and accepts them, else "hf_snp"."""
+    stock = _stock_fields(config, adapter, shapes)
+    if stock is None:
+        return "hf_snp"
+    candidate = copy.deepcopy(config)
+    _set_stock_fields(candidate, adapter, stock)
+    reason = config_rejection(stock_config_class(config), candidate)
+    if reason is None:
+        return "stock"
+    logger.info("the stock %s config refuses the pruned shapes (%s): saving as the hf_snp type",
+                base_model_type(config.model_type), reason)
+    return "hf_snp"
+
+
+def _probe_shapes(adapter: ModelAdapter, config: PretrainedConfig) -> list[LayerShape]:
+    """Per-layer shapes of the kind pruning can produce (narrower MLP, fewer heads, added biases)."""
+    num_layers = config.num_hidden_layers
+    width = getattr(config, adapter.mlp_width_field, None)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    fewer = (kv_heads, kv_heads) if heads > kv_heads else (max(heads - 1, 1),) * 2
+    change = LayerShape(intermediate_size=max(width - 1, 1) if width else None, mlp_output_bias=True,
+                        num_attention_heads=fewer[0], num_key_value_heads=fewer[1], attention_output_bias=True)
+    shapes = config_shapes(config, num_layers)
+    return [shape.updated(change) if index % 2 == 0 else shape for index, shape in enumerate(shapes)]
+
+
+def check_save_format(adapter: ModelAdapter, config: PretrainedConfig, shapes: list[LayerShape] | None = None) -> str:
+    """Preflight, before any pruning: the format a result with ``shapes`` (one LayerShape per layer, as
+    ``layer_shapes`` gives them; None = per-layer widths with added biases, which need the hf_snp type)
+    would be saved in. Raises ValueError when that format's config would refuse it."""
+    base = base_model_type(config.model_type)
+    if base not in HF_SNP_TYPES:
+        raise ValueError(f"hf_snp cannot save a pruned {config.model_type!r} model: it has no variable-width type")
+    shapes = _probe_shapes(adapter, config) if shapes is None else shapes
+    save_format = choose_save_format(adapter, config, shapes)
+    candidate = copy.deepcopy(config)
+    if save_format == "stock":
+        _set_stock_fields(candidate, adapter, _stock_fields(config, adapter, shapes))
+    else:
+        _set_hf_snp_fields(candidate, adapter, shapes)
+    reason = config_rejection(type(candidate), candidate)
+    if reason is not None:
+        raise ValueError(f"the pruned {base} model could not be saved: {type(candidate).__name__} refuses it: {reason}")
+    return save_format
 
 
 def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records: list[dict]) -> str:
     """Update the config to the pruned shapes; returns "stock" or "hf_snp" (the class it now is)."""
     config = model.config
-    previous = list(getattr(config, "hf_snp_layers", None) or [{} for _ in records])
-    specs = layer_specs(records, previous)
-    width, heads, kv_heads = (_uniform(specs, key) for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"))
-    heads_changed = any("num_attention_heads" in spec for spec in specs) and heads != config.num_attention_heads
-    stock = (
-        all(_uniform(specs, key) is not None or not any(key in s for s in specs) for key in SPEC_KEYS.values())
-        and not any(spec.get(key) for spec in specs for key in BIAS_KEYS.values())
-        and (not heads_changed or (adapter.stock_head_pruning and heads and kv_heads))
-    )
-    if stock:
-        if hasattr(config, "hf_snp_layers"):
-            config.hf_snp_layers = None  # an hf_snp model that became uniform again
-        if width is not None:
-            adapter.set_uniform_mlp_width(config, width)
-        if heads_changed:
-            adapter.set_uniform_heads(config, heads, kv_heads)
+    shapes = layer_shapes(records, config_shapes(config, len(records)))
+    if choose_save_format(adapter, config, shapes) == "stock":
+        _set_stock_fields(config, adapter, _stock_fields(config, adapter, shapes))
         return "hf_snp" if config.model_type.startswith("hf_snp_") else "stock"
-    config_cls = HF_SNP_TYPES[base_model_type(config.model_type)][0]
     model_cls = hf_snp_class_for(model)
-    if getattr(config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
-        config.head_dim = adapter.head_dim(config)
-    config.__class__ = config_cls  # a subclass of the stock config: every field stays valid
-    config.hf_snp_layers = specs
+    _set_hf_snp_fields(config, adapter, shapes)
     config.architectures = [model_cls.__name__]
     model.__class__ = model_cls  # a subclass that only differs in how __init__ sizes the layers
     return "hf_snp"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .removal import Decision, RemovalPlan, group_units, select_by_score
-from .models.modeling_hf_snp import AttentionLayout, MlpLayout, make_empty_attention
+from .models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention
 from .surgery import fold_into_consumer, keep_rows
 
 GQA_MODES = ("per_group", "kv_groups")
@@ -33,6 +33,7 @@ class Site:
     """Base class; ``kind`` names the target ("mlp" or "heads")."""
 
     kind: ClassVar[str] = ""
+    fields: ClassVar[tuple[str, ...]] = ()  # the LayerShape fields this site owns
 
     def __init__(self, layer: nn.Module, index: int):
         self.layer, self.index = layer, index
@@ -77,11 +78,28 @@ class Site:
     def apply(self, decision: Decision) -> None:
         raise NotImplementedError
 
-    def describe(self) -> dict:
+    def shape(self) -> LayerShape:
+        """The site's part of its layer's shape now (biases: added by this run)."""
         raise NotImplementedError
+
+    def shape_before(self) -> LayerShape:
+        """The site's widths before pruning."""
+        raise NotImplementedError
+
+    def shape_after(self, steps: int, bias_added: bool = False) -> LayerShape:
+        """The site's part of its layer's shape after ``steps`` removal steps (for checks before pruning)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The site's keys of the report's per-layer record (``LayerShape.to_record``)."""
+        return self.shape().to_record(self.shape_before(), self.fields)
 
     def reshape_like(self, record: dict) -> None:
         """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""
+        self.reshape_to(LayerShape.from_record(record))
+
+    def reshape_to(self, shape: LayerShape) -> None:
+        """Cut the site to ``shape`` (its fields for this site's target; weights to be loaded afterwards)."""
         raise NotImplementedError
 
     def _placeholder_decision(self, steps: int, bias_added: bool) -> Decision:
@@ -97,6 +115,7 @@ class MlpSite(Site):
     """MLP neurons: one unit per group, any unit may go (at least one stays)."""
 
     kind = "mlp"
+    fields = LayerShape.MLP_FIELDS
 
     def __init__(self, layer: nn.Module, index: int, layout: MlpLayout):
         super().__init__(layer, index)
@@ -137,11 +156,17 @@ class MlpSite(Site):
         if hasattr(self.parent, "intermediate_size"):
             self.parent.intermediate_size = self.num_units
 
-    def describe(self) -> dict:
-        return {"mlp_width_before": self.width_before, "mlp_width": self.num_units, "mlp_output_bias_added": self.bias_added}
+    def shape(self) -> LayerShape:
+        return LayerShape(intermediate_size=self.num_units, mlp_output_bias=self.bias_added)
 
-    def reshape_like(self, record: dict) -> None:
-        self.apply(self._placeholder_decision(self.num_units - record["mlp_width"], record["mlp_output_bias_added"]))
+    def shape_before(self) -> LayerShape:
+        return LayerShape(intermediate_size=self.width_before)
+
+    def shape_after(self, steps: int, bias_added: bool = False) -> LayerShape:
+        return LayerShape(intermediate_size=self.width_after(steps), mlp_output_bias=bias_added)
+
+    def reshape_to(self, shape: LayerShape) -> None:
+        self.apply(self._placeholder_decision(self.num_units - shape.intermediate_size, shape.mlp_output_bias))
 
 
 class HeadSite(Site):
@@ -154,6 +179,7 @@ class HeadSite(Site):
     """
 
     kind = "heads"
+    fields = LayerShape.HEAD_FIELDS
 
     def __init__(self, layer: nn.Module, index: int, layout: AttentionLayout, head_dim: int, gqa_mode: str):
         super().__init__(layer, index)
@@ -244,13 +270,22 @@ class HeadSite(Site):
             keep_rows(self._linear(name), group_units(heads, self.head_dim))
         self.layout.set_head_counts(self.attention, len(keep_q), len(keep_kv))
 
-    def reshape_like(self, record: dict) -> None:
-        removed_heads = self.num_heads - record["num_heads"]
-        steps = {"mha": removed_heads, "kv_groups": self.num_kv_heads - record["num_kv_heads"],
+    def reshape_to(self, shape: LayerShape) -> None:
+        removed_heads = self.num_heads - shape.num_attention_heads
+        steps = {"mha": removed_heads, "kv_groups": self.num_kv_heads - shape.num_key_value_heads,
                  "per_group": removed_heads // max(self.num_kv_heads, 1)}[self.mode]
-        self.apply(self._placeholder_decision(steps, record["attention_output_bias_added"]))
+        self.apply(self._placeholder_decision(steps, shape.attention_output_bias))
 
-    def describe(self) -> dict:
-        return {"num_heads_before": self.heads_before, "num_heads": self.num_heads, "num_kv_heads_before": self.kv_heads_before,
-                "num_kv_heads": self.num_kv_heads, "attention_output_bias_added": self.bias_added}
+    def shape(self) -> LayerShape:
+        return LayerShape(num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                          attention_output_bias=self.bias_added)
+
+    def shape_before(self) -> LayerShape:
+        return LayerShape(num_attention_heads=self.heads_before, num_key_value_heads=self.kv_heads_before)
+
+    def shape_after(self, steps: int, bias_added: bool = False) -> LayerShape:
+        heads = self.width_after(steps)
+        kv_heads = {"mha": heads, "kv_groups": self.num_kv_heads - steps,
+                    "per_group": self.num_kv_heads if heads else 0}[self.mode]
+        return LayerShape(num_attention_heads=heads, num_key_value_heads=kv_heads, attention_output_bias=bias_added)
 

@@ -7,7 +7,8 @@ nothing but torch and transformers: ``AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`` (``AutoModelForImageClassification`` for ViT/DeiT) works where
 hf_snp is not installed.
 
-``config.hf_snp_layers`` holds one dict per transformer layer. Known keys (missing = stock):
+``config.hf_snp_layers`` holds one dict per transformer layer (``LayerShape.to_spec``). Known
+keys (missing = stock):
 
 * ``intermediate_size``: MLP width of that layer.
 * ``mlp_output_bias``: the MLP output projection has a bias (added by mean-shift folding).
@@ -18,7 +19,9 @@ hf_snp is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +40,82 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One transformer layer's shapes where they differ from the stock config (None/False = stock).
+
+    The single description of a pruned layer's shape: ``to_spec``/``from_spec`` give its entry
+    of ``config.hf_snp_layers`` (only the set fields are written, so the entry of an unpruned
+    layer is ``{}``), ``to_record``/``from_record`` its part of the pruning report's per-layer
+    record (``mlp_width``, ``num_heads``, ``num_kv_heads``, ``*_bias_added`` and, given the shape
+    before, the ``*_before`` widths). In a record, a bias flag means "added by this run"; in a
+    spec it means "the layer has a bias the stock module lacks".
+    """
+
+    intermediate_size: int | None = None
+    mlp_output_bias: bool = False
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    attention_output_bias: bool = False
+
+    WIDTHS: ClassVar[tuple[str, ...]] = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+    BIASES: ClassVar[tuple[str, ...]] = ("mlp_output_bias", "attention_output_bias")
+    # field -> key of the report's per-layer record (the widths also have a "<key>_before")
+    RECORD_KEYS: ClassVar[dict[str, str]] = {
+        "intermediate_size": "mlp_width",
+        "mlp_output_bias": "mlp_output_bias_added",
+        "num_attention_heads": "num_heads",
+        "num_key_value_heads": "num_kv_heads",
+        "attention_output_bias": "attention_output_bias_added",
+    }
+    # which target owns a field: a record carries a target's keys only when that target was pruned
+    MLP_FIELDS: ClassVar[tuple[str, ...]] = ("intermediate_size", "mlp_output_bias")
+    HEAD_FIELDS: ClassVar[tuple[str, ...]] = ("num_attention_heads", "num_key_value_heads", "attention_output_bias")
+
+    @classmethod
+    def from_spec(cls, spec: dict | None) -> "LayerShape":
+        """Read one ``hf_snp_layers`` entry (missing keys = stock)."""
+        spec = dict(spec or {})
+        unknown = set(spec) - set(cls.WIDTHS + cls.BIASES)
+        if unknown:
+            raise ValueError(f"unknown hf_snp_layers keys {sorted(unknown)}: this checkpoint needs a newer hf_snp")
+        widths = {key: None if spec.get(key) is None else int(spec[key]) for key in cls.WIDTHS}
+        return cls(**widths, **{key: bool(spec.get(key, False)) for key in cls.BIASES})
+
+    def to_spec(self) -> dict:
+        """The ``hf_snp_layers`` entry: the set widths and the biases that are present."""
+        values = ((field.name, getattr(self, field.name)) for field in dataclasses.fields(self))
+        return {key: value for key, value in values if value is not None and value is not False}
+
+    @classmethod
+    def from_record(cls, record: dict, before: bool = False) -> "LayerShape":
+        """The shape a report record gives after pruning (``before``: the widths it had before; no biases)."""
+        suffix = "_before" if before else ""
+        widths = {key: record.get(cls.RECORD_KEYS[key] + suffix) for key in cls.WIDTHS}
+        biases = {} if before else {key: bool(record.get(cls.RECORD_KEYS[key], False)) for key in cls.BIASES}
+        return cls(**widths, **biases)
+
+    def to_record(self, before: "LayerShape | None" = None, fields: tuple[str, ...] | None = None) -> dict:
+        """The report's record keys for ``fields`` (default: the targets whose width is set);
+        each width is preceded by its ``_before`` value when ``before`` is given."""
+        if fields is None:
+            fields = (self.MLP_FIELDS if self.intermediate_size is not None else ()) + (
+                self.HEAD_FIELDS if self.num_attention_heads is not None else ())
+        record = {}
+        for key in fields:
+            name = self.RECORD_KEYS[key]
+            if before is not None and key in self.WIDTHS:
+                record[name + "_before"] = getattr(before, key)
+            record[name] = getattr(self, key)
+        return record
+
+    def updated(self, change: "LayerShape") -> "LayerShape":
+        """This shape with ``change`` applied: its set widths replace ours, its biases add to ours."""
+        widths = {key: getattr(self, key) if getattr(change, key) is None else getattr(change, key)
+                  for key in self.WIDTHS}
+        return LayerShape(**widths, **{key: getattr(self, key) or getattr(change, key) for key in self.BIASES})
 
 
 @dataclass(frozen=True)
@@ -158,9 +237,10 @@ def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpL
     if len(specs) != len(layers):
         raise ValueError(f"hf_snp_layers has {len(specs)} entries for {len(layers)} decoder layers")
     for layer, spec in zip(layers, specs):
-        resize_mlp(layer, mlp, spec.get("intermediate_size"), bool(spec.get("mlp_output_bias", False)))
-        resize_attention(layer, attention, spec.get("num_attention_heads"), spec.get("num_key_value_heads"), head_dim,
-                         bool(spec.get("attention_output_bias", False)))
+        shape = LayerShape.from_spec(spec)
+        resize_mlp(layer, mlp, shape.intermediate_size, shape.mlp_output_bias)
+        resize_attention(layer, attention, shape.num_attention_heads, shape.num_key_value_heads, head_dim,
+                         shape.attention_output_bias)
 
 
 def llama_head_dim(config) -> int:
