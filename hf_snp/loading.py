@@ -80,14 +80,61 @@ def load_model(
         dtype = getattr(torch, dtype)
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    if source.gguf_file and hasattr(transformers, "GgufConfig"):
+        # transformers 5 may keep GGUF weights packed (GgufLinear) where it has kernels; pruning needs them dense
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     model = getattr(transformers, auto_class).from_pretrained(source.path, dtype=dtype, **kwargs)
-    if source.gguf_file:
-        strip_gguf_quantizer(model)
-    return model.eval()
+    return prepare_loaded_model(model).eval()
 
 
 def strip_gguf_quantizer(model: PreTrainedModel) -> None:
     """A GGUF-loaded model holds dequantised weights but keeps a quantizer that blocks saving."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)  # transformers' own: quantizer, config entry, flags
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model, "quantization_method", None) is not None:
+        del model.quantization_method
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def _quant_method(model: PreTrainedModel) -> str | None:
+    """The quantization method transformers attached to ``model`` ("gguf", ...), or None."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None) or getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    return None if method is None else str(method).lower()
+
+
+def packed_gguf_modules(model: PreTrainedModel) -> list[str]:
+    """Modules that transformers left holding packed GGUF blocks (``GgufLinear`` and the like)."""
+    return [name for name, module in model.named_modules()
+            if type(module).__module__.startswith("transformers.integrations.gguf")]
+
+
+def prepare_loaded_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Make a model that the caller loaded ready to prune and save (called before any work).
+
+    ``from_pretrained(..., gguf_file=...)`` dequantises GGUF weights into ordinary tensors (on CPU,
+    and wherever transformers has no GGUF kernel) but leaves its GGUF quantizer on the model, which
+    makes ``save_pretrained`` refuse it ("quantized with gguf and is not serializable"): that state
+    is dropped here, so the model saves like any other. A GGUF model whose weights stayed packed
+    (transformers' GGUF kernels) cannot be pruned: this raises, saying how to load it dense.
+    Other models are returned untouched."""
+    if _quant_method(model) != "gguf":
+        return model
+    packed = packed_gguf_modules(model)
+    if packed:
+        raise ValueError(
+            f"this model was loaded from a GGUF file with its weights left packed ({len(packed)} modules such as "
+            f"{packed[0]!r} are {type(model.get_submodule(packed[0])).__name__}); hf_snp needs dense weights. "
+            "Load it dequantised: from_pretrained(path, gguf_file=..., "
+            "quantization_config=transformers.GgufConfig(dequantize=True)), "
+            "or pass the path and gguf_file to hf_snp.prune and let it load the file"
+        )
+    strip_gguf_quantizer(model)
+    return model

@@ -19,7 +19,7 @@ from .calibration import CalibrationData, is_text_calibration, load_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .images import ImageCalibrationData, check_modality, load_image_calibration
-from .loading import ModelSource, load_config, load_image_processor, load_tokenizer
+from .loading import ModelSource, load_config, load_image_processor, load_tokenizer, prepare_loaded_model
 from .preflight import preflight, shape_model
 from .saving import prepare_output_dir
 
@@ -65,6 +65,7 @@ def resolve(model: str | PreTrainedModel, tokenizer: Any, image_processor: Any, 
         source = ModelSource.parse(model, config.gguf_file)
         model_config = load_config(source, config.trust_remote_code)
     elif isinstance(model, PreTrainedModel):
+        model = prepare_loaded_model(model)  # a GGUF-loaded model: drop the quantizer state that blocks saving
         loaded, model_config = model, model.config
     else:
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
