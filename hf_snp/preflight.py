@@ -1,5 +1,5 @@
 """Checks on shapes only, before any weights load: budgets that cannot be met, rank-deficient
-calibration, budgets below one removal step."""
+calibration, budgets below one removal step, a save format that would refuse the result."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch
 from transformers import PreTrainedModel
 
 from .adapters import ModelAdapter
-from .allocation import WidthRules, nearest_steps
+from .allocation import WidthRules, allocate_steps, nearest_steps
 from .config import PruneConfig
+from .methods import get_method
+from .models.modeling_hf_snp import LayerShape
+from .saving import check_save_format, config_shapes
 from .sites import Site
 
 logger = logging.getLogger("hf_snp")
@@ -32,8 +35,8 @@ def shape_model(model_config, auto_class: str = "AutoModelForCausalLM",
 
 def preflight(adapter: ModelAdapter, shapes: PreTrainedModel, config: PruneConfig, rules: WidthRules,
               num_tokens: int) -> None:
-    """Refuse budgets that min_width / round_to make impossible; warn about rank-deficient statistics and
-    budgets too small for one step."""
+    """Refuse budgets that min_width / round_to make impossible and results the save format would refuse;
+    warn about rank-deficient statistics and budgets too small for one step."""
     layers = adapter.layers(shapes)
     sites = [site for i, layer in enumerate(layers)
              for site in adapter.sites(layer, i, config.targets, shapes.config, config.gqa_mode)]
@@ -51,6 +54,25 @@ def preflight(adapter: ModelAdapter, shapes: PreTrainedModel, config: PruneConfi
             )
     if sites:
         _warnings(sites[: len(config.unit_targets)], config, rules, num_tokens)
+    if "blocks" not in config.targets:
+        check_save_format(adapter, shapes.config, _predicted_shapes(shapes.config, len(layers), sites, config, rules))
+
+
+def _predicted_shapes(model_config, num_layers: int, sites: list[Site], config: PruneConfig,
+                      rules: WidthRules) -> list[LayerShape] | None:
+    """Each layer's shape after uniform allocation (an added bias wherever the method may add one);
+    None under global allocation, whose widths are known only after its dense pass."""
+    if config.resolved_allocation != "uniform":
+        return None
+    steps_for, _ = allocate_steps(config, rules)
+    method = get_method(config.method)
+    adds_bias = method.wants_added_bias if config.add_bias is None else config.add_bias
+    predicted = config_shapes(model_config, num_layers)
+    for site in sites:
+        steps = steps_for(site)
+        bias = adds_bias and steps > 0 and site.consumer_linear.bias is None
+        predicted[site.index] = predicted[site.index].updated(site.shape_after(steps, bias))
+    return predicted
 
 
 def _warnings(sites: list[Site], config: PruneConfig, rules: WidthRules, num_tokens: int) -> None:

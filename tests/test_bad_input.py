@@ -95,3 +95,34 @@ def test_non_finite_activations_name_the_site():
         model.model.layers[2].mlp.up_proj.weight[0, 0] = float("inf")
     with pytest.raises(RuntimeError, match="layer 2 mlp"):
         hf_snp.prune(model, calibration=calibration_ids(), progress=False)
+
+
+@pytest.mark.parametrize("options", [dict(targets=("mlp", "heads")), dict(targets=("heads",), allocation="global")])
+def test_a_result_the_save_format_would_refuse_fails_before_pruning(options, no_long_work, monkeypatch):
+    """The save format's config is asked about the predicted shapes in preflight, not after the work."""
+    import hf_snp.saving
+
+    asked = []
+
+    def refuse(config_cls, config):
+        asked.append(getattr(config, "hf_snp_layers", None))
+        return "ValueError: refused for the test"
+
+    monkeypatch.setattr(hf_snp.saving, "config_rejection", refuse)
+    with pytest.raises(ValueError, match=r"could not be saved: .* refuses it: ValueError: refused for the test"):
+        hf_snp.prune(tiny_llama(), sparsity=0.5, calibration=calibration_ids(), **options)
+    assert asked
+
+
+def test_preflight_predicts_the_uniform_shapes(monkeypatch, no_long_work):
+    """Uniform 50% of a 4-head GQA layer (2 KV groups, per_group): 2 heads and MLP 24 in every layer."""
+    import hf_snp.preflight
+
+    seen = []
+    original = hf_snp.preflight.check_save_format
+    monkeypatch.setattr(hf_snp.preflight, "check_save_format",
+                        lambda adapter, config, shapes=None: seen.append(shapes) or original(adapter, config, shapes))
+    with pytest.raises(AssertionError, match="long work started"):
+        hf_snp.prune(tiny_llama(), sparsity=0.5, targets=("mlp", "heads"), calibration=calibration_ids())
+    (shapes,) = seen
+    assert [(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) for s in shapes] == [(24, 2, 2)] * 4
