@@ -27,11 +27,13 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
     """README.md text: YAML front matter (base_model, library_name, tags) and a summary."""
     base = report.get("base_model")
     method = report.get("method", "")
-    adapter = adapter_for_type(report["model_type"]) if report.get("model_type") else None  # a partial report: a causal LM
+    # a partial report (no model_type): a causal LM
+    adapter = adapter_for_type(report["model_type"]) if report.get("model_type") else None
     image = adapter is not None and adapter.modality == "image"
     auto = adapter.auto_class if adapter is not None else "AutoModelForCausalLM"
     preprocessor = "AutoImageProcessor" if image else "AutoTokenizer"
-    front = ["---", "library_name: transformers", f"pipeline_tag: {'image-classification' if image else 'text-generation'}"]
+    pipeline = "image-classification" if image else "text-generation"
+    front = ["---", "library_name: transformers", f"pipeline_tag: {pipeline}"]
     if base and "/" in str(base) and not str(base).startswith(("/", ".")):
         front.append(f"base_model: {base}")
     front += ["tags:", "- hf_snp", "- pruning", "- structured-pruning", f"- {method}", "---", ""]
@@ -56,7 +58,8 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
         if widths:
             body.append(f"| {label} | {widths} |")
     for name, value in report.get("metrics", {}).items():
-        body.append(f"| {name.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+        body.append(f"| {name.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float)
+                    else f"| {name} | {value} |")
     load = f"{auto}.from_pretrained(repo)" if stock else f"{auto}.from_pretrained(repo, trust_remote_code=True)"
     body += [
         "",

@@ -58,7 +58,8 @@ class PruneReport(dict):
             "layers": passes.records,
             "allocation": describe_allocation(config, passes.plan, passes.curves),
             **({"blocks": passes.blocks} if passes.blocks else {}),
-            "timings_s": {**{k: round(v, 4) for k, v in passes.timings.items()}, "dense_pass": round(passes.dense_pass, 4),
+            "timings_s": {**{k: round(v, 4) for k, v in passes.timings.items()},
+                          "dense_pass": round(passes.dense_pass, 4),
                           "cut_pass": round(passes.cut_pass, 4), "total": round(seconds, 4)},
             "metrics": {},
         })
@@ -86,7 +87,8 @@ class PruneReport(dict):
         """A plain-text summary and a per-layer table."""
         lines = [
             f"model        {self.get('base_model')} ({self.get('model_type')}, saved as {self.get('save_format')})",
-            f"method       {self.get('method')}, sparsity {self.get('sparsity', 0):.0%} of {', '.join(self.get('targets', []))}",
+            f"method       {self.get('method')}, sparsity {self.get('sparsity', 0):.0%} "
+            f"of {', '.join(self.get('targets', []))}",
             f"parameters   {self.get('params_before', 0):,} -> {self.get('params_after', 0):,} "
             f"(-{self.get('params_removed', 0) / max(self.get('params_before', 1), 1):.1%})",
             f"calibration  {self.get('calibration')} ({self.get('calibration_tokens')} tokens)",
@@ -111,7 +113,8 @@ class PruneReport(dict):
         import matplotlib.pyplot as plt
 
         panels = self._width_fields(("intermediate_size", "num_attention_heads"))
-        ppl = {k: v for k, v in self.get("metrics", {}).items() if k.startswith("perplexity") and isinstance(v, (int, float))}
+        ppl = {k: v for k, v in self.get("metrics", {}).items()
+               if k.startswith("perplexity") and isinstance(v, (int, float))}
         curves = self.get("allocation", {}).get("curves") or {}
         count = len(panels) + bool(ppl) + bool(curves)
         fig, axes = plt.subplots(1, max(count, 1), figsize=(4.5 * max(count, 1), 3.4), squeeze=False)
@@ -132,11 +135,13 @@ class PruneReport(dict):
             for key, retained in curves.items():
                 layer, kind = key.split(".")
                 removed = [i / max(len(retained) - 1, 1) for i in range(len(retained))]
-                ax.plot(removed, retained, color=colors(int(layer) / layer_count), linestyle="-" if kind == "mlp" else "--", linewidth=0.8)
+                ax.plot(removed, retained, color=colors(int(layer) / layer_count),
+                        linestyle="-" if kind == "mlp" else "--", linewidth=0.8)
             threshold = self["allocation"].get("threshold")
             ax.set_xlabel("fraction of units removed (in pruning order)")
             ax.set_ylabel("variance retained")
-            ax.set_title("cumulative-variance curves (dashed: heads)" if isinstance(threshold, (int, float)) else "curves", fontsize=9)
+            title = "cumulative-variance curves (dashed: heads)" if isinstance(threshold, (int, float)) else "curves"
+            ax.set_title(title, fontsize=9)
         if ppl:
             ax = axes[0][len(panels) + bool(curves)]
             ax.bar(list(ppl), list(ppl.values()), color=["grey", "tab:blue"][: len(ppl)])

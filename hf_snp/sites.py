@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .removal import Decision, RemovalPlan, group_units, select_by_score
 from .models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention
+from .removal import Decision, RemovalPlan, group_units, select_by_score
 from .surgery import fold_into_consumer, keep_rows
 
 GQA_MODES = ("per_group", "kv_groups")
@@ -221,7 +221,8 @@ class HeadSite(Site):
             return RemovalPlan(self.num_units, self.head_dim, [list(range(heads))], steps)
         if self.mode == "kv_groups":
             return RemovalPlan(self.num_units, self.head_dim * per_kv, [list(range(self.num_kv_heads))], steps)
-        return RemovalPlan(self.num_units, self.head_dim, [list(range(g * per_kv, (g + 1) * per_kv)) for g in range(self.num_kv_heads)], steps)
+        pools = [list(range(g * per_kv, (g + 1) * per_kv)) for g in range(self.num_kv_heads)]
+        return RemovalPlan(self.num_units, self.head_dim, pools, steps)
 
     def max_steps(self) -> int:
         return self.heads_per_kv if self.mode == "per_group" else self.num_kv_heads
@@ -238,7 +239,8 @@ class HeadSite(Site):
         query_heads = self.query_heads_per_step
         kv_heads = 0 if self.mode == "per_group" else 1
         d = self.head_dim
-        return _row_params(q, query_heads * d) + query_heads * d * o.out_features + _row_params(k, kv_heads * d) + _row_params(v, kv_heads * d)
+        return (_row_params(q, query_heads * d) + query_heads * d * o.out_features + _row_params(k, kv_heads * d)
+                + _row_params(v, kv_heads * d))
 
     def params_removed(self, steps: int) -> int:
         removed = steps * self.params_per_step()
