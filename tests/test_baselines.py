@@ -74,18 +74,21 @@ def producer_and_consumer(layer, target):
 def consumer_inputs(dense, pruned, target):
     """Per layer i, the input of layer i's consumer as the engine sees it: layers < i pruned, layer i dense.
 
-    Built by running the pruned model with its layer i swapped for the dense one.
+    Built by running the pruned model with its layer i swapped for the dense one (put back afterwards).
     """
     inputs = []
     for i in range(len(decoder_layers(dense))):
-        hybrid = copy.deepcopy(pruned)
-        decoder_layers(hybrid)[i] = copy.deepcopy(decoder_layers(dense)[i])
+        own = decoder_layers(pruned)[i]
+        decoder_layers(pruned)[i] = decoder_layers(dense)[i]
         captured = []
-        consumer = producer_and_consumer(decoder_layers(hybrid)[i], target)[1]
-        consumer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
-        with torch.no_grad():
-            for batch in calibration_ids().split(4):
-                hybrid(batch, use_cache=False)
+        consumer = producer_and_consumer(decoder_layers(dense)[i], target)[1]
+        hook = consumer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                pruned(calibration_ids(), use_cache=False)
+        finally:
+            hook.remove()
+            decoder_layers(pruned)[i] = own
         inputs.append(torch.cat(captured).flatten(0, -2).double())
     return inputs
 
