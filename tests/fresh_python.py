@@ -53,21 +53,24 @@ class FreshPython:
         self.scratch = tempfile.mkdtemp(prefix="hf_snp_fresh_")
         self.stderr = open(os.path.join(self.scratch, "stderr.txt"), "w+", encoding="utf-8")
         env = {**os.environ, "HF_MODULES_CACHE": os.path.join(self.scratch, "modules")}
-        self.process = subprocess.Popen([sys.executable, "-c", WORKER.format(block=block, mark=MARK)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        code = WORKER.format(block=block, mark=MARK)
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, env=env)
 
     def reload(self, path, inputs_file: str, out_file: str, kwargs: str = "", auto: str = "AutoModelForCausalLM",
                input_name: str = "input_ids") -> dict:
         """Load ``path`` in the child, save its logits on the tensor in ``inputs_file`` to ``out_file``;
         returns the loaded class's name and module and whether hf_snp was imported there."""
-        job = {"path": str(path), "inputs": inputs_file, "out": out_file, "kwargs": kwargs, "auto": auto, "input_name": input_name}
+        job = {"path": str(path), "inputs": inputs_file, "out": out_file, "kwargs": kwargs, "auto": auto,
+               "input_name": input_name}
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         for line in self.process.stdout:
             if line.startswith(MARK):
                 reply = json.loads(line[len(MARK):])
                 if "error" in reply:
-                    raise AssertionError(f"reload in the fresh process ({self.block!r}) failed:\n{reply['error'][-4000:]}")
+                    raise AssertionError(f"reload in the fresh process ({self.block!r}) failed:\n"
+                                         f"{reply['error'][-4000:]}")
                 return reply
         self.stderr.seek(0)
         raise AssertionError(f"the fresh process ({self.block!r}) died:\n{self.stderr.read()[-4000:]}")

@@ -132,7 +132,8 @@ def test_unreachable_budget_fails_before_long_work(no_long_work):
     (dict(ordering="magic"), r"unknown ordering 'magic'"),
     (dict(method="vbp", ordering="natural"), r"ordering='natural' is an SNP ablation.*'vbp'"),
     (dict(round_to=0), r"round_to must be a positive integer"),
-    (dict(min_width={"attention": 2}), r"min_width must be a positive integer or a \{target: integer\} mapping.*'attention'"),
+    (dict(min_width={"attention": 2}),
+     r"min_width must be a positive integer or a \{target: integer\} mapping.*'attention'"),
     (dict(sparsity_per_target={"heads": 0.2}), r"sparsity_per_target names 'heads', which is not among targets"),
     (dict(allocation="global", layer_sparsity={0: 0.1}), r"layer_sparsity fixes each layer's budget.*global"),
 ])

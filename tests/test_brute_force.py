@@ -32,7 +32,8 @@ def damped(moment: torch.Tensor, damping: float) -> torch.Tensor:
     return moment + damping * moment.diagonal().mean() * torch.eye(moment.shape[0], dtype=moment.dtype)
 
 
-def group_cost(moment: torch.Tensor, alive_units: list[int], units: list[int], weight: torch.Tensor | None = None) -> float:
+def group_cost(moment: torch.Tensor, alive_units: list[int], units: list[int],
+               weight: torch.Tensor | None = None) -> float:
     """tr(([M_SS^{-1}]_gg)^{-1}) over the remaining units S (or tr(W_g (.)^{-1} W_g^T)), by explicit inverses."""
     precision = torch.linalg.inv(moment[alive_units][:, alive_units])
     pos = [alive_units.index(u) for u in units]
@@ -55,7 +56,8 @@ def assert_greedy_steps(moment, removed, costs, schedule, group_size, weight=Non
         brute = {g: group_cost(moment, alive_units, list(range(g * group_size, (g + 1) * group_size)), weight)
                  for g in candidates}
         best = min(brute.values())
-        assert brute[group] <= best * (1 + rtol) + 1e-12, f"step {step}: chose {group} ({brute[group]}), best {best}: {brute}"
+        assert brute[group] <= best * (1 + rtol) + 1e-12, \
+            f"step {step}: chose {group} ({brute[group]}), best {best}: {brute}"
         assert cost == pytest.approx(brute[group], rel=1e-7, abs=1e-12), f"step {step}"
         alive.remove(group)
 
@@ -121,7 +123,8 @@ def brute_pivots(moment: torch.Tensor, keep_first: list[int], group_size: int) -
         before = [h * group_size + d for h in keep_first[:i] for d in range(group_size)]
         block = moment[units][:, units]
         if before:
-            block = block - moment[units][:, before] @ torch.linalg.inv(moment[before][:, before]) @ moment[before][:, units]
+            inverse = torch.linalg.inv(moment[before][:, before])
+            block = block - moment[units][:, before] @ inverse @ moment[before][:, units]
         out.append(float(block.trace()))
     return out
 
@@ -154,7 +157,8 @@ def random_curves(rng: random.Random, num_sites: int) -> list[SiteCurve]:
     curves = []
     for layer in range(num_sites):
         max_steps = rng.randint(1, 5)
-        scores = sorted(round(rng.uniform(0, 1), 1) for _ in range(max_steps))  # one decimal: ties within and across sites
+        # one decimal: ties within and across sites
+        scores = sorted(round(rng.uniform(0, 1), 1) for _ in range(max_steps))
         step_params = [rng.randint(1, 6) for _ in range(max_steps)]
         params_removed = [0] + list(itertools.accumulate(step_params))
         allowed = [True] + [rng.random() < 0.7 for _ in range(max_steps)]
@@ -165,7 +169,8 @@ def random_curves(rng: random.Random, num_sites: int) -> list[SiteCurve]:
 
 def steps_at(curve: SiteCurve, threshold: float) -> int:
     """Slow definition: the most allowed steps whose scores are all <= threshold."""
-    return max(s for s in range(len(curve.params_removed)) if curve.allowed[s] and all(x <= threshold for x in curve.scores[:s]))
+    return max(s for s in range(len(curve.params_removed))
+               if curve.allowed[s] and all(x <= threshold for x in curve.scores[:s]))
 
 
 def brute_force_allocation(curves: list[SiteCurve], target: float) -> tuple[dict, int]:

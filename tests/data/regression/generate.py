@@ -22,10 +22,10 @@ import json
 import os
 import sys
 
+from regression_cases import BY_NAME, CASES, DATA_DIR, report_subset, state_dict_of
 from safetensors.torch import save_file
 
 import hf_snp
-from regression_cases import BY_NAME, CASES, DATA_DIR, report_subset, state_dict_of
 
 
 def main(names: list[str]) -> None:
