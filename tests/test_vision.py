@@ -14,8 +14,8 @@ from conftest import (
     IMAGE, TINY_VISION, image_logits, make_constant_neurons, pixel_values, sites_of, tiny_deit, tiny_deit_teacher, tiny_llama,
     tiny_vit,
 )
-from PIL import Image
 from fresh_python import fresh_python
+from PIL import Image
 from test_heads import make_redundant_heads
 from test_save_reload import BLOCK_HF_SNP  # the checkpoint's own code must do: import hf_snp raises ImportError
 from transformers import AutoModelForImageClassification, ViTImageProcessor
