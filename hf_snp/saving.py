@@ -16,7 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .adapters import ModelAdapter
 from .model_card import model_card
-from .models import HF_SNP_TYPES, hf_snp_class_for
+from .models import variable_width_config_class, variable_width_model_class
 from .models.modeling_hf_snp import LayerShape
 from .report import REPORT_NAME, PruneReport
 
@@ -40,7 +40,7 @@ def config_shapes(config: PretrainedConfig, num_layers: int) -> list[LayerShape]
 
 def stock_config_class(config: PretrainedConfig) -> type:
     """The stock config class of ``config``'s family (the base of its hf_snp config class)."""
-    return HF_SNP_TYPES[base_model_type(config.model_type)][0].__bases__[0]
+    return variable_width_config_class(type(config)).__bases__[0]
 
 
 def _stock_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[LayerShape]) -> dict | None:
@@ -73,8 +73,9 @@ def _set_stock_fields(config: PretrainedConfig, adapter: ModelAdapter, stock: di
 def _set_hf_snp_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[LayerShape]) -> None:
     if getattr(config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
         config.head_dim = adapter.head_dim(config)
-    config.__class__ = HF_SNP_TYPES[base_model_type(config.model_type)][0]  # a subclass of the stock config
+    config.__class__ = variable_width_config_class(type(config))  # a subclass of the stock config
     config.hf_snp_layers = [shape.to_spec() for shape in shapes]
+    config.hf_snp_layout = adapter.layout(config)
 
 
 def config_rejection(config_cls: type, config: PretrainedConfig) -> str | None:
@@ -127,8 +128,6 @@ def check_save_format(adapter: ModelAdapter, config: PretrainedConfig, shapes: l
     ``layer_shapes`` gives them; None = per-layer widths with added biases, which need the hf_snp type)
     would be saved in. Raises ValueError when that format's config would refuse it."""
     base = base_model_type(config.model_type)
-    if base not in HF_SNP_TYPES:
-        raise ValueError(f"hf_snp cannot save a pruned {config.model_type!r} model: it has no variable-width type")
     shapes = _probe_shapes(adapter, config) if shapes is None else shapes
     save_format = choose_save_format(adapter, config, shapes)
     candidate = copy.deepcopy(config)
@@ -149,7 +148,7 @@ def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records
     if choose_save_format(adapter, config, shapes) == "stock":
         _set_stock_fields(config, adapter, _stock_fields(config, adapter, shapes))
         return "hf_snp" if config.model_type.startswith("hf_snp_") else "stock"
-    model_cls = hf_snp_class_for(model)
+    model_cls = variable_width_model_class(type(model))
     _set_hf_snp_fields(config, adapter, shapes)
     config.architectures = [model_cls.__name__]
     model.__class__ = model_cls  # a subclass that only differs in how __init__ sizes the layers

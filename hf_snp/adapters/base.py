@@ -5,9 +5,12 @@ The engine and the methods only talk to an adapter and its sites; they never tes
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..models import head_dim_of, register_variable_width_types
 from ..models.modeling_hf_snp import AttentionLayout, MlpLayout
 from ..sites import HeadSite, MlpSite, Site
 
@@ -40,7 +43,12 @@ class ModelAdapter:
         return None
 
     def head_dim(self, config: PretrainedConfig) -> int:
-        return config.hidden_size // config.num_attention_heads
+        return head_dim_of(config)
+
+    def layout(self, config: PretrainedConfig) -> dict:
+        """Where the modules live, as data for the variable-width type (``config.hf_snp_layout``)."""
+        return {"layers": self.layers_path, "mlp": dataclasses.asdict(self.mlp),
+                "attention": dataclasses.asdict(self.attention_layout), "head_dim": self.head_dim(config)}
 
     def sites(self, layer: nn.Module, index: int, targets: tuple[str, ...], config: PretrainedConfig,
               gqa_mode: str) -> list[Site]:
@@ -67,10 +75,12 @@ _REGISTRY: dict[str, ModelAdapter] = {}
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
-    """Make ``adapter`` the one used for each of its ``model_types`` (and their hf_snp types)."""
+    """Make ``adapter`` the one used for each of its ``model_types``, and register the variable-width type
+    ``hf_snp_<model_type>`` derived from the stock classes."""
     for model_type in adapter.model_types:
         _REGISTRY[model_type] = adapter
         _REGISTRY[f"hf_snp_{model_type}"] = adapter
+        register_variable_width_types(model_type, adapter.auto_class, adapter.layout)
     return adapter
 
 

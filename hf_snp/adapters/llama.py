@@ -1,6 +1,6 @@
 """Llama family: Llama, Mistral, Qwen2, SmolLM (gated MLP, GQA, RMSNorm, rotary embeddings)."""
 
-from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, llama_head_dim
+from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, head_dim_of
 from .base import ModelAdapter, register_adapter
 
 
@@ -13,11 +13,8 @@ class LlamaFamilyAdapter(ModelAdapter):
     mlp_width_field = "intermediate_size"
     stock_head_pruning = True  # num_attention_heads / num_key_value_heads with an explicit head_dim
 
-    def head_dim(self, config) -> int:
-        return llama_head_dim(config)
-
     def set_uniform_heads(self, config, num_heads: int, num_kv_heads: int) -> None:
-        config.head_dim = llama_head_dim(config)  # explicit: hidden_size // heads no longer holds
+        config.head_dim = head_dim_of(config)  # explicit: hidden_size // heads no longer holds
         config.num_attention_heads = num_heads
         config.num_key_value_heads = num_kv_heads
 

@@ -2,7 +2,7 @@
 ``mlp.fc1`` / ``mlp.fc2`` with GELU, multi-head ``attention.q_proj/k_proj/v_proj/o_proj``; a CLS token
 (and DeiT's distillation token) in front of the patch tokens. Statistics cover every token."""
 
-from ..models.modeling_hf_snp import VIT_ATTENTION, VIT_MLP, vit_head_dim
+from ..models.modeling_hf_snp import VIT_ATTENTION, VIT_MLP, head_dim_of
 from .base import ModelAdapter, register_adapter
 
 
@@ -17,11 +17,8 @@ class VisionTransformerAdapter(ModelAdapter):
     mlp_width_field = "intermediate_size"
     stock_head_pruning = True  # the attention reads num_attention_heads and an explicit head_dim
 
-    def head_dim(self, config) -> int:
-        return vit_head_dim(config)
-
     def set_uniform_heads(self, config, num_heads: int, num_kv_heads: int) -> None:
-        config.head_dim = vit_head_dim(config)
+        config.head_dim = head_dim_of(config)
         config.num_attention_heads = num_heads
 
     def tokens_per_sample(self, config) -> int:

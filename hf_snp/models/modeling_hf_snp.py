@@ -1,11 +1,16 @@
-"""hf_snp's variable-width model types.
+"""hf_snp's variable-width model type, one for every family (docs/design.md §9.2).
 
-Each class subclasses a stock transformers class and only resizes per-layer modules after
-the stock ``__init__``: the weights keep the stock key names. This file travels with every
-checkpoint saved in the hf_snp format (``register_for_auto_class``), so it must import
+``HfSnp<StockClass>`` subclasses a stock transformers class (``HfSnpGemma3ForCausalLM`` of
+``Gemma3ForCausalLM``, ``HfSnpGemma3TextConfig`` of ``Gemma3TextConfig``) and only resizes the
+per-layer modules after the stock ``__init__``: the weights keep the stock key names. The classes
+are made on demand from the stock ones (this module's ``__getattr__``), so no family has code of
+its own. Where a family's modules live is data in the config (``hf_snp_layout``), and each
+layer's shapes are ``hf_snp_layers``.
+
+This file travels with every checkpoint saved in the hf_snp format (``auto_map``), so it imports
 nothing but torch and transformers: ``AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)`` (``AutoModelForImageClassification`` for ViT/DeiT) works where
-hf_snp is not installed.
+trust_remote_code=True)`` (``AutoModelForImageClassification`` for ViT/DeiT) works where hf_snp
+is not installed.
 
 ``config.hf_snp_layers`` holds one dict per transformer layer (``LayerShape.to_spec``). Known
 keys (missing = stock):
@@ -15,6 +20,10 @@ keys (missing = stock):
 * ``num_attention_heads`` / ``num_key_value_heads``: that layer's head counts (head_dim is
   unchanged). A layer with 0 heads has an ``EmptyAttention`` that adds only its bias.
 * ``attention_output_bias``: the attention output projection has a bias.
+
+``config.hf_snp_layout``: ``layers`` (dotted path of the layer list, ``{prefix}`` the model's
+``base_model_prefix``), ``mlp`` and ``attention`` (the fields of ``MlpLayout`` and
+``AttentionLayout``) and ``head_dim``.
 """
 
 from __future__ import annotations
@@ -24,22 +33,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 
 @dataclass(frozen=True)
@@ -243,118 +238,69 @@ def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpL
                          shape.attention_output_bias)
 
 
-def llama_head_dim(config) -> int:
+def apply_layout(model: nn.Module, specs: list[dict] | None, layout: dict | None) -> None:
+    """Resize ``model``'s layers to ``specs`` (``hf_snp_layers``), its modules found by ``layout``."""
+    if not specs:
+        return
+    if not layout:
+        raise ValueError("this checkpoint has hf_snp_layers but no hf_snp_layout; load it with hf_snp installed "
+                         "(import hf_snp) so that the family's layout is known")
+    layers = model.get_submodule(layout["layers"].format(prefix=model.base_model_prefix))
+    mlp = MlpLayout(**{**layout["mlp"], "producers": tuple(layout["mlp"]["producers"])})
+    apply_layer_specs(layers, specs, mlp, AttentionLayout(**layout["attention"]), int(layout["head_dim"]))
+
+
+def head_dim_of(config) -> int:
+    """The explicit ``head_dim`` of a config, else hidden_size // num_attention_heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-class HfSnpLlamaConfig(LlamaConfig):
-    model_type = "hf_snp_llama"
-    hf_snp_layers: list | None = None
+PREFIX = "HfSnp"
+_CLASSES: dict[str, type] = {}
 
 
-class HfSnpLlamaForCausalLM(LlamaForCausalLM):
-    config_class = HfSnpLlamaConfig
-
-    def __init__(self, config: HfSnpLlamaConfig):
-        super().__init__(config)
-        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP, LLAMA_ATTENTION, llama_head_dim(config))
-
-
-class HfSnpMistralConfig(MistralConfig):
-    model_type = "hf_snp_mistral"
-    hf_snp_layers: list | None = None
+def _new_class(name: str, stock: type, namespace: dict) -> type:
+    cls = type(name, (stock,), {"__module__": __name__, "__qualname__": name, "hf_snp_variable_width": True,
+                                **namespace})
+    _CLASSES[name] = cls
+    globals()[name] = cls
+    return cls
 
 
-class HfSnpMistralForCausalLM(MistralForCausalLM):
-    config_class = HfSnpMistralConfig
-
-    def __init__(self, config: HfSnpMistralConfig):
-        super().__init__(config)
-        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP, LLAMA_ATTENTION, llama_head_dim(config))
-
-
-class HfSnpQwen2Config(Qwen2Config):
-    model_type = "hf_snp_qwen2"
-    hf_snp_layers: list | None = None
-
-
-class HfSnpQwen2ForCausalLM(Qwen2ForCausalLM):
-    config_class = HfSnpQwen2Config
-
-    def __init__(self, config: HfSnpQwen2Config):
-        super().__init__(config)
-        apply_layer_specs(self.model.layers, config.hf_snp_layers, LLAMA_MLP, LLAMA_ATTENTION, llama_head_dim(config))
+def variable_width_config_class(stock: type) -> type:
+    """``HfSnp<Stock>``: the stock config with ``model_type`` "hf_snp_<stock type>", ``hf_snp_layers`` and
+    ``hf_snp_layout`` (every stock field stays valid)."""
+    if getattr(stock, "hf_snp_variable_width", False):
+        return stock
+    name = PREFIX + stock.__name__
+    if name not in _CLASSES:
+        _new_class(name, stock, {"model_type": f"hf_snp_{stock.model_type}", "hf_snp_layers": None, "hf_snp_layout": None,
+                                 "__annotations__": {"hf_snp_layers": "list | None", "hf_snp_layout": "dict | None"}})
+    return _CLASSES[name]
 
 
-class HfSnpOPTConfig(OPTConfig):
-    model_type = "hf_snp_opt"
-    hf_snp_layers: list | None = None
+def variable_width_model_class(stock: type) -> type:
+    """``HfSnp<Stock>``: the stock model whose ``__init__`` resizes each layer to ``config.hf_snp_layers``."""
+    if getattr(stock, "hf_snp_variable_width", False):
+        return stock
+    name = PREFIX + stock.__name__
+    if name not in _CLASSES:
+
+        def __init__(self, config, *args, **kwargs):
+            stock.__init__(self, config, *args, **kwargs)
+            layout = getattr(config, "hf_snp_layout", None) or type(self).default_layout(config)
+            apply_layout(self, getattr(config, "hf_snp_layers", None), layout)
+
+        _new_class(name, stock, {"config_class": variable_width_config_class(stock.config_class), "__init__": __init__,
+                                 "default_layout": staticmethod(lambda config: None)})
+    return _CLASSES[name]
 
 
-class HfSnpOPTForCausalLM(OPTForCausalLM):
-    config_class = HfSnpOPTConfig
-
-    def __init__(self, config: HfSnpOPTConfig):
-        super().__init__(config)
-        head_dim = config.hidden_size // config.num_attention_heads
-        apply_layer_specs(self.model.decoder.layers, config.hf_snp_layers, OPT_MLP, OPT_ATTENTION, head_dim)
-
-
-def vit_head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-class HfSnpViTConfig(ViTConfig):
-    model_type = "hf_snp_vit"
-    hf_snp_layers: list | None = None
-
-
-class HfSnpViTForImageClassification(ViTForImageClassification):
-    config_class = HfSnpViTConfig
-
-    def __init__(self, config: HfSnpViTConfig):
-        super().__init__(config)
-        apply_layer_specs(self.vit.layers, config.hf_snp_layers, VIT_MLP, VIT_ATTENTION, vit_head_dim(config))
-
-
-class HfSnpDeiTConfig(DeiTConfig):
-    model_type = "hf_snp_deit"
-    hf_snp_layers: list | None = None
-
-
-class HfSnpDeiTForImageClassification(DeiTForImageClassification):
-    config_class = HfSnpDeiTConfig
-
-    def __init__(self, config: HfSnpDeiTConfig):
-        super().__init__(config)
-        apply_layer_specs(self.deit.layers, config.hf_snp_layers, VIT_MLP, VIT_ATTENTION, vit_head_dim(config))
-
-
-class HfSnpDeiTForImageClassificationWithTeacher(DeiTForImageClassificationWithTeacher):
-    config_class = HfSnpDeiTConfig
-
-    def __init__(self, config: HfSnpDeiTConfig):
-        super().__init__(config)
-        apply_layer_specs(self.deit.layers, config.hf_snp_layers, VIT_MLP, VIT_ATTENTION, vit_head_dim(config))
-
-
-# stock model_type -> (hf_snp config class, hf_snp model classes, the Auto class that loads them).
-# Several classes (DeiT's two heads) are told apart by config.architectures, as transformers does.
-HF_SNP_TYPES = {
-    "llama": (HfSnpLlamaConfig, (HfSnpLlamaForCausalLM,), "AutoModelForCausalLM"),
-    "mistral": (HfSnpMistralConfig, (HfSnpMistralForCausalLM,), "AutoModelForCausalLM"),
-    "qwen2": (HfSnpQwen2Config, (HfSnpQwen2ForCausalLM,), "AutoModelForCausalLM"),
-    "opt": (HfSnpOPTConfig, (HfSnpOPTForCausalLM,), "AutoModelForCausalLM"),
-    "vit": (HfSnpViTConfig, (HfSnpViTForImageClassification,), "AutoModelForImageClassification"),
-    "deit": (HfSnpDeiTConfig, (HfSnpDeiTForImageClassification, HfSnpDeiTForImageClassificationWithTeacher),
-             "AutoModelForImageClassification"),
-}
-
-
-def hf_snp_class_for(model: nn.Module) -> type:
-    """The hf_snp class that stands in for ``model``'s stock class (or is already its class)."""
-    for _, classes, _ in HF_SNP_TYPES.values():
-        for cls in classes:
-            if type(model) is cls or type(model) is cls.__bases__[0]:
-                return cls
-    raise ValueError(f"hf_snp has no variable-width class for {type(model).__name__}")
+def __getattr__(name: str) -> type:
+    """``HfSnp<StockClass>`` for any transformers config or model class (how ``auto_map`` finds them)."""
+    stock = getattr(transformers, name[len(PREFIX):], None) if name.startswith(PREFIX) else None
+    if isinstance(stock, type) and issubclass(stock, transformers.PretrainedConfig):
+        return variable_width_config_class(stock)
+    if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
+        return variable_width_model_class(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
