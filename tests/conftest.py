@@ -10,8 +10,19 @@ import textwrap
 import pytest
 import torch
 from transformers import (
-    DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, LlamaConfig, LlamaForCausalLM, MistralConfig,
-    MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, ViTConfig, ViTForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 import hf_snp
@@ -53,16 +64,18 @@ def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
 
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, sliding_window=8)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           initializer_range=0.2, sliding_window=8)
     return MistralForCausalLM(config).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """Qwen2: q/k/v biases, GQA."""
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.2)
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -72,8 +85,8 @@ IMAGE = 16  # tiny vision models: 16x16 RGB inputs, patch 4 -> 16 patch tokens
 
 
 def _vision_config(config_cls, **overrides):
-    return config_cls(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                      intermediate_size=48, num_labels=7, initializer_range=0.2, **overrides)
+    return config_cls(image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, intermediate_size=48, num_labels=7, initializer_range=0.2, **overrides)
 
 
 @torch.no_grad()
@@ -127,7 +140,8 @@ def logits(model, ids=None) -> torch.Tensor:
 
 def sites_of(model, target: str, gqa_mode: str = "per_group"):
     adapter = get_adapter(model.config)
-    return [adapter.sites(layer, i, (target,), model.config, gqa_mode)[0] for i, layer in enumerate(adapter.layers(model))]
+    return [adapter.sites(layer, i, (target,), model.config, gqa_mode)[0]
+            for i, layer in enumerate(adapter.layers(model))]
 
 
 def mlp_sites(model):

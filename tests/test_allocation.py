@@ -6,7 +6,17 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY, calibration_ids, logits, make_scaled_copies, mlp_sites, prune_quiet, sites_of, tiny_llama, tiny_opt
+from conftest import (
+    TINY,
+    calibration_ids,
+    logits,
+    make_scaled_copies,
+    mlp_sites,
+    prune_quiet,
+    sites_of,
+    tiny_llama,
+    tiny_opt,
+)
 
 import hf_snp
 
@@ -26,7 +36,8 @@ def record_curves(monkeypatch) -> list:
 
 
 def largest_step(model, targets, round_to=None):
-    steps = [site.params_per_step() * (round_to or 1 if site.kind == "mlp" else 1) for t in targets for site in sites_of(model, t)]
+    steps = [site.params_per_step() * (round_to or 1 if site.kind == "mlp" else 1)
+             for t in targets for site in sites_of(model, t)]
     return max(steps)
 
 
@@ -42,8 +53,8 @@ def test_a_budget_of_n_parameters_removes_n_within_one_step(family, allocation, 
     model = TINY[family]()
     total, step = targeted_params(model, targets), largest_step(model, targets, round_to)
     for sparsity in (0.2, 0.45):
-        result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=targets, allocation=allocation,
-                             round_to=round_to)
+        result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=targets,
+                             allocation=allocation, round_to=round_to)
         removed, target = result.report["params_removed"], sparsity * total
         if allocation == "global":
             thresholds = [float("-inf")] + sorted({score for curve in curves[-1] for score in curve.scores})
@@ -61,9 +72,11 @@ def test_a_budget_of_n_parameters_removes_n_within_one_step(family, allocation, 
 
 def test_sparsity_per_target_fixes_each_budget():
     model = tiny_llama()
-    result = prune_quiet(model, targets=("mlp", "heads"), sparsity_per_target={"mlp": 0.4, "heads": 0.0}, allocation="global")
+    result = prune_quiet(model, targets=("mlp", "heads"), sparsity_per_target={"mlp": 0.4, "heads": 0.0},
+                         allocation="global")
     assert all(layer["num_heads"] == 4 for layer in result.report["layers"])
-    mlp_removed = sum(l["mlp_width_before"] - l["mlp_width"] for l in result.report["layers"]) * mlp_sites(model)[0].params_per_step()
+    mlp_removed = sum(record["mlp_width_before"] - record["mlp_width"] for record in result.report["layers"]) \
+        * mlp_sites(model)[0].params_per_step()
     assert abs(mlp_removed - 0.4 * targeted_params(tiny_llama(), ("mlp",))) <= mlp_sites(model)[0].params_per_step()
 
 
@@ -75,10 +88,12 @@ def test_global_allocation_cuts_the_redundant_layers_first(family):
     site = mlp_sites(model)[0]
     sparsity = 24 * site.params_per_step() / (4 * site.num_params())  # exactly the 24 redundant neurons
     calibration = calibration_ids(96, 24)  # enough tokens that every ReLU fires: no neuron is idle on the data
-    result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="global", calibration=calibration)
-    assert [l["mlp_width"] for l in result.report["layers"]] == [48, 36, 48, 36]
+    result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="global",
+                         calibration=calibration)
+    assert [record["mlp_width"] for record in result.report["layers"]] == [48, 36, 48, 36]
     assert (logits(result.model) - reference).abs().max() < 1e-4
-    uniform = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="uniform", calibration=calibration)
+    uniform = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="uniform",
+                          calibration=calibration)
     assert (logits(uniform.model) - reference).abs().max() > 1e-2  # the same budget spread evenly loses information
 
 
@@ -88,7 +103,8 @@ def test_reconstruct_false_leaves_the_kept_columns_untouched():
     result = prune_quiet(copy.deepcopy(model), sparsity=0.3, reconstruct=False, allocation="uniform")
     reconstructed = prune_quiet(copy.deepcopy(model), sparsity=0.3, allocation="uniform")
     for before, site, other in zip(original, mlp_sites(result.model), mlp_sites(reconstructed.model)):
-        kept = [i for i in range(48) if any(torch.equal(site.consumer_linear.weight[:, j], before[:, i]) for j in range(site.num_units))]
+        kept = [i for i in range(48)
+                if any(torch.equal(site.consumer_linear.weight[:, j], before[:, i]) for j in range(site.num_units))]
         assert len(kept) == site.num_units  # every kept column is an original column, unchanged
         assert not torch.equal(other.consumer_linear.weight, site.consumer_linear.weight)
 
@@ -107,7 +123,8 @@ def test_greedy_orderings_find_the_redundant_neurons(ordering):
     make_scaled_copies(model, 12)
     reference = logits(model)
     site = mlp_sites(model)[0]
-    result = prune_quiet(model, sparsity=12 * site.params_per_step() / site.num_params(), ordering=ordering, allocation="uniform")
+    result = prune_quiet(model, sparsity=12 * site.params_per_step() / site.num_params(), ordering=ordering,
+                         allocation="uniform")
     assert (logits(result.model) - reference).abs().max() < 1e-4
 
 

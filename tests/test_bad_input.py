@@ -18,7 +18,8 @@ def test_sparsity_outside_unit_interval(sparsity, no_long_work):
 
 
 def test_unknown_method(no_long_work):
-    with pytest.raises(ValueError, match=r"unknown method 'obs'; choose one of \['flap', 'magnitude', 'random', 'snp', 'vbp', 'wanda_sp'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'obs'; choose one of "
+                                         r"\['flap', 'magnitude', 'random', 'snp', 'vbp', 'wanda_sp'\]"):
         hf_snp.prune(tiny_llama(), method="obs", calibration=calibration_ids())
 
 
@@ -34,7 +35,8 @@ def test_unsupported_architecture_names_the_supported_families(tmp_path, no_long
     with pytest.raises(ValueError, match=message):
         hf_snp.prune(str(tmp_path / "gpt2"), calibration=calibration_ids())
     with pytest.raises(ValueError, match=message):
-        hf_snp.prune(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)), calibration=calibration_ids())
+        hf_snp.prune(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)),
+                     calibration=calibration_ids())
 
 
 @pytest.mark.parametrize(
@@ -54,15 +56,16 @@ def test_empty_or_malformed_calibration(calibration, message, no_long_work):
 
 
 def test_calibration_shorter_than_seq_len(tmp_path, no_long_work):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     path = tmp_path / "calib.txt"
     path.write_text("hello world " * 10)
-    with pytest.raises(CalibrationError, match=r"has 20 tokens, fewer than seq_len=64: give more text or a smaller seq_len"):
+    with pytest.raises(CalibrationError,
+                       match=r"has 20 tokens, fewer than seq_len=64: give more text or a smaller seq_len"):
         hf_snp.prune(tiny_llama(), tokenizer=tokenizer, calibration=str(path), seq_len=64)
 
 

@@ -29,7 +29,8 @@ def decoder_layers(model):
 
 def one_block_sparsity(model) -> float:
     layers = decoder_layers(model)
-    return sum(p.numel() for p in layers[0].parameters()) / sum(p.numel() for layer in layers for p in layer.parameters())
+    return sum(p.numel() for p in layers[0].parameters()) \
+        / sum(p.numel() for layer in layers for p in layer.parameters())
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
@@ -37,7 +38,8 @@ def test_identity_block_is_removed_exactly_and_saves_as_stock(family, tmp_path):
     model = TINY[family]()
     make_identity_block(model, 2)
     reference = logits(model)
-    result = prune_quiet(copy.deepcopy(model), targets=("blocks",), sparsity=one_block_sparsity(model), output_dir=str(tmp_path / "out"))
+    result = prune_quiet(copy.deepcopy(model), targets=("blocks",), sparsity=one_block_sparsity(model),
+                         output_dir=str(tmp_path / "out"))
     assert result.report["blocks"]["removed"] == [2]
     assert result.report["blocks"]["similarity"][2] == pytest.approx(1.0, abs=1e-6)
     assert (logits(result.model) - reference).abs().max() < 1e-5
@@ -80,8 +82,8 @@ def test_candidate_search_prefers_units_when_the_redundancy_is_in_the_units(tmp_
     reference = logits(model)
     site = sites_of(model, "mlp")[0]
     total = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
-    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "blocks"), sparsity=4 * 12 * site.params_per_step() / total,
-                         output_dir=str(tmp_path / "out"))
+    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "blocks"),
+                         sparsity=4 * 12 * site.params_per_step() / total, output_dir=str(tmp_path / "out"))
     blocks = result.report["blocks"]
     assert blocks["chosen"] == "units" and blocks["removed"] == []
     assert {c["name"] for c in blocks["candidates"]} >= {"blocks", "units"}

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from conftest import TINY
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_snp.cli import main
 
@@ -37,7 +37,8 @@ def test_cli_prune_then_eval(tiny_dir, capsys):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == summary["params_after"]
 
-    code = main(["eval", str(out), "--ppl", str(tiny_dir / "calib.txt"), "--seq-len", "32", "--max-windows", "4", "--quiet"])
+    code = main(["eval", str(out), "--ppl", str(tiny_dir / "calib.txt"), "--seq-len", "32", "--max-windows", "4",
+                 "--quiet"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
 
@@ -51,11 +52,12 @@ def test_cli_reports_bad_input_without_a_traceback(tiny_dir, capsys):
 
 def test_cli_prunes_heads_in_kv_group_mode(tiny_dir, capsys):
     out = tiny_dir / "heads"
-    code = main(["prune", str(tiny_dir / "dense"), "--targets", "mlp,heads", "--gqa-mode", "kv_groups", "--sparsity", "0.5", "--allocation", "uniform",
-                 "--calibration", str(tiny_dir / "calib.txt"), "--num-samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])
+    code = main(["prune", str(tiny_dir / "dense"), "--targets", "mlp,heads", "--gqa-mode", "kv_groups",
+                 "--sparsity", "0.5", "--allocation", "uniform", "--calibration", str(tiny_dir / "calib.txt"),
+                 "--num-samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])
     assert code == 0
     report = json.load(open(out / "hf_snp_report.json"))
     assert report["targets"] == ["mlp", "heads"] and report["gqa_mode"] == "kv_groups"
-    assert {(l["num_heads"], l["num_kv_heads"]) for l in report["layers"]} == {(2, 1)}
+    assert {(record["num_heads"], record["num_kv_heads"]) for record in report["layers"]} == {(2, 1)}
     config = json.load(open(out / "config.json"))
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)

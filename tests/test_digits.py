@@ -25,8 +25,9 @@ def test_snp_keeps_digits_accuracy_within_the_margin_and_at_least_vbp():
     assert base > 0.6  # the model learned the task (chance is 0.1)
     accuracy = {}
     for method in ("snp", "vbp"):
-        result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=0.3, calibration=split["train"][0][:CALIBRATION],
-                              image_processor=processor, num_samples=CALIBRATION, progress=False)
+        result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=0.3,
+                              calibration=split["train"][0][:CALIBRATION], image_processor=processor,
+                              num_samples=CALIBRATION, progress=False)
         assert result.report["params_after"] < result.report["params_before"]
         accuracy[method] = hf_snp.evaluate_accuracy(result.model, test, progress=False)["top1"]
     print(f"dense {base:.4f}, snp {accuracy['snp']:.4f}, vbp {accuracy['vbp']:.4f}")

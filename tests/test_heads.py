@@ -57,7 +57,8 @@ def one_step_sparsity(model, mode: str) -> float:
     return site.params_removed(1) / site.num_params()
 
 
-CASES = [("opt", "per_group"), ("llama", "per_group"), ("llama", "kv_groups"), ("qwen2", "per_group"), ("qwen2", "kv_groups")]
+CASES = [("opt", "per_group"), ("llama", "per_group"), ("llama", "kv_groups"), ("qwen2", "per_group"),
+         ("qwen2", "kv_groups")]
 
 
 @pytest.mark.parametrize("family, mode", CASES)
@@ -68,14 +69,15 @@ def test_snp_heads_exact_when_removed_heads_are_combinations_of_kept_ones(family
     sparsity = one_step_sparsity(model, mode)
     result = prune_quiet(copy.deepcopy(model), method="snp", targets=("heads",), sparsity=sparsity, gqa_mode=mode)
     heads = {"opt": (3, 3), "per_group": (2, 2), "kv_groups": (2, 1)}["opt" if family == "opt" else mode]
-    assert [(l["num_heads"], l["num_kv_heads"]) for l in result.report["layers"]] == [heads] * 4
+    assert [(record["num_heads"], record["num_kv_heads"]) for record in result.report["layers"]] == [heads] * 4
     assert (logits(result.model) - reference).abs().max() < 1e-4
     # not vacuous: the same cut without reconstruction moves the logits
     baseline = prune_quiet(copy.deepcopy(model), method="random", targets=("heads",), sparsity=sparsity, gqa_mode=mode)
     assert (logits(baseline.model) - reference).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("make", [tiny_opt, lambda: tiny_llama(attention_bias=True)], ids=["opt", "llama-attention-bias"])
+@pytest.mark.parametrize("make", [tiny_opt, lambda: tiny_llama(attention_bias=True)],
+                         ids=["opt", "llama-attention-bias"])
 def test_vbp_heads_exact_when_removed_head_is_constant(make):
     model = make()
     with torch.no_grad():  # head 3 of every layer: zero value weights -> outputs its value bias, a constant
@@ -88,7 +90,8 @@ def test_vbp_heads_exact_when_removed_head_is_constant(make):
     sparsity = one_step_sparsity(model, mode)
     result = prune_quiet(copy.deepcopy(model), method="vbp", targets=("heads",), sparsity=sparsity, gqa_mode=mode)
     assert (logits(result.model) - reference).abs().max() < 1e-4
-    unfolded = prune_quiet(copy.deepcopy(model), method="random", targets=("heads",), sparsity=sparsity, gqa_mode=mode, seed=5)
+    unfolded = prune_quiet(copy.deepcopy(model), method="random", targets=("heads",), sparsity=sparsity, gqa_mode=mode,
+                           seed=5)
     assert (logits(unfolded.model) - reference).abs().max() > 1e-2
 
 
@@ -122,7 +125,8 @@ def test_each_target_loses_its_own_fraction():
     layer = result.report["layers"][0]
     assert layer["num_heads"] == 2 and layer["num_kv_heads"] == 2  # one query head per KV group
     assert layer["mlp_width"] == 24
-    removed = sum(l["mlp_width_before"] - l["mlp_width"] for l in result.report["layers"]) * mlp.params_per_step() \
+    removed = sum(record["mlp_width_before"] - record["mlp_width"] for record in result.report["layers"]) \
+        * mlp.params_per_step() \
         + 4 * attention.params_removed(1)
     assert result.report["params_removed"] == removed
 
@@ -139,7 +143,8 @@ def test_gqa_stays_valid_in_per_group_mode():
 
 @pytest.mark.parametrize("mode, heads", [("per_group", (2, 2)), ("kv_groups", (2, 1))])
 def test_uniform_llama_heads_save_as_the_stock_class(tmp_path, mode, heads):
-    result = prune_quiet(tiny_llama(), targets=("mlp", "heads"), sparsity=0.5, gqa_mode=mode, allocation="uniform", output_dir=str(tmp_path / "out"))
+    result = prune_quiet(tiny_llama(), targets=("mlp", "heads"), sparsity=0.5, gqa_mode=mode, allocation="uniform",
+                         output_dir=str(tmp_path / "out"))
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert config["model_type"] == "llama" and "auto_map" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (*heads, D)
@@ -183,6 +188,7 @@ def test_generation_with_cache_through_a_layer_without_heads(family):
 
 
 def test_a_budget_below_one_head_step_warns_before_pruning():
-    with pytest.warns(UserWarning, match=r"sparsity 10% of heads rounds to nothing per layer: one removal step takes 33%"):
+    with pytest.warns(UserWarning,
+                      match=r"sparsity 10% of heads rounds to nothing per layer: one removal step takes 33%"):
         result = prune_quiet(tiny_llama(), targets=("heads",), sparsity=0.1, allocation="uniform")
     assert result.report["params_removed"] == 0

@@ -30,8 +30,8 @@ class FakeHub:
         files = sorted(os.listdir(folder_path))
         card = open(os.path.join(folder_path, "README.md")).read()
         FakeHub.calls.append(("upload_folder", repo_id, files, commit_message, card))
-        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message=commit_message,
-                                          commit_description="", oid="1", pr_url=None)
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1",
+                                          commit_message=commit_message, commit_description="", oid="1", pr_url=None)
 
 
 @pytest.fixture
@@ -48,7 +48,8 @@ def front_matter(card: str) -> dict:
 
 def test_model_card_metadata_and_summary():
     report = PruneReport(base_model="HuggingFaceTB/SmolLM2-135M", method="snp", sparsity=0.3, targets=["mlp", "heads"],
-                         params_before=134_515_008, params_after=110_616_768, calibration="wikitext2", save_format="hf_snp",
+                         params_before=134_515_008, params_after=110_616_768, calibration="wikitext2",
+                         save_format="hf_snp",
                          layers=[{"layer": 0, "mlp_width": 1075, "num_heads": 6, "num_kv_heads": 3},
                                  {"layer": 1, "mlp_width": 900, "num_heads": 6, "num_kv_heads": 3}],
                          metrics={"perplexity_before": 33.92, "perplexity_after": 61.66})
@@ -65,7 +66,8 @@ def test_model_card_metadata_and_summary():
 
 
 def test_prune_push_to_hub_uploads_a_complete_checkpoint(fake_hub):
-    result = prune_quiet(TINY["llama"](), sparsity=0.25, layer_sparsity={0: 0.0}, push_to_hub="user/tiny-pruned", private=True)
+    result = prune_quiet(TINY["llama"](), sparsity=0.25, layer_sparsity={0: 0.0}, push_to_hub="user/tiny-pruned",
+                         private=True)
     assert fake_hub.calls[0] == ("create_repo", "user/tiny-pruned", True)
     _, repo, files, message, card = fake_hub.calls[1]
     assert repo == "user/tiny-pruned" and message.startswith("hf_snp: snp 25% of mlp")
@@ -89,13 +91,16 @@ def test_a_bad_repo_id_fails_before_pruning():
 
 
 def test_saved_report_schema_table_and_plot(tmp_path, capsys):
-    prune_quiet(TINY["llama"](), targets=("mlp", "heads"), sparsity=0.5, allocation="uniform", output_dir=str(tmp_path / "out"))
+    prune_quiet(TINY["llama"](), targets=("mlp", "heads"), sparsity=0.5, allocation="uniform",
+                output_dir=str(tmp_path / "out"))
     report = PruneReport.load(str(tmp_path / "out"))
     assert report["schema_version"] == 1
-    for key in ("hf_snp_version", "base_model", "model_type", "save_format", "method", "sparsity", "targets", "calibration",
-                "calibration_tokens", "params_before", "params_after", "params_removed", "layers", "timings_s", "metrics"):
+    for key in ("hf_snp_version", "base_model", "model_type", "save_format", "method", "sparsity", "targets",
+                "calibration", "calibration_tokens", "params_before", "params_after", "params_removed", "layers",
+                "timings_s", "metrics"):
         assert key in report, key
-    assert set(report["layers"][0]) >= {"layer", "mlp_width_before", "mlp_width", "num_heads_before", "num_heads", "num_kv_heads"}
+    assert set(report["layers"][0]) >= {"layer", "mlp_width_before", "mlp_width", "num_heads_before", "num_heads",
+                                        "num_kv_heads"}
     assert main(["report", str(tmp_path / "out"), "--plots", str(tmp_path / "r.png")]) == 0
     table = capsys.readouterr().out
     assert "snp, sparsity 50% of mlp, heads" in table and "48 -> 24" in table and "4 -> 2" in table

@@ -28,8 +28,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def local_task(tmp_path):
     """A multiple-choice task in a task YAML that points at a local JSONL file."""
-    rows = [{"question": " ".join(WORDS[i : i + 5]), "choices": [WORDS[(i + 5) % 90], WORDS[(i + 40) % 90], WORDS[(i + 70) % 90]],
-             "answer": 0} for i in range(0, 60, 3)]
+    rows = [{"question": " ".join(WORDS[i : i + 5]),
+             "choices": [WORDS[(i + 5) % 90], WORDS[(i + 40) % 90], WORDS[(i + 70) % 90]], "answer": 0}
+            for i in range(0, 60, 3)]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_local_mc.yaml").write_text(
@@ -46,7 +47,8 @@ def local_task(tmp_path):
 def test_local_task_on_in_memory_and_saved_models_in_both_formats(tmp_path, local_task):
     tokenizer = tiny_tokenizer()
     for name, options in (("stock", {"allocation": "uniform"}), ("hf_snp", {"layer_sparsity": {0: 0.0}})):
-        result = prune_quiet(TINY["llama"](), tokenizer=tokenizer, sparsity=0.25, output_dir=str(tmp_path / name), **options)
+        result = prune_quiet(TINY["llama"](), tokenizer=tokenizer, sparsity=0.25, output_dir=str(tmp_path / name),
+                             **options)
         assert result.report["save_format"] == name
         in_memory = lm_eval(result.model, ["tiny_local_mc"], tokenizer=tokenizer, include_path=local_task)
         saved = lm_eval(str(tmp_path / name), ["tiny_local_mc"], include_path=local_task)

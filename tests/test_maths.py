@@ -27,7 +27,8 @@ def problems(draw):
     num_drop = draw(st.integers(1, n - 1))
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(rank, n, generator=g, **F64)
-    h = torch.randn(tokens, rank, generator=g, **F64) @ basis + 0.3 * torch.randn(tokens, n, generator=g, **F64) + torch.randn(n, generator=g, **F64)
+    h = torch.randn(tokens, rank, generator=g, **F64) @ basis + 0.3 * torch.randn(tokens, n, generator=g, **F64) \
+        + torch.randn(n, generator=g, **F64)
     w, b = torch.randn(5, n, generator=g, **F64), torch.randn(5, generator=g, **F64)
     drop = torch.randperm(n, generator=g)[:num_drop]
     return h, w, b, drop
@@ -160,7 +161,8 @@ def test_a_non_finite_activation_in_any_batch_is_refused(bad, batch):
 def test_lapack_elimination_matches_the_column_loop(n, remove):
     """LAPACK's pivoted Cholesky of the precision is the greedy ZCA elimination (unit weights force the loop)."""
     generator = torch.Generator().manual_seed(n)
-    x = torch.randn(3 * n, n, generator=generator, dtype=torch.float64) @ torch.randn(n, n, generator=generator, dtype=torch.float64)
+    x = torch.randn(3 * n, n, generator=generator, dtype=torch.float64) \
+        @ torch.randn(n, n, generator=generator, dtype=torch.float64)
     moment = x.T @ x / len(x)
     fast = greedy_zca_elimination(moment, remove, 1e-6)
     loop = greedy_zca_elimination(moment, remove, 1e-6, weights=torch.ones(n, dtype=torch.float64))

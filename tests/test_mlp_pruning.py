@@ -7,10 +7,17 @@ import copy
 import pytest
 import torch
 from conftest import (
-    TINY, calibration_ids, logits, make_constant_neurons, make_scaled_copies, mlp_sites, prune_quiet,
-    sparsity_removing, tiny_llama, tiny_opt,
+    TINY,
+    calibration_ids,
+    logits,
+    make_constant_neurons,
+    make_scaled_copies,
+    mlp_sites,
+    prune_quiet,
+    sparsity_removing,
+    tiny_llama,
+    tiny_opt,
 )
-
 
 FAMILIES = ["llama", "opt"]
 COPIES = 12  # of 48 neurons
@@ -37,7 +44,7 @@ def test_snp_exact_when_removed_neurons_are_combinations_of_kept_ones(family):
     sparsity = sparsity_removing(model, COPIES)
 
     result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity)
-    assert [l["mlp_width"] for l in result.report["layers"]] == [48 - COPIES] * 4
+    assert [record["mlp_width"] for record in result.report["layers"]] == [48 - COPIES] * 4
     assert (logits(result.model) - reference).abs().max() < 1e-4
 
     # the property is not vacuous: the same cut without reconstruction moves the logits
@@ -101,8 +108,8 @@ def test_parameter_count_matches_report(family, method):
     assert report["params_before"] == counted_before
     assert report["params_after"] == counted_after
     assert report["params_removed"] == counted_before - counted_after
-    removed_units = sum(l["mlp_width_before"] - l["mlp_width"] for l in report["layers"])
-    added_biases = sum(l["mlp_output_bias_added"] for l in report["layers"]) * model.config.hidden_size
+    removed_units = sum(record["mlp_width_before"] - record["mlp_width"] for record in report["layers"])
+    added_biases = sum(record["mlp_output_bias_added"] for record in report["layers"]) * model.config.hidden_size
     assert report["params_removed"] == removed_units * per_unit - added_biases
 
 
@@ -114,7 +121,7 @@ def test_uniform_widths_meet_the_budget_within_one_unit(sparsity):
     result = prune_quiet(model, method="snp", sparsity=sparsity, allocation="uniform")
     removed = result.report["params_removed"]
     assert abs(removed - sparsity * targeted) <= len(mlp_sites(model)) * site.params_per_step() / 2
-    assert len({l["mlp_width"] for l in result.report["layers"]}) == 1
+    assert len({record["mlp_width"] for record in result.report["layers"]}) == 1
 
 
 def test_pruned_model_is_smaller_and_runs_generate():
@@ -126,15 +133,15 @@ def test_pruned_model_is_smaller_and_runs_generate():
 
 def test_layer_sparsity_gives_per_layer_widths():
     result = prune_quiet(tiny_llama(), method="snp", sparsity=0.25, layer_sparsity={0: 0.0, 3: 0.5})
-    widths = [l["mlp_width"] for l in result.report["layers"]]
+    widths = [record["mlp_width"] for record in result.report["layers"]]
     assert widths[0] == 48 and widths[3] == 24 and widths[1] == widths[2] == 36
     assert result.report["save_format"] == "hf_snp"
     assert result.model.config.model_type == "hf_snp_llama"
 
 
 def test_prune_accepts_text_calibration_with_a_tokenizer(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     words = "the of and in to a was is for on as by with he at from that his it an".split()
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
@@ -142,7 +149,8 @@ def test_prune_accepts_text_calibration_with_a_tokenizer(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     text = " ".join(words * 30)
-    result = prune_quiet(tiny_llama(), tokenizer=tokenizer, calibration=[text], num_samples=4, seq_len=32, sparsity=0.25)
+    result = prune_quiet(tiny_llama(), tokenizer=tokenizer, calibration=[text], num_samples=4, seq_len=32,
+                         sparsity=0.25)
     assert result.report["calibration_tokens"] == 4 * 32
     assert "list of 1 texts" in result.report["calibration"]
 
@@ -155,7 +163,8 @@ def test_padding_tokens_are_excluded_from_statistics():
     padded_ids = ids.clone()
     mask[:, 16:] = 0
     padded_ids[:, 16:] = 5  # junk the statistics must not see
-    with_pad = prune_quiet(copy.deepcopy(model), calibration={"input_ids": padded_ids, "attention_mask": mask}, sparsity=0.3)
+    with_pad = prune_quiet(copy.deepcopy(model), calibration={"input_ids": padded_ids, "attention_mask": mask},
+                           sparsity=0.3)
     truncated = prune_quiet(copy.deepcopy(model), calibration=ids[:, :16], sparsity=0.3)
     assert with_pad.report["calibration_tokens"] == truncated.report["calibration_tokens"] == 8 * 16
     for a, b in zip(with_pad.model.parameters(), truncated.model.parameters()):

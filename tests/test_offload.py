@@ -26,21 +26,24 @@ def device_map_for(family: str, on_disk: set[int]) -> dict[str, str]:
 @pytest.mark.parametrize("method", ["snp", "vbp"])
 def test_disk_offloaded_run_matches_in_memory_run(tmp_path, family, method):
     TINY[family]().save_pretrained(tmp_path / "dense")
-    options = dict(method=method, sparsity=0.3, calibration=calibration_ids(), batch_size=4, progress=False, device="cpu")
+    options = dict(method=method, sparsity=0.3, calibration=calibration_ids(), batch_size=4, progress=False,
+                   device="cpu")
 
     in_memory = hf_snp.prune(str(tmp_path / "dense"), output_dir=str(tmp_path / "mem"), **options)
     offloaded_model = AutoModelForCausalLM.from_pretrained(
         tmp_path / "dense", device_map=device_map_for(family, {1, 3}), offload_folder=str(tmp_path / "offload")
     )
     layers = hf_snp.get_adapter(offloaded_model.config).layers(offloaded_model)
-    assert layers[1].get_submodule(in_memory.model.config.model_type == "opt" and "fc2" or "mlp.down_proj").weight.device.type == "meta"
+    assert layers[1].get_submodule(in_memory.model.config.model_type == "opt" and "fc2" or "mlp.down_proj") \
+        .weight.device.type == "meta"
     offloaded = hf_snp.prune(offloaded_model, output_dir=str(tmp_path / "disk"), **options)
 
     # the offloaded blocks stay offloaded (their weights left memory again) ...
     consumer = "fc2" if family == "opt" else "mlp.down_proj"
     assert layers[3].get_submodule(consumer).weight.device.type == "meta"
     # ... and the saved weights are those of the in-memory run
-    expected, got = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "disk" / "model.safetensors")
+    expected = load_file(tmp_path / "mem" / "model.safetensors")
+    got = load_file(tmp_path / "disk" / "model.safetensors")
     assert expected.keys() == got.keys()
     for key in expected:
         assert expected[key].shape == got[key].shape, key

@@ -1,4 +1,5 @@
-"""Every option is declared once, in PruneConfig: prune() keywords, the CLI's flags, recipe keys and the report follow."""
+"""Every option is declared once, in PruneConfig: prune() keywords, the CLI's flags, recipe keys and the report
+follow."""
 
 from __future__ import annotations
 

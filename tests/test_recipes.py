@@ -62,10 +62,12 @@ def test_cli_recipe_with_overrides(tmp_path, capsys):
     TINY["opt"]().save_pretrained(tmp_path / "dense")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "dense")
     (tmp_path / "calib.txt").write_text(" ".join(words[i % 90] for i in range(2000)))
-    recipe = {"model": str(tmp_path / "dense"), "method": "vbp", "sparsity": 0.5, "calibration": str(tmp_path / "calib.txt"),
-              "num_samples": 4, "seq_len": 32, "output_dir": str(tmp_path / "recipe-out")}
+    recipe = {"model": str(tmp_path / "dense"), "method": "vbp", "sparsity": 0.5,
+              "calibration": str(tmp_path / "calib.txt"), "num_samples": 4, "seq_len": 32,
+              "output_dir": str(tmp_path / "recipe-out")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["prune", "--recipe", str(tmp_path / "r.yaml"), "--method", "snp", "--out", str(tmp_path / "cli"), "--quiet", "--plots"]) == 0
+    assert main(["prune", "--recipe", str(tmp_path / "r.yaml"), "--method", "snp", "--out", str(tmp_path / "cli"),
+                 "--quiet", "--plots"]) == 0
     report = json.load(open(tmp_path / "cli" / "hf_snp_report.json"))
     assert (report["method"], report["sparsity"], report["seq_len"]) == ("snp", 0.5, 32)
     assert os.path.exists(tmp_path / "cli" / "hf_snp_report.png")
@@ -75,6 +77,6 @@ def test_cli_recipe_with_overrides(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_smollm2_recipe_runs(tmp_path):
     result = hf_snp.prune(recipe=os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-135m-snp-30.yaml"),
-                          output_dir=str(tmp_path / "out"), num_samples=2, seq_len=128, calibration="wikitext2-local", progress=False,
-                          allocation="uniform")
+                          output_dir=str(tmp_path / "out"), num_samples=2, seq_len=128, calibration="wikitext2-local",
+                          progress=False, allocation="uniform")
     assert result.report["layers"][0]["mlp_width"] == 1075

@@ -20,9 +20,10 @@ def test_half_precision_models_prune_with_float32_statistics(dtype):
     half = copy.deepcopy(model).to(dtype)
     sparsity = sparsity_removing(model, 12)
     result = prune_quiet(half, method="snp", sparsity=sparsity, targets=("mlp", "heads"), allocation="uniform")
-    full = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=("mlp", "heads"), allocation="uniform")
+    full = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, targets=("mlp", "heads"),
+                       allocation="uniform")
     assert all(p.dtype == dtype for p in result.model.parameters())
-    assert [l["mlp_width"] for l in result.report["layers"]] == [36] * 4
+    assert [record["mlp_width"] for record in result.report["layers"]] == [36] * 4
     out = logits(result.model).float()
     assert torch.isfinite(out).all()
     # the half-precision cut is the float32 cut up to half-precision rounding
@@ -33,8 +34,10 @@ def test_half_precision_models_prune_with_float32_statistics(dtype):
 
 def test_singular_statistics_from_tiny_calibration_stay_finite():
     model = tiny_llama()
-    with pytest.warns(RankDeficientCalibrationWarning, match=r"calibration has 6 tokens but the widest site \(mlp, 48 units\)"):
-        result = prune_quiet(model, method="snp", sparsity=0.5, targets=("mlp", "heads"), calibration=calibration_ids(2, 3))
+    with pytest.warns(RankDeficientCalibrationWarning,
+                      match=r"calibration has 6 tokens but the widest site \(mlp, 48 units\)"):
+        result = prune_quiet(model, method="snp", sparsity=0.5, targets=("mlp", "heads"),
+                             calibration=calibration_ids(2, 3))
     for name, param in result.model.named_parameters():
         assert torch.isfinite(param).all(), name
     assert torch.isfinite(logits(result.model)).all()
@@ -89,11 +92,13 @@ def test_an_interrupted_overwrite_keeps_the_previous_result(tmp_path, monkeypatc
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("method", ["snp", "vbp", "random"])
 def test_same_inputs_and_seed_give_bit_identical_weights(family, method):
-    runs = [prune_quiet(TINY[family](), method=method, sparsity=0.3, targets=("mlp", "heads"), seed=4).model for _ in range(2)]
+    runs = [prune_quiet(TINY[family](), method=method, sparsity=0.3, targets=("mlp", "heads"), seed=4).model
+            for _ in range(2)]
     first, second = (dict(m.state_dict()) for m in runs)
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
     if method == "random":  # and the seed matters
         other = prune_quiet(TINY[family](), method=method, sparsity=0.3, seed=5).model.state_dict()
-        assert any(not torch.equal(first[k], other[k]) for k in first if k in other and first[k].shape == other[k].shape)
+        assert any(not torch.equal(first[k], other[k])
+                   for k in first if k in other and first[k].shape == other[k].shape)

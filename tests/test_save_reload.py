@@ -30,7 +30,8 @@ def reload_in_fresh_process(tmp_path, path, kwargs: str, block: str = "") -> tup
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_uniform_widths_save_as_the_stock_class(tmp_path, family):
-    result = prune_quiet(TINY[family](), method="snp", sparsity=0.3, allocation="uniform", output_dir=str(tmp_path / "out"))
+    result = prune_quiet(TINY[family](), method="snp", sparsity=0.3, allocation="uniform",
+                         output_dir=str(tmp_path / "out"))
     expected = logits(result.model)
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert config["model_type"] == family and "auto_map" not in config
@@ -45,12 +46,14 @@ def test_uniform_widths_save_as_the_stock_class(tmp_path, family):
 @pytest.mark.parametrize("method", ["snp", "vbp"])
 def test_per_layer_widths_save_as_the_hf_snp_type(tmp_path, family, method):
     out = tmp_path / "out"
-    result = prune_quiet(TINY[family](), method=method, sparsity=0.25, layer_sparsity=[0.0, 0.5, 0.25, 0.1], output_dir=str(out))
+    result = prune_quiet(TINY[family](), method=method, sparsity=0.25, layer_sparsity=[0.0, 0.5, 0.25, 0.1],
+                         output_dir=str(out))
     expected = logits(result.model)
     config = json.load(open(out / "config.json"))
     assert config["model_type"] == f"hf_snp_{family}"
     assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_hf_snp.{type(result.model).__name__}"
-    assert [spec["intermediate_size"] for spec in config["hf_snp_layers"]] == [l["mlp_width"] for l in result.report["layers"]]
+    assert [spec["intermediate_size"] for spec in config["hf_snp_layers"]] \
+        == [record["mlp_width"] for record in result.report["layers"]]
     assert os.path.exists(out / "modeling_hf_snp.py")
 
     # without hf_snp: the code files travel with the checkpoint
@@ -63,10 +66,11 @@ def test_per_layer_widths_save_as_the_hf_snp_type(tmp_path, family, method):
 
 
 def test_report_and_tokenizer_are_saved(tmp_path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")), unk_token="[UNK]")
+    word_level = models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(word_level), unk_token="[UNK]")
     result = prune_quiet(TINY["llama"](), tokenizer=tokenizer, sparsity=0.2, output_dir=str(tmp_path / "out"))
     report = json.load(open(tmp_path / "out" / REPORT_NAME))
     assert report == json.loads(json.dumps(result.report))
@@ -82,6 +86,7 @@ def test_pruning_a_pruned_hf_snp_model_again(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     assert torch.allclose(logits(reloaded), logits(first.model), atol=1e-5)
     second = prune_quiet(reloaded, sparsity=0.25, output_dir=str(tmp_path / "b"))
-    assert [l["mlp_width_before"] for l in second.report["layers"]] == [l["mlp_width"] for l in first.report["layers"]]
+    assert [record["mlp_width_before"] for record in second.report["layers"]] \
+        == [record["mlp_width"] for record in first.report["layers"]]
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert torch.allclose(logits(again), logits(second.model), atol=1e-5)

@@ -41,8 +41,8 @@ def pruned_perplexities(smollm2, tmp_path_factory):
     for method in ("snp", "vbp", "random"):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         out = str(tmp_path_factory.mktemp(method) / "pruned")
-        result = hf_snp.prune(model, tokenizer, method=method, sparsity=0.3, calibration="wikitext2-local", allocation="uniform",
-                              num_samples=32, seq_len=512, output_dir=out, progress=False)
+        result = hf_snp.prune(model, tokenizer, method=method, sparsity=0.3, calibration="wikitext2-local",
+                              allocation="uniform", num_samples=32, seq_len=512, output_dir=out, progress=False)
         results[method] = perplexity(result.model, tokenizer, **EVAL)
         results[f"{method}_result"] = (result, out)
         print(f"SmolLM2 30% MLP {method}: perplexity {results[method]:.2f} (dense {dense:.2f}), "
@@ -83,8 +83,9 @@ def test_pruned_smollm2_reloads_to_the_same_logits(pruned_perplexities):
 def test_mlp_and_heads_at_20_percent_end_to_end(smollm2, tmp_path, mode):
     directory, tokenizer, dense = smollm2
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    result = hf_snp.prune(model, tokenizer, method="snp", sparsity=0.2, targets=("mlp", "heads"), gqa_mode=mode, allocation="uniform",
-                          calibration="wikitext2-local", num_samples=16, seq_len=512, output_dir=str(tmp_path / "out"), progress=False)
+    result = hf_snp.prune(model, tokenizer, method="snp", sparsity=0.2, targets=("mlp", "heads"), gqa_mode=mode,
+                          allocation="uniform", calibration="wikitext2-local", num_samples=16, seq_len=512,
+                          output_dir=str(tmp_path / "out"), progress=False)
     layer = result.report["layers"][0]
     # 9 query heads in 3 KV groups: per_group removes one query head per group, kv_groups a whole group
     assert (layer["num_heads"], layer["num_kv_heads"]) == {"per_group": (6, 3), "kv_groups": (6, 2)}[mode]

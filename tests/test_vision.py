@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    IMAGE, TINY_VISION, image_logits, make_constant_neurons, pixel_values, sites_of, tiny_deit, tiny_deit_teacher, tiny_llama,
+    IMAGE,
+    TINY_VISION,
+    image_logits,
+    make_constant_neurons,
+    pixel_values,
+    sites_of,
+    tiny_deit,
+    tiny_deit_teacher,
+    tiny_llama,
     tiny_vit,
 )
 from fresh_python import fresh_python
@@ -114,9 +122,11 @@ def test_parameter_counts_are_as_reported_and_meet_the_budget(family, method, al
     sites = [s for kind in ("mlp", "heads") for s in sites_of(TINY_VISION[family](), kind)]
     targeted = sum(s.num_params() for s in sites)
     # fc2 and o_proj have biases already: VBP's mean shift adds no parameter
-    assert not any(layer.get(flag) for layer in report["layers"] for flag in ("mlp_output_bias_added", "attention_output_bias_added"))
+    assert not any(layer.get(flag) for layer in report["layers"]
+                   for flag in ("mlp_output_bias_added", "attention_output_bias_added"))
     largest_step = max(s.params_per_step() for s in sites)
-    assert abs(report["params_removed"] - 0.4 * targeted) <= largest_step * (1 if allocation == "global" else len(sites))
+    assert abs(report["params_removed"] - 0.4 * targeted) \
+        <= largest_step * (1 if allocation == "global" else len(sites))
     assert image_logits(result.model).shape == (4, 7)
 
 
@@ -249,7 +259,8 @@ def test_image_model_directory_with_text_calibration_fails_before_loading(tmp_pa
 
 @pytest.mark.parametrize("kind", ["pil", "pixels", "folder"])
 def test_text_model_with_image_calibration_fails_at_once(kind, tmp_path, no_long_work):
-    calibration = {"pil": pil_images(2), "pixels": pixel_values(2), "folder": _write_folder(tmp_path / "im", pil_images(2))}[kind]
+    calibration = {"pil": pil_images(2), "pixels": pixel_values(2),
+                   "folder": _write_folder(tmp_path / "im", pil_images(2))}[kind]
     with pytest.raises(CalibrationError, match="is a text model, but calibration is images"):
         hf_snp.prune(tiny_llama(), calibration=calibration, progress=False)
 
@@ -274,7 +285,8 @@ def test_evaluate_accuracy_counts_top1_and_top5():
     labels = torch.cat([ranked[:4, 0], ranked[4:7, 3], ranked[7:, 6]])  # 4 top-1 hits, 3 more in the top 5, 3 misses
     expected = {"top1": 0.4, "top5": 0.7, "num_samples": 10}
     assert hf_snp.evaluate_accuracy(model, (pixels, labels), batch_size=3, progress=False) == expected
-    dataset = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}).cast_column("image", datasets.Image())
+    dataset = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}) \
+        .cast_column("image", datasets.Image())
     assert hf_snp.evaluate_accuracy(model, dataset, processor(), batch_size=4, progress=False) == expected
 
 
@@ -286,7 +298,8 @@ def test_cli_eval_image_classification_on_an_imagefolder(tmp_path, capsys):
     processor().save_pretrained(tmp_path / "model")
     images = pil_images(6)
     _write_folder(tmp_path / "data", images, labels=[0, 1, 2, 0, 1, 2])
-    assert main(["eval", str(tmp_path / "model"), "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--quiet"]) == 0
+    assert main(["eval", str(tmp_path / "model"), "--task", "image-classification", "--dataset", str(tmp_path / "data"),
+                 "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"]["num_samples"] == 6 and 0 <= result["accuracy"]["top1"] <= result["accuracy"]["top5"] <= 1
     import datasets
@@ -337,12 +350,14 @@ def test_cli_prunes_a_deit_directory_with_a_folder_of_images_then_evaluates_it(t
                  "--targets", "mlp,heads", "--sparsity", "0.3", "--out", out, "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["params_after"] < summary["params_before"] and summary["save_format"] == "stock"
-    assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--save", "--quiet"]) == 0
+    assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--save",
+                 "--quiet"]) == 0
     accuracy = json.loads(capsys.readouterr().out)["accuracy"]
     assert accuracy["num_samples"] == 8
     assert json.load(open(os.path.join(out, "hf_snp_report.json")))["metrics"]["accuracy"]["top1"] == accuracy["top1"]
     # a text model's flags with an image task are refused with a message
-    assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--ppl", "wikitext2"]) == 2
+    assert main(["eval", out, "--task", "image-classification", "--dataset", str(tmp_path / "data"), "--ppl",
+                 "wikitext2"]) == 2
     assert "for language models" in capsys.readouterr().err
 
 
