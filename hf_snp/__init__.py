@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from . import models  # noqa: E402,F401  (registers the hf_snp model types with the Auto classes)
+from . import models  # noqa: E402,F401  (the variable-width type; the adapters register it per family)
 from .accuracy import evaluate_accuracy  # noqa: E402
-from .adapters import get_adapter, register_adapter, supported_families  # noqa: E402
+from .adapters import ModelAdapter, get_adapter, register_adapter, supported_families  # noqa: E402
 from .api import PruneResult, prune  # noqa: E402
 from .calibration import CalibrationData, load_calibration  # noqa: E402
 from .config import PruneConfig  # noqa: E402
@@ -12,6 +12,7 @@ from .evaluation import perplexity  # noqa: E402
 from .harness import lm_eval  # noqa: E402
 from .images import ImageCalibrationData  # noqa: E402
 from .methods import register_method  # noqa: E402
+from .models.modeling_hf_snp import AttentionLayout, MlpLayout  # noqa: E402
 from .report import PruneReport  # noqa: E402
 from .sites import count_parameters  # noqa: E402
 
@@ -30,6 +31,9 @@ __all__ = [
     "count_parameters",
     "get_adapter",
     "register_adapter",
+    "ModelAdapter",
+    "MlpLayout",
+    "AttentionLayout",
     "register_method",
     "supported_families",
 ]

@@ -31,6 +31,7 @@ class ModelAdapter:
     # block reads nothing else of it; the MLP is a module whose output is its consumer's output
     attention_returns_pair: bool = True
     mlp_is_consumer_output: bool = True
+    supported_targets: tuple[str, ...] = ("mlp", "heads", "blocks")  # what may be pruned ("experts" for MoE)
 
     def layers_path_of(self, model: PreTrainedModel) -> str:
         return self.layers_path.format(prefix=getattr(model, "base_model_prefix", ""))
@@ -68,7 +69,19 @@ class ModelAdapter:
         setattr(config, self.mlp_width_field, width)
 
     def set_uniform_heads(self, config: PretrainedConfig, num_heads: int, num_kv_heads: int) -> None:
-        raise NotImplementedError(f"{self.family} configs cannot express pruned heads")
+        """Fewer heads in every layer in the stock fields (used when ``stock_head_pruning``): an explicit
+        ``head_dim``, since hidden_size // heads no longer holds."""
+        config.head_dim = head_dim_of(config)
+        config.num_attention_heads = num_heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = num_kv_heads
+
+    def check_targets(self, targets: tuple[str, ...]) -> None:
+        """Refuse targets this family does not support (before any work)."""
+        refused = [t for t in targets if t not in self.supported_targets]
+        if refused:
+            raise ValueError(f"hf_snp cannot prune {', '.join(refused)} of {self.family} models; this family supports "
+                             f"targets {list(self.supported_targets)}")
 
 
 _REGISTRY: dict[str, ModelAdapter] = {}
@@ -101,6 +114,22 @@ def adapter_for_type(model_type: str | None) -> ModelAdapter:
     """The adapter registered for a model_type (stock or hf_snp_*)."""
     if model_type not in _REGISTRY:
         raise ValueError(
-            f"hf_snp cannot prune model_type {model_type!r}. Supported families: {supported_families()}."
+            f"hf_snp cannot prune model_type {model_type!r}. Supported families: {supported_families()}. "
+            "A family whose layers hf_snp can describe is added with a few lines of data: see 'Adding a family' "
+            "in the README (hf_snp.register_adapter)."
         )
     return _REGISTRY[model_type]
+
+
+def support_table() -> str:
+    """The README's table of model types: targets and save formats, from the registry."""
+    rows = ["| model type | family | MLP | heads | blocks | experts | uniform result saved as | otherwise |",
+            "| --- | --- | :-: | :-: | :-: | :-: | --- | --- |"]
+    for model_type, adapter in sorted(_REGISTRY.items()):
+        if model_type.startswith("hf_snp_"):
+            continue
+        marks = ["yes" if t in adapter.supported_targets else "no" for t in ("mlp", "heads", "blocks", "experts")]
+        heads_stock = adapter.stock_head_pruning or "heads" not in adapter.supported_targets
+        uniform = "stock class" + ("" if heads_stock else " (fewer heads: the hf_snp type)")
+        rows.append(f"| `{model_type}` | {adapter.family} | {' | '.join(marks)} | {uniform} | `hf_snp_{model_type}` |")
+    return "\n".join(rows)
