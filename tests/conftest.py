@@ -217,3 +217,80 @@ def prune_quiet(model, **kwargs):
     kwargs.setdefault("batch_size", 4)
     kwargs.setdefault("progress", False)
     return hf_snp.prune(model, **kwargs)
+
+
+# Llama-like families beyond Llama/Mistral/Qwen2 (issue 14): hidden 32, MLP 48, 4 query heads on 2 KV heads.
+# Gemma-style families get an explicit head_dim (16) that is not hidden_size // heads; every norm weight gets
+# noise so that the q/k norms and the norms around the attention and MLP outputs matter.
+
+def _llama_like(config_cls, model_cls, seed: int, layers: int, **fields):
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **fields)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def tiny_qwen3(seed: int = 0, layers: int = 4):
+    """Qwen3: per-head q/k RMSNorm, explicit head_dim, sliding windows in the upper layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _llama_like(Qwen3Config, Qwen3ForCausalLM, seed, layers, head_dim=8, use_sliding_window=True,
+                       sliding_window=8, max_window_layers=layers // 2)
+
+
+def tiny_gemma(seed: int = 0, layers: int = 4):
+    """Gemma: head_dim 16 (> hidden / heads), scaled embeddings, (1 + w) RMSNorm, tied embeddings."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return _llama_like(GemmaConfig, GemmaForCausalLM, seed, layers, head_dim=16)
+
+
+def tiny_gemma2(seed: int = 0, layers: int = 4):
+    """Gemma 2: norms after attention and MLP, attention and final logit soft-capping, alternating sliding
+    windows, query_pre_attn_scalar."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _llama_like(Gemma2Config, Gemma2ForCausalLM, seed, layers, head_dim=16, query_pre_attn_scalar=16,
+                       sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+
+
+def tiny_gemma3_text(seed: int = 0, layers: int = 4):
+    """Gemma 3 (text): Gemma 2's norms plus per-head q/k norms, local/global rotary bases per layer type."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    types = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
+    return _llama_like(Gemma3TextConfig, Gemma3ForCausalLM, seed, layers, head_dim=16, query_pre_attn_scalar=16,
+                       sliding_window=8, layer_types=types, final_logit_softcapping=3.0)
+
+
+def tiny_olmo2(seed: int = 0, layers: int = 4):
+    """OLMo 2: norms after attention and MLP, q/k norms over the whole projection (heads are refused)."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    return _llama_like(Olmo2Config, Olmo2ForCausalLM, seed, layers)
+
+
+def tiny_granite(seed: int = 0, layers: int = 4):
+    """Granite: embedding, attention, residual multipliers and logit scaling."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    return _llama_like(GraniteConfig, GraniteForCausalLM, seed, layers, embedding_multiplier=2.0,
+                       attention_multiplier=0.25, residual_multiplier=0.5, logits_scaling=2.0)
+
+
+def tiny_smollm3(seed: int = 0, layers: int = 4):
+    """SmolLM3: every second layer without rotary embeddings."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    return _llama_like(SmolLM3Config, SmolLM3ForCausalLM, seed, layers, no_rope_layer_interval=2)
+
+
+TINY_LLAMA_LIKE = {"qwen3": tiny_qwen3, "gemma": tiny_gemma, "gemma2": tiny_gemma2, "gemma3_text": tiny_gemma3_text,
+                   "olmo2": tiny_olmo2, "granite": tiny_granite, "smollm3": tiny_smollm3}
+TINY.update(TINY_LLAMA_LIKE)

@@ -1,0 +1,300 @@
+"""Llama-like families beyond Llama, Mistral and Qwen2 (issue 14): Qwen3, Gemma, Gemma 2, Gemma 3 (text), OLMo 2,
+Granite, SmolLM3. Tiny from-config models (conftest.TINY_LLAMA_LIKE): exactness on planted redundancy (MLP neurons
+and heads, both GQA modes), the second pass's replay, every block fed its own layer type's inputs, OLMo 2's heads
+refused, and save/reload in fresh processes (stock class; the variable-width type without hf_snp and with it),
+greedy generation from the reloaded model equal to the in-memory one's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import (
+    TINY_LLAMA_LIKE,
+    calibration_ids,
+    eval_ids,
+    logits,
+    make_scaled_copies,
+    prune_quiet,
+    sites_of,
+    sparsity_removing,
+)
+
+FAMILIES = list(TINY_LLAMA_LIKE)
+HEAD_FAMILIES = [family for family in FAMILIES if family != "olmo2"]  # OLMo 2's q/k norms span every head
+COPIES = 12  # of 48 MLP neurons
+PROMPT = [[3, 4, 5, 6]]
+NEW_TOKENS = 8
+BLOCK_HF_SNP = "sys.modules['hf_snp'] = None  # import hf_snp now raises ImportError"
+STOCK_CLASS = {"qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+               "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "granite": "GraniteForCausalLM",
+               "smollm3": "SmolLM3ForCausalLM"}
+# the engine hands every block the attention mask and rotary embeddings captured at block 0; these tiny models
+# mix sliding-window and full-attention layers (Gemma 3 also has a rotary base per layer type)
+MIXED_LAYER_TYPES = ("qwen3", "gemma2", "gemma3_text")
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_snp_mlp_exact_when_removed_neurons_are_scaled_copies(family):
+    model = TINY_LLAMA_LIKE[family]()
+    make_scaled_copies(model, COPIES)
+    reference = logits(model)
+    sparsity = sparsity_removing(model, COPIES)
+    result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity)
+    assert [layer["mlp_width"] for layer in result.report["layers"]] == [48 - COPIES] * 4
+    assert result.report["save_format"] == "stock"
+    assert (logits(result.model) - reference).abs().max() < 1e-4
+    baseline = prune_quiet(model, method="random", sparsity=sparsity)  # not vacuous: no reconstruction moves them
+    assert (logits(baseline.model) - reference).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def make_redundant_heads(model, mode: str) -> None:
+    """One removal step of ``mode`` removes these exactly, in every layer (4 query heads on 2 KV heads).
+
+    per_group: query head 1 copies head 0 and head 3 copies head 2 (same KV head, same output).
+    kv_groups: KV head 1 is KV head 0 with values x0.7 and query heads 2, 3 copy 0, 1: group 1 = 0.7 x group 0.
+    Per-head q/k norms (Qwen3, Gemma 3) are shared by every head, so copies stay copies after them."""
+    for site in sites_of(model, "heads", mode):
+        q, k, v = (getattr(site.attention, name) for name in (site.layout.q, site.layout.k, site.layout.v))
+        d = site.head_dim
+
+        def copy_rows(linear, src: int, dst: int, scale: float = 1.0) -> None:
+            linear.weight[dst * d:(dst + 1) * d] = scale * linear.weight[src * d:(src + 1) * d]
+            if linear.bias is not None:
+                linear.bias[dst * d:(dst + 1) * d] = scale * linear.bias[src * d:(src + 1) * d]
+
+        if mode == "per_group":
+            copy_rows(q, 0, 1)
+            copy_rows(q, 2, 3)
+        else:
+            copy_rows(q, 0, 2)
+            copy_rows(q, 1, 3)
+            copy_rows(k, 0, 1)
+            copy_rows(v, 0, 1, 0.7)
+
+
+@pytest.mark.parametrize("mode", ["per_group", "kv_groups"])
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_snp_heads_exact_when_removed_heads_are_copies(family, mode):
+    model = TINY_LLAMA_LIKE[family]()
+    make_redundant_heads(model, mode)
+    reference = logits(model)
+    site = sites_of(model, "heads", mode)[0]
+    sparsity = site.params_removed(1) / site.num_params()
+    result = prune_quiet(copy.deepcopy(model), method="snp", targets=("heads",), sparsity=sparsity, gqa_mode=mode)
+    heads = (2, 2) if mode == "per_group" else (2, 1)
+    assert [(layer["num_heads"], layer["num_kv_heads"]) for layer in result.report["layers"]] == [heads] * 4
+    attention = result.model.model.layers[0].self_attn
+    assert attention.num_key_value_groups == heads[0] // heads[1]
+    assert (logits(result.model) - reference).abs().max() < 1e-4
+    baseline = prune_quiet(model, method="random", targets=("heads",), sparsity=sparsity, gqa_mode=mode)
+    assert (logits(baseline.model) - reference).abs().max() > 1e-2
+
+
+def test_olmo2_heads_are_refused_before_any_work(no_long_work):
+    model = TINY_LLAMA_LIKE["olmo2"]()
+    with pytest.raises(ValueError, match=r"cannot prune OLMo 2 attention heads: its q_norm/k_norm"):
+        prune_quiet(model, targets=("mlp", "heads"), sparsity=0.3)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 32  # untouched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_pass_replay_matches_recomputing(family, monkeypatch):
+    """The families' norms and multipliers sit outside the attention and MLP modules, so the replayed attention
+    output and the MLP computed from its cached kept activations give the next blocks the same inputs."""
+    import hf_snp.replay
+
+    model = TINY_LLAMA_LIKE[family]()
+    chosen = []
+    original = hf_snp.replay.ReplayCache.for_block.__func__
+    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+                        classmethod(lambda cls, *args: chosen.append(original(cls, *args)) or chosen[-1]))
+    replayed = prune_quiet(copy.deepcopy(model), method="vbp", sparsity=0.4)
+    assert len(chosen) == 3 and all(cache.mlp_site is not None and cache.attention is not None for cache in chosen)
+    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+                        classmethod(lambda cls, adapter, block, active, tokens, size, store, device:
+                                    cls(None, None, store, device)))  # nothing replayed: every block run again
+    recomputed = prune_quiet(model, method="vbp", sparsity=0.4)
+    for (name, a), (_, b) in zip(replayed.model.state_dict().items(), recomputed.model.state_dict().items()):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
+    assert torch.allclose(logits(replayed.model), logits(recomputed.model), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(family, marks=pytest.mark.xfail(
+        strict=True, reason="the engine feeds every block the mask and rotary embeddings captured at block 0"))
+    if family in MIXED_LAYER_TYPES else family for family in FAMILIES])
+def test_every_block_sees_the_hidden_states_of_the_model(family):
+    """Pruning nothing, the engine's per-block pass reproduces the model's own hidden states at every block
+    (each layer type's attention mask and rotary embeddings reach the blocks of that type)."""
+    model = TINY_LLAMA_LIKE[family]()
+    calib = calibration_ids()
+    with torch.no_grad():
+        expected = model(calib, output_hidden_states=True).hidden_states
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = [layer.register_forward_hook(lambda module, args, out, i=i: seen.setdefault(i, []).append(out))
+               for i, layer in enumerate(model.model.layers)]
+    try:
+        prune_quiet(model, sparsity=0.0, calibration=calib)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index in range(len(model.model.layers) - 1):  # the last block's outputs are not recomputed
+        assert torch.allclose(torch.cat(seen[index]), expected[index + 1], atol=1e-5), f"block {index}"
+
+
+# ---------------------------------------------------------------------------------------------- save and reload
+
+# one child interpreter per setup reloads every saved model: logits on eval_ids() and greedy tokens
+RELOADER = r"""
+import json, sys
+{block}
+import torch
+import transformers
+
+jobs, results = json.loads(sys.stdin.read()), []
+for job in jobs:
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        del sys.modules[name]
+    model = transformers.AutoModelForCausalLM.from_pretrained(job["path"], **job["kwargs"]).eval()
+    with torch.no_grad():
+        torch.save(model(torch.load(job["ids"])).logits, job["out"])
+        tokens = model.generate(torch.tensor(job["prompt"]), max_new_tokens=job["new"], min_new_tokens=job["new"],
+                                do_sample=False)
+    results.append({{"class": type(model).__name__, "tokens": tokens.tolist(),
+                    "hf_snp_loaded": sys.modules.get("hf_snp") is not None}})
+print("@@results@@" + json.dumps(results))
+"""
+
+
+def greedy(model) -> list:
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False)
+    return tokens.tolist()
+
+
+def uniform_case(family: str, out: str):
+    """Same widths in every layer: MLP 48 -> 24 and one head step (per_group or kv_groups) -> the stock class."""
+    if family == "olmo2":
+        return prune_quiet(TINY_LLAMA_LIKE[family](), method="snp", sparsity=0.5, output_dir=out)
+    mode = "kv_groups" if HEAD_FAMILIES.index(family) % 2 else "per_group"
+    return prune_quiet(TINY_LLAMA_LIKE[family](), method="snp", targets=("mlp", "heads"), sparsity=0.5,
+                       gqa_mode=mode, output_dir=out)
+
+
+def per_layer_case(family: str, out: str):
+    """Per-layer widths, VBP's added biases, and (with heads) layer 1 losing every head: an EmptyAttention."""
+    if family == "olmo2":
+        return prune_quiet(TINY_LLAMA_LIKE[family](), method="vbp", sparsity=0.3, layer_sparsity={0: 0.0, 1: 0.6},
+                           output_dir=out)
+    mode = "per_group" if HEAD_FAMILIES.index(family) % 2 else "kv_groups"
+    return prune_quiet(TINY_LLAMA_LIKE[family](), method="vbp", targets=("mlp", "heads"), sparsity=0.3,
+                       gqa_mode=mode, layer_sparsity={0: 0.0, 1: 0.999}, output_dir=out)
+
+
+def reload_all(jobs: dict[str, list[dict]], scratch: str) -> dict[str, list[dict]]:
+    """Run each setup's jobs in one fresh interpreter that starts with the setup's line (all at once)."""
+    env = {**os.environ, "HF_MODULES_CACHE": os.path.join(scratch, "modules")}
+    children = {block: subprocess.Popen([sys.executable, "-c", textwrap.dedent(RELOADER.format(block=block))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env)
+                for block, block_jobs in jobs.items() if block_jobs}
+    replies = {}
+    for block, child in children.items():
+        out, err = child.communicate(json.dumps(jobs[block]))
+        if child.returncode != 0:
+            raise AssertionError(f"reload in a fresh process ({block!r}) failed:\n{err[-4000:]}")
+        replies[block] = json.loads(out.split("@@results@@")[-1])
+    return replies
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every family pruned both ways and saved; each saved model reloaded in fresh processes: without hf_snp
+    (the stock class plainly, the variable-width type with trust_remote_code=True) and after import hf_snp
+    (the variable-width type without trust_remote_code). A case that could not be pruned keeps its error."""
+    root = tmp_path_factory.mktemp("families")
+    ids = str(root / "ids.pt")
+    torch.save(eval_ids(), ids)
+    cases, jobs = {}, {BLOCK_HF_SNP: [], "import hf_snp": []}
+    for family in FAMILIES:
+        for kind, prune in (("uniform", uniform_case), ("per_layer", per_layer_case)):
+            out = str(root / f"{family}-{kind}")
+            try:
+                result = prune(family, out)
+            except Exception as error:  # noqa: BLE001 - kept for the test of this case
+                cases[family, kind] = {"error": error}
+                continue
+            config = json.load(open(os.path.join(out, "config.json")))
+            case = cases[family, kind] = {"result": result, "logits": logits(result.model), "config": config,
+                                          "tokens": greedy(result.model), "reloads": {}}
+            if kind == "per_layer" and any(layer.get("num_heads") == 0 for layer in result.report["layers"]):
+                with torch.no_grad():
+                    uncached = result.model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS,
+                                                     min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
+                case["uncached_tokens"] = uncached.tolist()
+            setups = [(BLOCK_HF_SNP, {})] if kind == "uniform" else [
+                (BLOCK_HF_SNP, {"trust_remote_code": True}), ("import hf_snp", {})]
+            for block, kwargs in setups:
+                job = {"path": out, "kwargs": kwargs, "ids": ids, "prompt": PROMPT, "new": NEW_TOKENS,
+                       "out": str(root / f"{family}-{kind}-{len(jobs[block])}-{bool(kwargs)}.pt")}
+                jobs[block].append(job)
+                case["reloads"][block] = job
+    for block, replies in reload_all(jobs, str(root)).items():
+        for job, reply in zip(jobs[block], replies):
+            job["reply"], job["logits"] = reply, torch.load(job["out"])
+    return cases
+
+
+def case_of(saved, family: str, kind: str) -> dict:
+    case = saved[family, kind]
+    if "error" in case:
+        raise case["error"]
+    return case
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_result_saves_as_the_stock_class_and_reloads_without_hf_snp(saved, family):
+    case = case_of(saved, family, "uniform")
+    config, report = case["config"], case["result"].report
+    assert report["save_format"] == "stock"
+    assert config["model_type"] == family and "auto_map" not in config and "hf_snp_layers" not in config
+    assert config["intermediate_size"] == 24
+    if family in HEAD_FAMILIES:
+        heads = (report["layers"][0]["num_heads"], report["layers"][0]["num_kv_heads"])
+        assert heads in ((2, 2), (2, 1))
+        head_dim = 16 if family.startswith("gemma") else 8  # Gemma's explicit head_dim > hidden / heads
+        assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (*heads, head_dim)
+    reload = case["reloads"][BLOCK_HF_SNP]
+    assert reload["reply"]["class"] == STOCK_CLASS[family] and not reload["reply"]["hf_snp_loaded"]
+    assert torch.allclose(reload["logits"], case["logits"], atol=1e-5)
+    assert reload["reply"]["tokens"] == case["tokens"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_result_reloads_without_hf_snp_and_with_it(saved, family):
+    case = case_of(saved, family, "per_layer")
+    config, report = case["config"], case["result"].report
+    assert report["save_format"] == "hf_snp" and config["model_type"] == f"hf_snp_{family}"
+    assert [spec.get("intermediate_size") for spec in config["hf_snp_layers"]] == [
+        layer["mlp_width"] for layer in report["layers"]]
+    assert any(layer["mlp_output_bias_added"] for layer in report["layers"])  # VBP's mean shift
+    if family in HEAD_FAMILIES:
+        assert report["layers"][1]["num_heads"] == 0 and config["hf_snp_layers"][1]["num_attention_heads"] == 0
+        assert case["uncached_tokens"] == case["tokens"]  # the headless layer still advances the KV cache
+    for block, reload in case["reloads"].items():
+        assert reload["reply"]["hf_snp_loaded"] == (block == "import hf_snp")
+        assert reload["reply"]["class"] == f"HfSnp{STOCK_CLASS[family]}"
+        assert torch.allclose(reload["logits"], case["logits"], atol=1e-5), block
+        assert reload["reply"]["tokens"] == case["tokens"], block
