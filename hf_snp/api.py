@@ -94,7 +94,7 @@ def finalize(run: PruneRun, passes: Passes, params_before: int, seconds: float) 
     """Fix the architecture to the pruned shapes and build the report."""
     save_format = finalize_architecture(passes.model, run.adapter, passes.records)
     report = PruneReport.build(run, passes, save_format, params_before, count_parameters(passes.model), seconds)
-    logger.info("pruned %s: %d -> %d parameters", report["base_model"], report["params_before"], report["params_after"])
+    logger.info("pruned %s: %d -> %d parameters", report["model_name"], report["params_before"], report["params_after"])
     return PruneResult(passes.model, report, run.tokenizer, run.image_processor)
 
 

@@ -99,6 +99,9 @@ class PruneConfig:
     output_dir: str | None = option(None, "save the model, its tokenizer (or image processor), the report and a "
                                           "model card there", OUTPUT, flags=("--out",))
     overwrite: bool = option(False, "allow replacing a non-empty output_dir", OUTPUT)
+    base_model: str | None = option(None, "the Hub id of the model being pruned, for the model card and report "
+                                          "(default: from the source, its config or its GGUF metadata; a local "
+                                          "path is never written)", OUTPUT)
     push_to_hub: str | None = option(None, "a Hub repository ('user/name') to upload the saved model to", OUTPUT)
     private: bool = option(False, "make a new Hub repository private", OUTPUT)
 

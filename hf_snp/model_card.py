@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .adapters import adapter_for_type
+from .loading import looks_like_hub_id
 from .report import PruneReport
 
 CARD_MARKER = "The full pruning report (per-layer widths, timings) is in `hf_snp_report.json`."
@@ -26,6 +27,7 @@ def _compact_widths(report: PruneReport, field: str) -> str | None:
 def model_card(report: PruneReport, repo_id: str | None = None) -> str:
     """README.md text: YAML front matter (base_model, library_name, tags) and a summary."""
     base = report.get("base_model")
+    name = report.get("model_name") or base or report.get("model_type", "model")
     method = report.get("method", "")
     # a partial report (no model_type): a causal LM
     adapter = adapter_for_type(report["model_type"]) if report.get("model_type") else None
@@ -34,15 +36,16 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
     preprocessor = "AutoImageProcessor" if image else "AutoTokenizer"
     pipeline = "image-classification" if image else "text-generation"
     front = ["---", "library_name: transformers", f"pipeline_tag: {pipeline}"]
-    if base and "/" in str(base) and not str(base).startswith(("/", ".")):
+    if looks_like_hub_id(base):
         front.append(f"base_model: {base}")
     front += ["tags:", "- hf_snp", "- pruning", "- structured-pruning", f"- {method}", "---", ""]
-    title = repo_id or f"{base} pruned with hf_snp"
+    title = repo_id or f"{name} pruned with hf_snp"
     stock = report.get("save_format") == "stock"
     body = [
         f"# {title}",
         "",
-        f"This model is `{base}` pruned in one shot, without retraining, by "
+        f"This model is {f'[{base}](https://huggingface.co/{base})' if looks_like_hub_id(base) else name} pruned "
+        "in one shot, without retraining, by "
         f"hf_snp with {METHOD_NAMES.get(method, method)}.",
         "",
         "| | |",

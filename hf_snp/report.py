@@ -43,7 +43,8 @@ class PruneReport(dict):
         return cls({
             "schema_version": SCHEMA_VERSION,
             "hf_snp_version": __version__,
-            "base_model": run.base_model,
+            "base_model": run.model_names()[0],
+            "model_name": run.model_names()[1],
             "model_type": passes.model.config.model_type,
             "save_format": save_format,
             **config.settings(),

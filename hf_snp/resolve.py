@@ -19,7 +19,7 @@ from .calibration import CalibrationData, is_text_calibration, load_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .config import PruneConfig
 from .images import ImageCalibrationData, check_modality, load_image_calibration
-from .loading import ModelSource, load_config, load_image_processor, load_tokenizer, prepare_loaded_model
+from .loading import ModelSource, load_config, load_image_processor, load_tokenizer, model_names, prepare_loaded_model
 from .preflight import preflight, shape_model
 from .saving import prepare_output_dir
 
@@ -50,9 +50,11 @@ class PruneRun:
     device: torch.device
     store: torch.device
 
-    @property
-    def base_model(self) -> str | None:
-        return self.source.path if self.source else getattr(self.model_config, "_name_or_path", None)
+    def model_names(self) -> tuple[str | None, str]:
+        """(Hub id, display name) of the model: ``base_model`` when given, never a local path."""
+        if self.config.base_model is not None:
+            return self.config.base_model, self.config.base_model
+        return model_names(self.source, self.model_config)
 
 
 def resolve(model: str | PreTrainedModel, tokenizer: Any, image_processor: Any, config: PruneConfig) -> PruneRun:

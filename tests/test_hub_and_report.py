@@ -109,3 +109,38 @@ def test_saved_report_schema_table_and_plot(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     card = open(tmp_path / "out" / "README.md").read()
     assert front_matter(card)["library_name"] == "transformers"
+
+
+def test_the_card_never_names_a_local_path(tmp_path):
+    """A model loaded from a directory (or passed in, its _name_or_path a directory) has no Hub id: the card
+    names it by its model type and writes no base_model, and 'How to load' shows the repository after a push."""
+    TINY["llama"]().save_pretrained(tmp_path / "dense")
+    tokenizer_dir = tmp_path / "dense"
+    result = prune_quiet(str(tokenizer_dir), sparsity=0.25, output_dir=str(tmp_path / "out"))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert str(tmp_path) not in card and "base_model" not in front_matter(card)
+    assert result.report["base_model"] is None and result.report["model_name"] == "llama"
+    assert "# llama pruned with hf_snp" in card
+    pushed = model_card(result.report, "user/x")
+    assert "# user/x" in pushed and "repo = 'user/x'" in pushed
+
+
+def test_base_model_from_the_option_the_config_or_gguf_metadata(tmp_path, monkeypatch):
+    import hf_snp.loading as loading
+    from hf_snp.loading import ModelSource, model_names
+
+    model = TINY["llama"]()
+    model.config._name_or_path = "org/tiny-llama"  # as from_pretrained("org/tiny-llama") sets it
+    result = prune_quiet(model, sparsity=0.25)
+    assert result.report["base_model"] == "org/tiny-llama"
+    assert front_matter(model_card(result.report))["base_model"] == "org/tiny-llama"
+    explicit = prune_quiet(TINY["llama"](), sparsity=0.25, base_model="org/named")
+    assert explicit.report["base_model"] == "org/named"
+    local = ModelSource(str(tmp_path), "m.gguf")
+    config = TINY["llama"]().config
+    metadata = {"general.base_model.0.repo_url": "https://huggingface.co/org/base-model", "general.name": "Base"}
+    monkeypatch.setattr(loading, "_gguf_metadata", lambda source: metadata)
+    assert model_names(local, config) == ("org/base-model", "org/base-model")
+    monkeypatch.setattr(loading, "_gguf_metadata", lambda source: {"general.name": "Base"})
+    assert model_names(local, config) == (None, "Base")
+    assert model_names(loading.demo_model_source(), config)[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"

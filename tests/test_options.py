@@ -51,6 +51,7 @@ EXAMPLES = {
     "overwrite": (["--overwrite"], True),
     "push_to_hub": (["--push-to-hub", "user/name"], "user/name"),
     "private": (["--private"], True),
+    "base_model": (["--base-model", "org/model"], "org/model"),
 }
 
 
