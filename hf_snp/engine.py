@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -29,7 +29,7 @@ from .config import PruneConfig
 from .images import ImageCalibrationData
 from .methods import SiteInputs, get_method
 from .placement import BlockPlacement, input_device, move
-from .replay import ReplayCache
+from .replay import ReplayCache, replay_outputs
 from .sites import Site
 from .stats import SiteStatistics
 
@@ -49,11 +49,17 @@ class _StatisticsTaken(Exception):
 
 @dataclass
 class BlockInput:
-    """One calibration batch at the entrance of the current block."""
+    """One calibration batch at the entrance of the current block: its hidden states, the keyword arguments the
+    model passes to each block (attention mask, rotary embeddings: they differ between layer types, e.g. sliding
+    and full attention), and ``kwargs``, those of the current block."""
 
     hidden: torch.Tensor
-    kwargs: dict[str, Any]
+    layer_kwargs: list[dict[str, Any]]
     token_mask: torch.Tensor | None  # [B*L] bool, None when no token is padding
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def enter(self, index: int) -> None:
+        self.kwargs = self.layer_kwargs[index]
 
 
 class PhaseTimer:
@@ -77,37 +83,43 @@ class PhaseTimer:
 
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, calib: Calibration, batch_size: int, store: torch.device,
-    progress: bool = True
-) -> list[BlockInput]:
-    """Run the model up to ``first_block`` for each calibration batch and keep the block's inputs.
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, calib: Calibration, batch_size: int,
+                         store: torch.device, progress: bool = True) -> list[BlockInput]:
+    """For each calibration batch, the hidden states entering the first block and the keyword arguments of
+    every block. The blocks are passed through while capturing (each returns its input, nothing is computed),
+    and the forward stops at the last block, before the model's head.
 
     ``calib`` is text (``CalibrationData``) or images (``ImageCalibrationData``): anything whose
     ``model_batches`` yields forward kwargs and a token mask."""
     captured: list[BlockInput] = []
-    token_mask: list[torch.Tensor | None] = [None]
+    batch: dict[str, Any] = {}
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
+    def hook(module, args, kwargs, index):
+        hidden = args[0] if args else kwargs["hidden_states"]
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        captured.append(BlockInput(hidden.to(store), move(kwargs, store), token_mask[0]))
-        raise _InputsCaptured
+        if index == 0:
+            batch.update(hidden=hidden.to(store), layer_kwargs=[], moved={})
+        batch["layer_kwargs"].append(move(kwargs, store, batch["moved"]))  # tensors shared by blocks stay shared
+        if index == len(layers) - 1:
+            raise _InputsCaptured
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = input_device(model)
-    try:
+    with ExitStack() as stack:
+        for index, layer in enumerate(layers):
+            handle = layer.register_forward_pre_hook(lambda m, a, k, i=index: hook(m, a, k, i), with_kwargs=True)
+            stack.callback(handle.remove)
+            if index < len(layers) - 1:
+                stack.enter_context(replay_outputs(layer, lambda *args, **kwargs: args[0] if args
+                                                   else kwargs["hidden_states"], passes_inputs=True))
+        device = input_device(model)
         batches = list(calib.model_batches(batch_size))
         for inputs, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):
-            token_mask[0] = mask
+            batch.clear()
             try:
                 model(**move(inputs, device))
             except _InputsCaptured:
-                pass
-    finally:
-        handle.remove()
+                captured.append(BlockInput(batch["hidden"], batch["layer_kwargs"], mask))
     if len(captured) != len(batches):
-        raise RuntimeError("the first transformer block was not reached; is the adapter's layers_path right?")
+        raise RuntimeError("the last transformer block was not reached; is the adapter's layers_path right?")
     return captured
 
 
@@ -145,7 +157,7 @@ class BlockStream:
         engine = self.engine
         layers = engine.adapter.layers(engine.model)
         with engine.timer("capture"):
-            self.inputs = capture_block_inputs(engine.model, layers[0], self.calib, engine.config.batch_size,
+            self.inputs = capture_block_inputs(engine.model, layers, self.calib, engine.config.batch_size,
                                                engine.store, engine.config.progress)
         if self.checkpoint is not None and self.checkpoint.completed:
             self.records = list(self.checkpoint.records)
@@ -158,6 +170,8 @@ class BlockStream:
             with engine.timer("move"):
                 placement = BlockPlacement.bring(block, engine.device)
             visit = BlockVisit(index, block, index == len(layers) - 1)
+            for item in self.inputs:
+                item.enter(index)
             yield visit
             if visit.record is not None:
                 self.records.append(visit.record)
@@ -174,6 +188,8 @@ class BlockStream:
         """Re-cut a checkpointed block to its saved shapes, load its weights, and advance the inputs."""
         engine = self.engine
         placement = BlockPlacement.bring(block, engine.device)
+        for item in self.inputs:
+            item.enter(index)
         for site in engine.sites(block, index):
             site.reshape_like(record)
         block.load_state_dict(self.checkpoint.load_block(index), strict=True)

@@ -25,14 +25,19 @@ from torch import nn
 logger = logging.getLogger("hf_snp")
 
 
-def move(value: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+def move(value: Any, device: torch.device, moved: dict[int, torch.Tensor] | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``. With ``moved`` (a memo shared across
+    calls), a tensor met again is not copied again: what was shared stays shared."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        if moved is None:
+            return value.to(device, non_blocking=True)
+        if id(value) not in moved:
+            moved[id(value)] = value.to(device, non_blocking=True)
+        return moved[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(move(v, device) for v in value)
+        return type(value)(move(v, device, moved) for v in value)
     if isinstance(value, dict):
-        return {k: move(v, device) for k, v in value.items()}
+        return {k: move(v, device, moved) for k, v in value.items()}
     return value
 
 

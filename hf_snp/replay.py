@@ -21,11 +21,12 @@ REPLAY_LIMIT_BYTES = 2 * 2**30  # cache the MLP consumer's inputs for the second
 
 
 @contextmanager
-def replay_outputs(module: nn.Module, next_output: Callable[[], Any]):
-    """Make ``module`` return ``next_output()`` (one call per forward, in order) instead of running."""
+def replay_outputs(module: nn.Module, next_output: Callable[..., Any], passes_inputs: bool = False):
+    """Make ``module`` return ``next_output()`` (one call per forward, in order; with ``passes_inputs``, called
+    with the forward's arguments) instead of running. Forward hooks still run."""
     had_instance_forward = "forward" in module.__dict__
     original = module.forward
-    module.forward = lambda *args, **kwargs: next_output()
+    module.forward = next_output if passes_inputs else (lambda *args, **kwargs: next_output())
     try:
         yield
     finally:

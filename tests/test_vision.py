@@ -235,7 +235,7 @@ def test_statistics_cover_every_token_including_cls_and_distillation(family, tok
     adapter = hf_snp.get_adapter(model.config)
     assert adapter.tokens_per_sample(model.config) == tokens
     calib = load_image_calibration(pixel_values(), None, 12, 0, tokens_per_sample=tokens)
-    inputs = capture_block_inputs(model, adapter.layers(model)[0], calib, 4, torch.device("cpu"), progress=False)
+    inputs = capture_block_inputs(model, adapter.layers(model), calib, 4, torch.device("cpu"), progress=False)
     assert sum(item.hidden.shape[0] * item.hidden.shape[1] for item in inputs) == calib.num_tokens == 12 * tokens
     assert all(item.token_mask is None for item in inputs)  # no token is left out of the statistics
 
