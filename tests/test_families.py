@@ -166,6 +166,28 @@ def test_gemma2_head_counts_its_config_refuses_save_as_the_variable_width_type(t
     assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [
+    pytest.param("smollm3", marks=pytest.mark.xfail(
+        strict=True, reason="remove_blocks renumbers layer_types but not SmolLM3's no_rope_layers")),
+    "qwen3", "gemma2", "gemma3_text"])
+def test_removing_a_block_saves_per_layer_config_fields_that_rebuild_the_model(family, tmp_path):
+    """Block 1 made an identity (no attention or MLP output) is the block removed; the saved config's per-layer
+    fields (layer types: sliding or full attention; SmolLM3's layers without rotary embeddings) follow the kept
+    blocks, so the reloaded model equals the pruned one, which equals the dense one."""
+    from transformers import AutoModelForCausalLM
+
+    model = TINY_LLAMA_LIKE[family]()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    reference = logits(model)
+    result = prune_quiet(model, targets=("blocks",), sparsity=0.25, output_dir=str(tmp_path / "out"))
+    assert [layer["source_layer"] for layer in result.report["layers"]] == [0, 2, 3]
+    assert torch.allclose(logits(result.model), reference, atol=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.allclose(logits(reloaded), reference, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- save and reload
 
 # one child interpreter per setup reloads every saved model: logits on eval_ids() and greedy tokens
