@@ -22,6 +22,7 @@ from .report import PruneReport
 from .resolve import PruneRun, resolve
 from .saving import finalize_architecture, save_pruned
 from .sites import count_parameters
+from .speed import speed_probe
 
 logger = logging.getLogger("hf_snp")
 
@@ -71,8 +72,11 @@ def prune(model: str | PreTrainedModel, tokenizer: Any = None, *, image_processo
     run = resolve(model, tokenizer, image_processor, PruneConfig.from_options(options))
     model = load(run)
     params_before = count_parameters(model)
+    dense_speed = speed_probe(model) if run.config.measure_speed else None
     passes = run_passes(run, model)
     result = finalize(run, passes, params_before, time.perf_counter() - start)
+    if dense_speed is not None:
+        result.report["speed"] = speed_probe(result.model, baseline=dense_speed)
     deliver(run.config, result)
     return result
 

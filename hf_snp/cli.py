@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None, help="default: 1 window (language), 32 images")
     e.add_argument("--device", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--speed", action="store_true", help="measure prefill and decode speed (hf_snp.speed)")
+    e.add_argument("--baseline", default=None,
+                   help="--speed: a model (e.g. the dense one) to report speed-ups against, measured interleaved")
     e.add_argument("--save", action="store_true", help="record the results in the model's hf_snp_report.json")
     _add_verbosity(e)
 
@@ -172,7 +175,9 @@ def _eval(args: argparse.Namespace) -> None:
         results.update(_language_eval(args))
     if args.save and os.path.exists(os.path.join(args.model, REPORT_NAME)):
         report = PruneReport.load(args.model)
-        report.setdefault("metrics", {}).update({k: v for k, v in results.items() if k != "model"})
+        if "speed" in results:
+            report["speed"] = results["speed"]
+        report.setdefault("metrics", {}).update({k: v for k, v in results.items() if k not in ("model", "speed")})
         with open(os.path.join(args.model, REPORT_NAME), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2, default=str)
     print(json.dumps(results, indent=2, default=str))
@@ -183,13 +188,29 @@ def _language_eval(args: argparse.Namespace) -> dict:
 
     from .evaluation import perplexity
 
-    if args.ppl is None and args.tasks is None:
-        raise ValueError("choose what to evaluate: --ppl DATASET and/or --tasks T1,T2 (or --task image-classification)")
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
-    if args.device:
-        model.to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.ppl is None and args.tasks is None and not args.speed:
+        raise ValueError("choose what to evaluate: --ppl DATASET, --tasks T1,T2 and/or --speed "
+                         "(or --task image-classification)")
+    if args.baseline is not None and not args.speed:
+        raise ValueError("--baseline is the reference of --speed; add --speed")
+
+    def load(path: str):
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=args.trust_remote_code).eval()
+        return model.to(args.device) if args.device else model
+
+    model = load(args.model)
     results: dict = {}
+    if args.speed:
+        from .speed import compare_speed
+
+        models = {"baseline": load(args.baseline), "model": model} if args.baseline else {"model": model}
+        measured = compare_speed(models)
+        results["speed"] = {"device": measured["device"], "dtype": measured["dtype"], **measured["models"]["model"]}
+        if args.baseline:
+            results["speed"]["baseline"] = args.baseline
+    if args.ppl is None and args.tasks is None:
+        return results
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.ppl is not None:
         results["perplexity"] = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows,
                                            progress=not args.quiet)

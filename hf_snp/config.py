@@ -96,6 +96,9 @@ class PruneConfig:
     resume: bool = option(False, "continue the run checkpointed in checkpoint_dir (same model, calibration and "
                                  "settings); the result is bit-identical to an uninterrupted run", RUNNING)
     progress: bool = option(True, "show progress bars", RUNNING)
+    measure_speed: bool = option(False, "measure prefill and decode speed on the execution device before and after "
+                                        "pruning (hf_snp.speed); the report and the model card show the speed-ups",
+                                 RUNNING)
     output_dir: str | None = option(None, "save the model, its tokenizer (or image processor), the report and a "
                                           "model card there", OUTPUT, flags=("--out",))
     overwrite: bool = option(False, "allow replacing a non-empty output_dir", OUTPUT)

@@ -24,6 +24,17 @@ def _compact_widths(report: PruneReport, field: str) -> str | None:
     return ", ".join(str(v) for v in values)
 
 
+def speed_summary(speed: dict | None) -> str | None:
+    """"prefill 1.21x (batch 1), 1.30x (batch 8), decode 1.25x on <device>, <dtype>" from a speed probe."""
+    if not speed or not speed.get("prefill_speedup"):
+        return None
+    prefill = ", ".join(f"{value:.2f}x (batch {batch[1:]})" for batch, value in speed["prefill_speedup"].items()
+                        if value is not None)
+    decode = speed.get("decode_speedup")
+    return (f"prefill {prefill}" + (f", decode {decode:.2f}x" if decode else "")
+            + f" on {speed.get('device')}, {speed.get('dtype', '').removeprefix('torch.')}")
+
+
 def model_card(report: PruneReport, repo_id: str | None = None) -> str:
     """README.md text: YAML front matter (base_model, library_name, tags) and a summary."""
     base = report.get("base_model")
@@ -60,6 +71,9 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
         widths = _compact_widths(report, field)
         if widths:
             body.append(f"| {label} | {widths} |")
+    speed = speed_summary(report.get("speed"))
+    if speed:
+        body.append(f"| speed-up | {speed} |")
     for name, value in report.get("metrics", {}).items():
         body.append(f"| {name.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float)
                     else f"| {name} | {value} |")

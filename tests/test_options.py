@@ -47,6 +47,7 @@ EXAMPLES = {
     "checkpoint_dir": (["--checkpoint-dir", "ck"], "ck"),
     "resume": (["--resume"], True),
     "progress": (["--no-progress"], False),
+    "measure_speed": (["--measure-speed"], True),
     "output_dir": (["--out", "out"], "out"),
     "overwrite": (["--overwrite"], True),
     "push_to_hub": (["--push-to-hub", "user/name"], "user/name"),
