@@ -25,9 +25,34 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[EOS]")
 
 
-@pytest.fixture
-def local_task(tmp_path):
-    """A multiple-choice task in a task YAML that points at a local JSONL file."""
+@pytest.fixture(scope="module", autouse=True)
+def one_task_index():
+    """lm-eval's TaskManager parses every task YAML lm-eval ships (about 14,000 files) each time it is built: most
+    of an lm_eval call on these tiny models. Build it once per include path for this module; hf_snp's harness still
+    builds it with the same arguments, and each simple_evaluate still loads its tasks and data afresh. The
+    environment report (pip list and other subprocesses) goes into the part of lm-eval's output that the harness
+    drops, so it is skipped here."""
+    import lm_eval.evaluator
+    import lm_eval.tasks
+
+    real, built = lm_eval.tasks.TaskManager, {}
+
+    def shared(include_path=None, **kwargs):
+        key = repr((include_path, sorted(kwargs.items())))
+        if key not in built:
+            built[key] = real(include_path=include_path, **kwargs)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm_eval.tasks, "TaskManager", shared)
+        patch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory):
+    """A multiple-choice task in a task YAML that points at a local JSONL file (one per module: one task index)."""
+    tmp_path = tmp_path_factory.mktemp("local_task")
     rows = [{"question": " ".join(WORDS[i : i + 5]),
              "choices": [WORDS[(i + 5) % 90], WORDS[(i + 40) % 90], WORDS[(i + 70) % 90]], "answer": 0}
             for i in range(0, 60, 3)]
@@ -61,7 +86,7 @@ def test_cli_eval_runs_tasks_and_perplexity_and_records_them(tmp_path, local_tas
     prune_quiet(TINY["opt"](), tokenizer=tokenizer, sparsity=0.3, output_dir=str(tmp_path / "out"))
     (tmp_path / "text.txt").write_text(" ".join(WORDS[(i * 7) % 90] for i in range(400)))
     code = main(["eval", str(tmp_path / "out"), "--tasks", "tiny_local_mc", "--include-path", local_task,
-                 "--ppl", str(tmp_path / "text.txt"), "--seq-len", "32", "--save", "--quiet"])
+                 "--limit", "5", "--ppl", str(tmp_path / "text.txt"), "--seq-len", "32", "--save", "--quiet"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert "acc,none" in printed["lm_eval"]["tiny_local_mc"] and printed["perplexity"] > 1
