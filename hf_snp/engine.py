@@ -218,7 +218,7 @@ class StreamingEngine:
 
     def site_inputs(self, site: Site, stats: SiteStatistics, steps: int) -> SiteInputs:
         key = site.index * 2 + (site.kind == "heads")
-        return SiteInputs(stats, site.plan(steps), self.bias_available(site), site.consumer_linear.weight.detach(), key)
+        return SiteInputs(stats, site.plan(steps), self.bias_available(site), site.consumer_weight, key)
 
     @torch.no_grad()
     def score_blocks(self, calib: Calibration) -> tuple[list[float], FinalHidden]:

@@ -3,7 +3,9 @@
 A site knows its geometry (units, how they group), which groups may be removed together
 (its RemovalPlan), what one removal step costs in parameters, and how to cut itself.
 ``producers`` create the units (their rows go with a unit), the ``consumer`` reads them
-(its columns go, and receive the reconstruction).
+(its columns go, and receive the reconstruction). Where the rows of a unit sit (fused projections,
+transformers ``Conv1D`` modules with transposed weights) is the family's layout (``MlpLayout``,
+``AttentionLayout``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention
-from .removal import Decision, RemovalPlan, group_units, select_by_score
+from .models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention, module_features
+from .removal import Decision, RemovalPlan, select_by_score
 from .surgery import fold_into_consumer, keep_rows
 
 GQA_MODES = ("per_group", "kv_groups")
@@ -25,8 +27,17 @@ def count_parameters(*modules: nn.Module) -> int:
     return sum(p.numel() for module in modules for p in module.parameters())
 
 
-def _row_params(linear: nn.Linear, rows: int) -> int:
-    return rows * (linear.in_features + (linear.bias is not None))
+def _distinct(*modules: nn.Module | None) -> list[nn.Module]:
+    """The modules, each once (q, k and v may name one fused projection), without the absent ones."""
+    return list({id(module): module for module in modules if module is not None}.values())
+
+
+def _row_params(module: nn.Module | None, rows: int, conv1d: bool = False) -> int:
+    """Parameters of ``rows`` output units of a Linear (or Conv1D): their weights and bias entries (0 for a module
+    that is gone: an ``EmptyAttention``'s projections)."""
+    if module is None:
+        return 0
+    return rows * (module_features(module, conv1d)[0] + (module.bias is not None))
 
 
 class Site:
@@ -34,18 +45,30 @@ class Site:
 
     kind: ClassVar[str] = ""
     fields: ClassVar[tuple[str, ...]] = ()  # the LayerShape fields this site owns
+    layout: MlpLayout | AttentionLayout
 
     def __init__(self, layer: nn.Module, index: int):
         self.layer, self.index = layer, index
         self.bias_added = False
 
     @property
-    def consumer_linear(self) -> nn.Linear:
+    def consumer_linear(self) -> nn.Module:
+        """The consumer module (``nn.Linear``, or ``Conv1D`` where the layout says so): its input is the units."""
         raise NotImplementedError
 
     @property
+    def consumer_weight(self) -> torch.Tensor:
+        """The consumer's weight as [outputs, units] (a Conv1D's weight transposed), detached."""
+        weight = self.consumer_linear.weight.detach()
+        return weight.T if self.layout.conv1d else weight
+
+    @property
     def num_units(self) -> int:
-        return self.consumer_linear.in_features
+        return module_features(self.consumer_linear, self.layout.conv1d)[0]
+
+    @property
+    def consumer_outputs(self) -> int:
+        return module_features(self.consumer_linear, self.layout.conv1d)[1]
 
     @property
     def name(self) -> str:
@@ -144,15 +167,17 @@ class MlpSite(Site):
         return self.num_units - steps
 
     def params_per_step(self) -> int:
-        return sum(_row_params(lin, 1) for lin in self.producer_linears) + self.consumer_linear.out_features
+        blocks, conv1d = self.layout.producer_blocks, self.layout.conv1d
+        return sum(_row_params(lin, blocks, conv1d) for lin in self.producer_linears) + self.consumer_outputs
 
     def num_params(self) -> int:
-        return count_parameters(*self.producer_linears, self.consumer_linear)
+        return count_parameters(*_distinct(*self.producer_linears, self.consumer_linear))
 
     def apply(self, decision: Decision) -> None:
+        rows = self.layout.producer_rows(decision.keep, self.num_units)
         for producer in self.producer_linears:
-            keep_rows(producer, decision.keep)
-        self.bias_added = fold_into_consumer(self.consumer_linear, decision)
+            keep_rows(producer, rows, self.layout.conv1d)
+        self.bias_added = fold_into_consumer(self.consumer_linear, decision, self.layout.conv1d)
         if hasattr(self.parent, "intermediate_size"):
             self.parent.intermediate_size = self.num_units
 
@@ -190,25 +215,24 @@ class HeadSite(Site):
     def attention(self) -> nn.Module:
         return self.layer.get_submodule(self.layout.parent)
 
-    def _linear(self, name: str) -> nn.Linear | None:
+    def _linear(self, name: str) -> nn.Module | None:
         return getattr(self.attention, name, None)
 
     @property
-    def consumer_linear(self) -> nn.Linear:
+    def consumer_linear(self) -> nn.Module:
         return self._linear(self.layout.o)
 
     @property
     def num_heads(self) -> int:
-        return self.consumer_linear.in_features // self.head_dim
+        return self.num_units // self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
-        k = self._linear(self.layout.k)
-        return 0 if k is None else k.out_features // self.head_dim
+        return self.layout.num_kv_heads(self.attention, self.num_heads, self.head_dim)
 
     @property
     def heads_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        return self.num_heads // max(self.num_kv_heads, 1)  # 0 for a layer that lost every head
 
     @property
     def mode(self) -> str:
@@ -234,23 +258,29 @@ class HeadSite(Site):
     def width_after(self, steps: int) -> int:
         return self.num_heads - steps * self.query_heads_per_step
 
+    def _kv_rows_params(self, kv_heads: int) -> int:
+        """Parameters of ``kv_heads`` key heads and as many value heads (rows of k and v, fused or not)."""
+        rows = kv_heads * self.head_dim
+        conv1d = self.layout.conv1d
+        return _row_params(self._linear(self.layout.k), rows, conv1d) + _row_params(self._linear(self.layout.v), rows,
+                                                                                    conv1d)
+
     def params_per_step(self) -> int:
-        q, k, v, o = (self._linear(n) for n in (self.layout.q, self.layout.k, self.layout.v, self.layout.o))
         query_heads = self.query_heads_per_step
         kv_heads = 0 if self.mode == "per_group" else 1
         d = self.head_dim
-        return (_row_params(q, query_heads * d) + query_heads * d * o.out_features + _row_params(k, kv_heads * d)
-                + _row_params(v, kv_heads * d))
+        q_rows = _row_params(self._linear(self.layout.q), query_heads * d, self.layout.conv1d)
+        return q_rows + query_heads * d * self.consumer_outputs + self._kv_rows_params(kv_heads)
 
     def params_removed(self, steps: int) -> int:
         removed = steps * self.params_per_step()
         if self.mode == "per_group" and steps == self.max_steps():  # no query head left: k and v go too
-            removed += count_parameters(self._linear(self.layout.k), self._linear(self.layout.v))
+            removed += self._kv_rows_params(self.num_kv_heads)
         return removed
 
     def num_params(self) -> int:
         names = (self.layout.q, self.layout.k, self.layout.v, self.layout.o)
-        return count_parameters(*(lin for lin in (self._linear(n) for n in names) if lin is not None))
+        return count_parameters(*_distinct(*(self._linear(n) for n in names)))
 
     def apply(self, decision: Decision) -> None:
         removed = set(decision.removed_groups)
@@ -261,15 +291,17 @@ class HeadSite(Site):
         else:
             drop_q = removed
             drop_kv = removed if self.mode == "mha" else set()
-        keep_q = [h for h in range(self.num_heads) if h not in drop_q]
-        keep_kv = [h for h in range(self.num_kv_heads) if h not in drop_kv]
+        num_heads, num_kv_heads = self.num_heads, self.num_kv_heads
+        keep_q = [h for h in range(num_heads) if h not in drop_q]
+        keep_kv = [h for h in range(num_kv_heads) if h not in drop_kv]
         output = self.consumer_linear
-        self.bias_added = fold_into_consumer(output, decision)
+        self.bias_added = fold_into_consumer(output, decision, self.layout.conv1d)
         if not keep_q:
             make_empty_attention(self.layer, self.layout, output, self.head_dim)
             return
-        for name, heads in ((self.layout.q, keep_q), (self.layout.k, keep_kv), (self.layout.v, keep_kv)):
-            keep_rows(self._linear(name), group_units(heads, self.head_dim))
+        rows = self.layout.projection_rows(keep_q, keep_kv, num_heads, num_kv_heads, self.head_dim)
+        for name, kept in rows.items():
+            keep_rows(self._linear(name), kept, self.layout.conv1d)
         self.layout.set_head_counts(self.attention, len(keep_q), len(keep_kv))
 
     def reshape_to(self, shape: LayerShape) -> None:

@@ -1,4 +1,8 @@
-"""Cutting linears in place: the modules keep their identity (and any accelerate hooks)."""
+"""Cutting linears in place: the modules keep their identity (and any accelerate hooks).
+
+A module is an ``nn.Linear`` (weight [out, in]) or, with ``transposed``, a transformers ``Conv1D`` (weight
+[in, out], GPT-2): its output units are then columns of the weight, its input units rows.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,34 @@ from torch import nn
 from .removal import Decision
 
 
-def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
-    linear.bias = None if bias is None else nn.Parameter(bias.contiguous(), requires_grad=False)
-    linear.out_features, linear.in_features = weight.shape
+def _set(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False) -> None:
+    module.weight = nn.Parameter(weight.contiguous(), requires_grad=module.weight.requires_grad)
+    module.bias = None if bias is None else nn.Parameter(bias.contiguous(), requires_grad=False)
+    if transposed:
+        module.nx, module.nf = weight.shape
+    else:
+        module.out_features, module.in_features = weight.shape
 
 
-def keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    """Keep only output units ``rows`` of a producer linear."""
-    rows = rows.to(linear.weight.device)
-    bias = None if linear.bias is None else linear.bias.data[rows]
-    _set(linear, linear.weight.data[rows], bias)
+def keep_rows(module: nn.Module, rows: torch.Tensor, transposed: bool = False) -> None:
+    """Keep only output units ``rows`` of a producer (rows of a Linear's weight, columns of a Conv1D's)."""
+    rows = rows.to(module.weight.device)
+    bias = None if module.bias is None else module.bias.data[rows]
+    weight = module.weight.data[:, rows] if transposed else module.weight.data[rows]
+    _set(module, weight, bias, transposed)
 
 
-def fold_into_consumer(linear: nn.Linear, decision: Decision) -> bool:
-    """Apply W'_K = W_K + W_P coef, b' = b + W_P shift; returns True if a bias was added."""
-    dtype, device = linear.weight.dtype, linear.weight.device
-    weight = linear.weight.data.to(torch.float64)
+def fold_into_consumer(module: nn.Module, decision: Decision, transposed: bool = False) -> bool:
+    """Apply W'_K = W_K + W_P coef, b' = b + W_P shift (W as [out, in]: a Conv1D's weight transposed);
+    returns True if a bias was added."""
+    dtype, device = module.weight.dtype, module.weight.device
+    weight = module.weight.data.to(torch.float64)
+    weight = weight.T if transposed else weight
     keep, drop = decision.keep.to(device), decision.drop.to(device)
     w_keep, w_drop = weight[:, keep], weight[:, drop]
     if decision.coef is not None:
         w_keep = w_keep + w_drop @ decision.coef.to(device)
-    bias = None if linear.bias is None else linear.bias.data
+    bias = None if module.bias is None else module.bias.data
     added = False
     if decision.shift is not None:
         delta = w_drop @ decision.shift.to(device)
@@ -37,6 +47,6 @@ def fold_into_consumer(linear: nn.Linear, decision: Decision) -> bool:
             added, bias = True, delta.to(dtype)
         else:
             bias = (bias.to(torch.float64) + delta).to(dtype)
-    _set(linear, w_keep.to(dtype), bias)
+    w_keep = w_keep.to(dtype)
+    _set(module, w_keep.T if transposed else w_keep, bias, transposed)
     return added
-

@@ -39,6 +39,11 @@ for line in sys.stdin:
             torch.save(model(**{{job["input_name"]: inputs}}).logits, job["out"])
         reply = {{"class": type(model).__name__, "module": type(model).__module__,
                  "hf_snp_loaded": sys.modules.get("hf_snp") is not None}}
+        if job.get("generate"):  # greedy tokens: {{"prompt": [[ids]], "new": n}}
+            with torch.no_grad():
+                tokens = model.generate(torch.tensor(job["generate"]["prompt"]), do_sample=False,
+                                        max_new_tokens=job["generate"]["new"], min_new_tokens=job["generate"]["new"])
+            reply["tokens"] = tokens.tolist()
     except Exception:
         reply = {{"error": traceback.format_exc()}}
     print({mark!r} + json.dumps(reply), flush=True)
@@ -58,11 +63,12 @@ class FreshPython:
                                         stderr=self.stderr, text=True, env=env)
 
     def reload(self, path, inputs_file: str, out_file: str, kwargs: str = "", auto: str = "AutoModelForCausalLM",
-               input_name: str = "input_ids") -> dict:
+               input_name: str = "input_ids", generate: dict | None = None) -> dict:
         """Load ``path`` in the child, save its logits on the tensor in ``inputs_file`` to ``out_file``;
-        returns the loaded class's name and module and whether hf_snp was imported there."""
+        returns the loaded class's name and module and whether hf_snp was imported there (with ``generate``,
+        ``{"prompt": [[ids]], "new": n}``, also ``tokens``: n greedy tokens after the prompt)."""
         job = {"path": str(path), "inputs": inputs_file, "out": out_file, "kwargs": kwargs, "auto": auto,
-               "input_name": input_name}
+               "input_name": input_name, "generate": generate}
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         for line in self.process.stdout:

@@ -113,27 +113,143 @@ class LayerShape:
         return LayerShape(**widths, **{key: getattr(self, key) or getattr(change, key) for key in self.BIASES})
 
 
+def module_features(module: nn.Module, conv1d: bool = False) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` (weight [out, in]) or, with ``conv1d``, of a transformers
+    ``Conv1D`` (weight [in, out])."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if conv1d else (cols, rows)
+
+
+def _groups(groups: list[int], size: int) -> torch.Tensor:
+    """Indices of contiguous groups of ``size`` (group g = g*size .. g*size+size-1)."""
+    groups_t = torch.as_tensor(groups, dtype=torch.long).reshape(-1)
+    return (groups_t[:, None] * size + torch.arange(size)).flatten()
+
+
 @dataclass(frozen=True)
 class MlpLayout:
-    """Where a family's MLP lives inside one decoder layer."""
+    """Where a family's MLP lives inside one decoder layer.
+
+    A unit (neuron) is one output row of every producer and one input column of the consumer.
+    ``producer_blocks`` > 1: each producer is a fused linear whose output rows hold the units that many times,
+    block after block (Phi-3 ``gate_up_proj`` = [gate; up], 2 blocks): unit i of width W owns rows i, W + i, ...
+    ``conv1d``: the producers and the consumer are transformers ``Conv1D`` modules (GPT-2), whose weight is
+    [in, out]: a unit is a column of a producer's weight and a row of the consumer's.
+    """
 
     parent: str  # submodule holding the linears ("" = the layer itself)
     producers: tuple[str, ...]  # linears whose output rows are the MLP units
     consumer: str  # linear whose input columns are the MLP units
+    producer_blocks: int = 1  # times each producer's output rows hold the units ([gate; up] = 2)
+    conv1d: bool = False  # Conv1D modules (weight [in, out]) instead of nn.Linear
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MlpLayout":
+        """From ``dataclasses.asdict`` (``config.hf_snp_layout["mlp"]``; fields missing = their defaults)."""
+        return cls(**{**data, "producers": tuple(data["producers"])})
+
+    def producer_rows(self, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """The output rows of each producer that the kept units ``keep`` (of ``width``) own."""
+        return torch.cat([keep + block * width for block in range(self.producer_blocks)])
+
+
+QKV_LAYOUTS = ("separate", "blocks", "per_head")
+
+
+class LayerConfig:
+    """One layer's view of the model's config: its own values for a few fields (``overrides``), the shared
+    config's for everything else (so a later change to the shared config, its attention implementation say,
+    still reaches the layer). Given to the attention of a family that reads its head counts from the config
+    in forward (``AttentionLayout.config_heads``)."""
+
+    def __init__(self, config, **overrides):
+        self.__dict__.update(_shared=config, _overrides=dict(overrides))
+
+    def __getattr__(self, name: str):
+        try:
+            shared, overrides = self.__dict__["_shared"], self.__dict__["_overrides"]
+        except KeyError:  # while being copied or unpickled
+            raise AttributeError(name) from None
+        return overrides[name] if name in overrides else getattr(shared, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._overrides:
+            self._overrides[name] = value
+        else:
+            setattr(self._shared, name, value)
+
+    @property
+    def shared(self):
+        return self._shared
 
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Where a family's attention lives inside one decoder layer."""
+    """Where a family's attention lives inside one decoder layer.
+
+    ``o`` names the output projection, whose input columns are the heads' outputs (head after head, ``head_dim``
+    each). ``qkv`` says how the query, key and value rows are laid out:
+
+    * ``"separate"``: three linears named ``q``, ``k``, ``v`` (Llama, OPT, ViT);
+    * ``"blocks"``: one fused linear (``q``, ``k`` and ``v`` all name it) whose rows are every query head, then
+      every key head, then every value head (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``);
+    * ``"per_head"``: one fused linear whose rows go head by head, each head's query, key and value rows
+      together: [q_0; k_0; v_0; q_1; k_1; v_1; ...] (GPT-NeoX ``query_key_value``; multi-head attention only).
+
+    ``conv1d``: the projections are transformers ``Conv1D`` modules (weight [in, out], GPT-2). ``config_heads``:
+    the attention reads ``config.num_attention_heads`` in forward (Phi-3 splits its fused rows by it), so an
+    attention whose head count changes gets its own view of the config (``LayerConfig``).
+    """
 
     parent: str
     q: str
     k: str
     v: str
     o: str
+    qkv: str = "separate"  # one of QKV_LAYOUTS
+    conv1d: bool = False  # Conv1D modules (weight [in, out]) instead of nn.Linear
+    config_heads: bool = False  # the attention reads its head counts from its config in forward
 
-    @staticmethod
-    def set_head_counts(attention: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+    def __post_init__(self):
+        if self.qkv not in QKV_LAYOUTS:
+            raise ValueError(f"AttentionLayout.qkv must be one of {QKV_LAYOUTS}, not {self.qkv!r}")
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The distinct modules holding the query, key and value rows."""
+        return tuple(dict.fromkeys((self.q, self.k, self.v)))
+
+    def projection_sizes(self, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, int]:
+        """Output rows of each projection module for the given head counts."""
+        if self.qkv == "separate":
+            return {self.q: num_heads * head_dim, self.k: num_kv_heads * head_dim, self.v: num_kv_heads * head_dim}
+        return {self.q: (num_heads + 2 * num_kv_heads) * head_dim}
+
+    def projection_rows(self, keep_q: list[int], keep_kv: list[int], num_heads: int, num_kv_heads: int,
+                        head_dim: int) -> dict[str, torch.Tensor]:
+        """The rows of each projection module that the kept query heads ``keep_q`` and key/value heads
+        ``keep_kv`` own (of ``num_heads`` / ``num_kv_heads``), in order."""
+        q, kv = _groups(keep_q, head_dim), _groups(keep_kv, head_dim)
+        if self.qkv == "separate":
+            return {self.q: q, self.k: kv, self.v: kv}
+        if self.qkv == "blocks":
+            k_start = num_heads * head_dim
+            v_start = k_start + num_kv_heads * head_dim
+            return {self.q: torch.cat([q, kv + k_start, kv + v_start])}
+        if list(keep_q) != list(keep_kv):
+            raise ValueError("a per-head fused q/k/v projection keeps the same query and key/value heads")
+        return {self.q: _groups(keep_q, 3 * head_dim)}
+
+    def num_kv_heads(self, attention: nn.Module, num_heads: int, head_dim: int) -> int:
+        """Key/value heads of ``attention`` with ``num_heads`` query heads, from its projections' shapes
+        (0 for an ``EmptyAttention``)."""
+        module = getattr(attention, self.k, None)
+        if module is None:
+            return 0
+        rows = module_features(module, self.conv1d)[1] // head_dim
+        return {"separate": rows, "blocks": (rows - num_heads) // 2, "per_head": rows // 3}[self.qkv]
+
+    def set_head_counts(self, attention: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         """Update whichever head-count attributes the family's attention module reads in forward."""
         if hasattr(attention, "num_key_value_groups"):
             attention.num_key_value_groups = num_heads // max(num_kv_heads, 1)
@@ -143,6 +259,11 @@ class AttentionLayout:
             attention.num_attention_heads = num_heads
         if hasattr(attention, "num_key_value_heads"):
             attention.num_key_value_heads = num_kv_heads
+        if hasattr(attention, "split_size") and hasattr(attention, "head_dim"):  # GPT-2 splits c_attn's output
+            attention.split_size = num_heads * attention.head_dim
+        if self.config_heads:
+            shared = attention.config.shared if isinstance(attention.config, LayerConfig) else attention.config
+            attention.config = LayerConfig(shared, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
 
 
 LLAMA_MLP = MlpLayout("mlp", ("gate_proj", "up_proj"), "down_proj")
@@ -168,13 +289,18 @@ class EmptyAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, layer_past=None, **kwargs):
         batch, length = hidden_states.shape[:2]
-        if past_key_values is not None:
+        cache = past_key_values if past_key_values is not None else layer_past  # GPT-NeoX: layer_past
+        cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache (GPT-2)
+        if cache is not None:
             empty = hidden_states.new_zeros(batch, 0, length, self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
+            cache.update(empty, empty, self.layer_idx)
         output = getattr(self, self.output_name)
+        if hasattr(output, "nf"):  # a transformers Conv1D cannot run on 0 input features (its view(-1, 0)): its bias
+            return output.bias.expand(*hidden_states.shape[:-1], output.nf), None
         return output(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
 
 
 def make_empty_attention(layer: nn.Module, layout: AttentionLayout, output: nn.Linear, head_dim: int) -> EmptyAttention:
@@ -189,23 +315,32 @@ def resize_attention(layer: nn.Module, layout: AttentionLayout, num_heads: int |
     """Replace one layer's attention projections by empty ones with the given head counts."""
     attention = layer.get_submodule(layout.parent)
     old_o = getattr(attention, layout.o)
+    o_in, o_out = module_features(old_o, layout.conv1d)
     bias = output_bias or old_o.bias is not None
     if num_heads == 0:
-        make_empty_attention(layer, layout, _new_linear(old_o, 0, old_o.out_features, bias), head_dim)
+        make_empty_attention(layer, layout, _new_module(old_o, 0, o_out, bias, layout.conv1d), head_dim)
         return
     if num_heads is not None:
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, heads in ((layout.q, num_heads), (layout.k, num_kv_heads), (layout.v, num_kv_heads)):
+        for name, rows in layout.projection_sizes(num_heads, num_kv_heads, head_dim).items():
             old = getattr(attention, name)
-            setattr(attention, name, _new_linear(old, old.in_features, heads * head_dim, old.bias is not None))
+            in_features = module_features(old, layout.conv1d)[0]
+            setattr(attention, name, _new_module(old, in_features, rows, old.bias is not None, layout.conv1d))
         layout.set_head_counts(attention, num_heads, num_kv_heads)
-    in_features = old_o.in_features if num_heads is None else num_heads * head_dim
-    if in_features != old_o.in_features or bias != (old_o.bias is not None):
-        setattr(attention, layout.o, _new_linear(old_o, in_features, old_o.out_features, bias))
+    in_features = o_in if num_heads is None else num_heads * head_dim
+    if in_features != o_in or bias != (old_o.bias is not None):
+        setattr(attention, layout.o, _new_module(old_o, in_features, o_out, bias, layout.conv1d))
 
 
-def _new_linear(old: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+def _new_module(old: nn.Module, in_features: int, out_features: int, bias: bool, conv1d: bool = False) -> nn.Module:
+    """An uninitialised ``nn.Linear`` (or transformers ``Conv1D``, which always has a bias) like ``old``."""
+    device, dtype = old.weight.device, old.weight.dtype
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device(device):
+            return Conv1D(out_features, in_features).to(dtype)
+    return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
 
 
 def resize_mlp(layer: nn.Module, layout: MlpLayout, width: int | None, output_bias: bool) -> None:
@@ -214,14 +349,17 @@ def resize_mlp(layer: nn.Module, layout: MlpLayout, width: int | None, output_bi
     if width is not None:
         for name in layout.producers:
             old = getattr(parent, name)
-            setattr(parent, name, _new_linear(old, old.in_features, width, old.bias is not None))
+            rows = width * layout.producer_blocks
+            in_features = module_features(old, layout.conv1d)[0]
+            setattr(parent, name, _new_module(old, in_features, rows, old.bias is not None, layout.conv1d))
         if hasattr(parent, "intermediate_size"):
             parent.intermediate_size = width
     consumer = getattr(parent, layout.consumer)
-    in_features = consumer.in_features if width is None else width
+    units, out_features = module_features(consumer, layout.conv1d)
+    in_features = units if width is None else width
     bias = output_bias or consumer.bias is not None
-    if in_features != consumer.in_features or bias != (consumer.bias is not None):
-        setattr(parent, layout.consumer, _new_linear(consumer, in_features, consumer.out_features, bias))
+    if in_features != units or bias != (consumer.bias is not None):
+        setattr(parent, layout.consumer, _new_module(consumer, in_features, out_features, bias, layout.conv1d))
 
 
 def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpLayout, attention: AttentionLayout,
@@ -246,8 +384,8 @@ def apply_layout(model: nn.Module, specs: list[dict] | None, layout: dict | None
         raise ValueError("this checkpoint has hf_snp_layers but no hf_snp_layout; load it with hf_snp installed "
                          "(import hf_snp) so that the family's layout is known")
     layers = model.get_submodule(layout["layers"].format(prefix=model.base_model_prefix))
-    mlp = MlpLayout(**{**layout["mlp"], "producers": tuple(layout["mlp"]["producers"])})
-    apply_layer_specs(layers, specs, mlp, AttentionLayout(**layout["attention"]), int(layout["head_dim"]))
+    apply_layer_specs(layers, specs, MlpLayout.from_dict(layout["mlp"]), AttentionLayout(**layout["attention"]),
+                      int(layout["head_dim"]))
 
 
 def head_dim_of(config) -> int:
@@ -274,7 +412,8 @@ def variable_width_config_class(stock: type) -> type:
         return stock
     name = PREFIX + stock.__name__
     if name not in _CLASSES:
-        _new_class(name, stock, {"model_type": f"hf_snp_{stock.model_type}", "hf_snp_layers": None, "hf_snp_layout": None,
+        _new_class(name, stock, {"model_type": f"hf_snp_{stock.model_type}", "hf_snp_layers": None,
+                                 "hf_snp_layout": None,
                                  "__annotations__": {"hf_snp_layers": "list | None", "hf_snp_layout": "dict | None"}})
     return _CLASSES[name]
 
