@@ -34,11 +34,20 @@ def remove_blocks(model: PreTrainedModel, adapter: ModelAdapter, indices: list[i
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
     config = model.config
+    for field in per_layer_fields(config, len(layers)):
+        setattr(config, field, [v for i, v in enumerate(getattr(config, field)) if i not in set(indices)])
     config.num_hidden_layers = len(kept)
-    for field in ("layer_types", "hf_snp_layers"):
-        values = getattr(config, field, None)
-        if isinstance(values, list) and len(values) == len(layers):
-            setattr(config, field, [v for i, v in enumerate(values) if i not in set(indices)])
+
+
+NOT_PER_LAYER = ("architectures",)
+
+
+def per_layer_fields(config, num_layers: int) -> list[str]:
+    """The config fields holding one entry per decoder layer (``layer_types``, SmolLM3's ``no_rope_layers``,
+    ``hf_snp_layers``, ...): lists as long as the layer count, other than token ids."""
+    return [name for name, value in vars(config).items()
+            if isinstance(value, list) and len(value) == num_layers and name not in NOT_PER_LAYER
+            and not name.endswith(("_id", "_ids"))]
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
