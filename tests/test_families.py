@@ -220,9 +220,9 @@ def greedy(model) -> list:
 def uniform_case(family: str, out: str):
     """Same widths in every layer: MLP 48 -> 24 and one head step (per_group or kv_groups) -> the stock class."""
     if family == "olmo2":
-        return prune_quiet(TINY_LLAMA_LIKE[family](), method="snp", sparsity=0.5, output_dir=out)
+        return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="snp", sparsity=0.5, output_dir=out)
     mode = "kv_groups" if HEAD_FAMILIES.index(family) % 2 else "per_group"
-    return prune_quiet(TINY_LLAMA_LIKE[family](), method="snp", targets=("mlp", "heads"), sparsity=0.5,
+    return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="snp", targets=("mlp", "heads"), sparsity=0.5,
                        gqa_mode=mode, output_dir=out)
 
 
@@ -230,10 +230,10 @@ def per_layer_case(family: str, out: str):
     """Per-layer widths, VBP's added biases, and (with heads) layer 2 (sliding-window where the family has them)
     losing every head: an EmptyAttention."""
     if family == "olmo2":
-        return prune_quiet(TINY_LLAMA_LIKE[family](), method="vbp", sparsity=0.3, layer_sparsity={0: 0.0, 1: 0.6},
-                           output_dir=out)
+        return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="vbp", sparsity=0.3,
+                           layer_sparsity={0: 0.0, 1: 0.6}, output_dir=out)
     mode = "per_group" if HEAD_FAMILIES.index(family) % 2 else "kv_groups"
-    return prune_quiet(TINY_LLAMA_LIKE[family](), method="vbp", targets=("mlp", "heads"), sparsity=0.3,
+    return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="vbp", targets=("mlp", "heads"), sparsity=0.3,
                        gqa_mode=mode, layer_sparsity={0: 0.0, 2: 0.999}, output_dir=out)
 
 
