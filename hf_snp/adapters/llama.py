@@ -14,7 +14,7 @@ MLP is pruned like Llama's, its heads are refused (``OLMo2Adapter``).
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, head_dim_of
+from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP
 from ..sites import Site
 from .base import ModelAdapter, register_adapter
 
@@ -27,11 +27,6 @@ class LlamaFamilyAdapter(ModelAdapter):
     attention_layout = LLAMA_ATTENTION
     mlp_width_field = "intermediate_size"
     stock_head_pruning = True  # num_attention_heads / num_key_value_heads with an explicit head_dim
-
-    def set_uniform_heads(self, config, num_heads: int, num_kv_heads: int) -> None:
-        config.head_dim = head_dim_of(config)  # explicit: hidden_size // heads no longer holds
-        config.num_attention_heads = num_heads
-        config.num_key_value_heads = num_kv_heads
 
 
 OLMO2_HEADS_REFUSED = (
