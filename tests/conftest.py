@@ -212,6 +212,17 @@ def _deterministic():
     yield
 
 
+THREADS = torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """One torch thread for the tiny models, set before any of the test's fixtures: on a busy 2-core machine two
+    intra-op threads mostly wait on each other (test_heads.py ran 5x slower and burnt 2.5x the CPU time). The
+    slow tests on SmolLM2 keep every thread."""
+    torch.set_num_threads(THREADS if item.get_closest_marker("slow") else 1)
+
+
 def prune_quiet(model, **kwargs):
     kwargs.setdefault("calibration", calibration_ids())
     kwargs.setdefault("batch_size", 4)
