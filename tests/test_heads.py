@@ -8,10 +8,19 @@ import json
 import pytest
 import torch
 from conftest import TINY, logits, prune_quiet, sites_of, tiny_llama, tiny_opt
+from fresh_python import fresh_python
 from test_save_reload import BLOCK_HF_SNP, reload_in_fresh_process
 from transformers import AutoModelForCausalLM
 
 D = 8  # head_dim of the tiny models (hidden 32, 4 heads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reload_processes_started():
+    """Start the session's two reload processes (fresh_python.py) now: their imports of torch and transformers
+    run on the other core while this module prunes, instead of in the first test that reloads."""
+    for block in (BLOCK_HF_SNP, "import hf_snp"):
+        fresh_python(block)
 
 
 def _rows(head: int) -> slice:

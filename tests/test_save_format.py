@@ -12,13 +12,22 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, logits, prune_quiet, run_python, sites_of, tiny_llama, tiny_vit
+from conftest import VOCAB, logits, prune_quiet, sites_of, tiny_llama, tiny_vit
+from fresh_python import fresh_python
 from test_save_reload import BLOCK_HF_SNP, reload_in_fresh_process
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_snp.adapters import get_adapter
 from hf_snp.models.modeling_hf_snp import HfSnpLlamaConfig, LayerShape
 from hf_snp.saving import check_save_format, choose_save_format, config_rejection, config_shapes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reload_processes_started():
+    """Start the session's two reload processes (fresh_python.py) now: their imports of torch and transformers
+    run on the other core while this module prunes, instead of in the first test that reloads."""
+    for block in (BLOCK_HF_SNP, "import hf_snp"):
+        fresh_python(block)
 
 # --- LayerShape: one type for the hf_snp_layers entry and the report's per-layer record
 
@@ -145,16 +154,6 @@ def test_the_hf_snp_config_accepts_pruned_counts_that_the_stock_one_refuses():
     assert config_rejection(HfSnpLlamaConfig, config) is None
 
 
-VIT_RELOAD = """
-import sys, torch
-sys.modules['hf_snp'] = None
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained({path!r})
-torch.save(model(pixel_values=torch.load({pixels!r})).logits, {out!r})
-print(type(model).__name__)
-"""
-
-
 def test_vit_heads_not_dividing_hidden_size_stay_stock(tmp_path):
     """ViT's stock config (transformers 5) does not check hidden_size % heads: 4 -> 3 heads of 8 in hidden 32
     stays stock."""
@@ -170,7 +169,9 @@ def test_vit_heads_not_dividing_hidden_size_stay_stock(tmp_path):
     assert (config["model_type"], config["num_attention_heads"], config["head_dim"]) == ("vit", 3, 8)
     test_pixels, out_file = str(tmp_path / "pixels.pt"), str(tmp_path / "logits.pt")
     torch.save(pixels[:4], test_pixels)
-    class_name = run_python(VIT_RELOAD.format(path=str(out), pixels=test_pixels, out=out_file)).strip().splitlines()[-1]
-    assert class_name == "ViTForImageClassification"
+    # AutoModelForImageClassification.from_pretrained in the session's child process without hf_snp
+    reply = fresh_python(BLOCK_HF_SNP).reload(out, test_pixels, out_file, auto="AutoModelForImageClassification",
+                                              input_name="pixel_values")
+    assert reply["class"] == "ViTForImageClassification" and not reply["hf_snp_loaded"]
     with torch.no_grad():
         assert torch.allclose(torch.load(out_file), result.model(pixel_values=pixels[:4]).logits, atol=1e-5)
