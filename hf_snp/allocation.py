@@ -10,6 +10,7 @@ budget. ``round_to`` and ``min_width`` restrict the widths a site may take.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -40,7 +41,7 @@ class WidthRules:
         if steps == 0:
             return True
         width = site.width_after(steps)
-        multiple = self.round_to.get(site.kind, 1)
+        multiple = math.lcm(self.round_to.get(site.kind, 1), site.width_multiple)
         return width >= self.min_width.get(site.kind, 0) and width % multiple == 0
 
     def allowed_steps(self, site: Site) -> list[int]:

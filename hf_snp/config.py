@@ -18,7 +18,7 @@ import torch
 from .methods import METHODS, ORDERINGS
 from .sites import GQA_MODES
 
-SUPPORTED_TARGETS = ("mlp", "heads", "blocks")
+SUPPORTED_TARGETS = ("mlp", "heads", "blocks", "experts")
 ALLOCATIONS = ("uniform", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,9 +46,10 @@ class PruneConfig:
                                 "'flap', 'wanda_sp', 'magnitude', 'random'", choices=lambda: sorted(METHODS))
     sparsity: float = option(0.3, "fraction of the targeted modules' parameters to remove, in [0, 1)")
     targets: tuple[str, ...] = option(
-        ("mlp",), "what to prune, comma-separated: 'mlp' (MLP neurons), 'heads' (attention heads), 'blocks' (whole "
-                  "blocks; the budget is then `sparsity` of all decoder-layer parameters, and with unit targets as "
-                  "well block removal, unit removal and a mix are compared by final-state CKA)")
+        ("mlp",), "what to prune, comma-separated: 'mlp' (MLP neurons; in a mixture of experts every expert's), "
+                  "'heads' (attention heads), 'experts' (whole routed experts, lowest routed-output energy first), "
+                  "'blocks' (whole blocks; the budget is then `sparsity` of all decoder-layer parameters, and with "
+                  "unit targets as well block removal, unit removal and a mix are compared by final-state CKA)")
     allocation: str | None = option(None, "'uniform' (default): every layer loses the same fraction, one pass; "
                                           "'global': one threshold on the cost curves of all sites decides each width "
                                           "(two passes)",

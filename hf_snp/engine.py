@@ -212,8 +212,10 @@ class StreamingEngine:
         return self.adapter.sites(block, index, targets, self.model.config, self.config.gqa_mode)
 
     def bias_available(self, site: Site) -> bool:
-        if site.consumer_linear.bias is not None:
+        if site.consumer_has_bias:
             return True
+        if not site.can_add_bias:  # e.g. stacked experts: no module to hold a bias
+            return False
         return self.method.wants_added_bias if self.config.add_bias is None else self.config.add_bias
 
     def site_inputs(self, site: Site, stats: SiteStatistics, steps: int) -> SiteInputs:
@@ -268,14 +270,13 @@ class StreamingEngine:
 
     def gather_statistics(self, block: nn.Module, sites: list[Site], inputs: list[BlockInput], keep_outputs: bool,
                           extra_hooks: Callable[[], list] = list) -> list[SiteStatistics]:
-        """Run ``block`` on every batch with one statistics hook per site's consumer input."""
-        stats = [SiteStatistics(f"{site.name} ({type(site.consumer_linear).__name__} input)", site.num_units,
-                                self.device)
-                 for site in sites]
-        handles = [site.consumer_linear.register_forward_pre_hook(s.hook) for site, s in zip(sites, stats)]
+        """Run ``block`` on every batch with each site's statistics hooks (``Site.observe``: by default one
+        pre-hook on its consumer)."""
+        stats = [site.new_statistics(self.device) for site in sites]
+        handles = [handle for site, s in zip(sites, stats) for handle in site.observe(s)]
         handles += extra_hooks()
         try:
-            self.run_block(block, inputs, stats, keep_outputs, consumers=tuple(site.consumer_linear for site in sites))
+            self.run_block(block, inputs, stats, keep_outputs, consumers=tuple(site.stop_module for site in sites))
         finally:
             for handle in handles:
                 handle.remove()
@@ -336,7 +337,7 @@ class StreamingEngine:
             keep = None
             for (site, steps), site_stats in zip(active, stats):
                 with self.timer("decide"):
-                    decision = self.method.decide(self.site_inputs(site, site_stats, steps), self.config)
+                    decision = site.decide(self.method, self.site_inputs(site, site_stats, steps), self.config)
                 with self.timer("cut"):
                     site.apply(decision)
                 keep = decision.keep if site is cache.mlp_site else keep

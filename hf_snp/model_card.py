@@ -67,7 +67,8 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
         f"| calibration | {report.get('calibration')} |",
     ]
     for field, label in (("intermediate_size", "MLP width"), ("num_attention_heads", "query heads"),
-                         ("num_key_value_heads", "KV heads")):
+                         ("num_key_value_heads", "KV heads"), ("expert_intermediate_size", "expert width"),
+                         ("num_experts", "experts"), ("shared_expert_intermediate_size", "shared expert width")):
         widths = _compact_widths(report, field)
         if widths:
             body.append(f"| {label} | {widths} |")

@@ -70,7 +70,7 @@ def _predicted_shapes(model_config, num_layers: int, sites: list[Site], config: 
     predicted = config_shapes(model_config, num_layers)
     for site in sites:
         steps = steps_for(site)
-        bias = adds_bias and steps > 0 and site.consumer_linear.bias is None
+        bias = adds_bias and steps > 0 and site.can_add_bias and not site.consumer_has_bias
         predicted[site.index] = predicted[site.index].updated(site.shape_after(steps, bias))
     return predicted
 
@@ -85,7 +85,8 @@ def _warnings(sites: list[Site], config: PruneConfig, rules: WidthRules, num_tok
     for site in sites if config.resolved_allocation == "uniform" else []:
         if (config.sparsity > 0
                 and nearest_steps(site, config.target_sparsity(site.kind) * site.num_params(), rules) == 0):
-            step = site.params_removed(1) / site.num_params()
+            first = min((steps for steps in rules.allowed_steps(site) if steps), default=1)  # widths' multiples
+            step = site.params_removed(first) / site.num_params()
             _warn(UserWarning, f"sparsity {config.sparsity:.0%} of {site.kind} rounds to nothing per layer: "
                                f"one removal step takes {step:.0%} of a layer's {site.kind} parameters; "
                                "raise the sparsity for this target")

@@ -5,7 +5,8 @@ PruneConfig fields (method, sparsity, targets, ...), calibration, calibration_to
 output_dir,
 params_before, params_after, params_removed, layers (one dict per layer: mlp_width_before,
 mlp_width, mlp_output_bias_added, num_heads_before, num_heads, num_kv_heads_before,
-num_kv_heads, attention_output_bias_added, for the pruned targets), timings_s, metrics
+num_kv_heads, attention_output_bias_added, and in mixtures of experts expert_width(_before),
+shared_expert_width(_before), num_experts(_before), for the pruned targets), timings_s, metrics
 (e.g. perplexity_before / perplexity_after, filled by evaluation when asked).
 """
 
@@ -25,7 +26,8 @@ SCHEMA_VERSION = 1
 REPORT_NAME = "hf_snp_report.json"
 # the LayerShape widths a report shows, with their labels
 WIDTH_LABELS = {"intermediate_size": "MLP neurons", "num_attention_heads": "query heads",
-                "num_key_value_heads": "KV heads"}
+                "num_key_value_heads": "KV heads", "expert_intermediate_size": "expert neurons",
+                "num_experts": "experts", "shared_expert_intermediate_size": "shared expert neurons"}
 
 
 class PruneReport(dict):

@@ -72,7 +72,7 @@ def resolve(model: str | PreTrainedModel, tokenizer: Any, image_processor: Any, 
     else:
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
     adapter = get_adapter(model_config)
-    adapter.check_targets(config.targets)
+    adapter.check_run(config, model_config)
     check_modality(config.calibration, adapter.modality, adapter.family)
     if source is not None and adapter.modality == "image" and image_processor is None:
         image_processor = _preprocessor_if_available("image", source, config, not _is_pixel_values(config.calibration))

@@ -50,7 +50,8 @@ def _stock_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[
         return None
     uniform = {}
     for field in LayerShape.WIDTHS:
-        values = {getattr(shape, field) for shape in shapes}
+        values = {getattr(shape, field) for index, shape in enumerate(shapes)
+                  if adapter.layer_has(config, index, field)}
         if len(values) > 1:
             return None
         uniform[field] = values.pop() if values else None
@@ -58,7 +59,9 @@ def _stock_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[
     heads_changed = heads is not None and heads != config.num_attention_heads
     if heads_changed and not (adapter.stock_head_pruning and heads and kv_heads):
         return None
-    return {"width": uniform["intermediate_size"], "heads": (heads, kv_heads) if heads_changed else None}
+    fields = {name: uniform[field] for field, name in adapter.shape_fields.items() if uniform[field] is not None}
+    return {"width": uniform["intermediate_size"], "heads": (heads, kv_heads) if heads_changed else None,
+            "fields": fields}
 
 
 def _set_stock_fields(config: PretrainedConfig, adapter: ModelAdapter, stock: dict) -> None:
@@ -68,6 +71,8 @@ def _set_stock_fields(config: PretrainedConfig, adapter: ModelAdapter, stock: di
         adapter.set_uniform_mlp_width(config, stock["width"])
     if stock["heads"] is not None:
         adapter.set_uniform_heads(config, *stock["heads"])
+    for name, value in stock["fields"].items():
+        setattr(config, name, value)
 
 
 def _set_hf_snp_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[LayerShape]) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention, module_features
 from .removal import Decision, RemovalPlan, select_by_score
+from .stats import SiteStatistics
 from .surgery import fold_into_consumer, keep_rows
 
 GQA_MODES = ("per_group", "kv_groups")
@@ -73,6 +74,32 @@ class Site:
     @property
     def name(self) -> str:
         return f"layer {self.index} {self.kind}"
+
+    # How the engine observes and decides a site (docs/design.md §8.2). The defaults are a consumer linear's:
+    # a pre-hook on it sees the units, and once it has run for every site the statistics pass may stop.
+    can_add_bias: ClassVar[bool] = True  # may a bias be added to the consumer (a mean shift, add_bias=True)?
+    width_multiple: ClassVar[int] = 1  # the widths the site may take are multiples of this (besides round_to)
+
+    @property
+    def consumer_has_bias(self) -> bool:
+        return self.consumer_linear.bias is not None
+
+    @property
+    def stop_module(self) -> nn.Module:
+        """The module whose forward pre-hook finds this site's statistics complete (the statistics pass stops
+        once every site's has run)."""
+        return self.consumer_linear
+
+    def new_statistics(self, device: torch.device) -> SiteStatistics:
+        return SiteStatistics(f"{self.name} ({type(self.consumer_linear).__name__} input)", self.num_units, device)
+
+    def observe(self, stats: SiteStatistics) -> list:
+        """Hooks that feed ``stats`` with the units entering the consumer (objects with ``remove()``)."""
+        return [self.consumer_linear.register_forward_pre_hook(stats.hook)]
+
+    def decide(self, method, inputs, config) -> Decision:
+        """The method's decision for this site (``inputs``: its ``SiteInputs``)."""
+        return method.decide(inputs, config)
 
     def plan(self, steps: int) -> RemovalPlan:
         raise NotImplementedError

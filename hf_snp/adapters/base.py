@@ -32,6 +32,9 @@ class ModelAdapter:
     attention_returns_pair: bool = True
     mlp_is_consumer_output: bool = True
     supported_targets: tuple[str, ...] = ("mlp", "heads", "blocks")  # what may be pruned ("experts" for MoE)
+    # LayerShape width fields beyond the MLP width and head counts -> the stock config field holding their uniform
+    # value (mixtures of experts: the expert width and count)
+    shape_fields: dict[str, str] = {}
 
     def layers_path_of(self, model: PreTrainedModel) -> str:
         return self.layers_path.format(prefix=getattr(model, "base_model_prefix", ""))
@@ -75,6 +78,15 @@ class ModelAdapter:
         config.num_attention_heads = num_heads
         if hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = num_kv_heads
+
+    def layer_has(self, config: PretrainedConfig, index: int, field: str) -> bool:
+        """Whether layer ``index`` has the LayerShape width ``field`` (a dense MLP width, an expert count...): the
+        stock config holds a width when it is the same in every layer that has it."""
+        return True
+
+    def check_run(self, config, model_config: PretrainedConfig) -> None:
+        """Refuse what this family cannot do with these options (``config``: the PruneConfig), before any work."""
+        self.check_targets(config.targets)
 
     def check_targets(self, targets: tuple[str, ...]) -> None:
         """Refuse targets this family does not support (before any work)."""

@@ -20,10 +20,15 @@ keys (missing = stock):
 * ``num_attention_heads`` / ``num_key_value_heads``: that layer's head counts (head_dim is
   unchanged). A layer with 0 heads has an ``EmptyAttention`` that adds only its bias.
 * ``attention_output_bias``: the attention output projection has a bias.
+* ``expert_intermediate_size``: the width of every routed expert of that layer (mixtures of experts: the stacked
+  ``gate_up_proj`` / ``down_proj`` hold one width per layer).
+* ``num_experts``: that layer's routed experts (the router keeps one row per expert).
+* ``shared_expert_intermediate_size``: the width of the layer's shared expert (Qwen2-MoE).
 
 ``config.hf_snp_layout``: ``layers`` (dotted path of the layer list, ``{prefix}`` the model's
 ``base_model_prefix``), ``mlp`` and ``attention`` (the fields of ``MlpLayout`` and
-``AttentionLayout``) and ``head_dim``.
+``AttentionLayout``) and ``head_dim``; for mixtures of experts also ``experts`` (the fields of ``ExpertsLayout``;
+layers without experts use ``mlp``).
 """
 
 from __future__ import annotations
@@ -54,8 +59,12 @@ class LayerShape:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     attention_output_bias: bool = False
+    expert_intermediate_size: int | None = None
+    num_experts: int | None = None
+    shared_expert_intermediate_size: int | None = None
 
-    WIDTHS: ClassVar[tuple[str, ...]] = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+    WIDTHS: ClassVar[tuple[str, ...]] = ("intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                         "expert_intermediate_size", "num_experts", "shared_expert_intermediate_size")
     BIASES: ClassVar[tuple[str, ...]] = ("mlp_output_bias", "attention_output_bias")
     # field -> key of the report's per-layer record (the widths also have a "<key>_before")
     RECORD_KEYS: ClassVar[dict[str, str]] = {
@@ -64,10 +73,15 @@ class LayerShape:
         "num_attention_heads": "num_heads",
         "num_key_value_heads": "num_kv_heads",
         "attention_output_bias": "attention_output_bias_added",
+        "expert_intermediate_size": "expert_width",
+        "num_experts": "num_experts",
+        "shared_expert_intermediate_size": "shared_expert_width",
     }
     # which target owns a field: a record carries a target's keys only when that target was pruned
     MLP_FIELDS: ClassVar[tuple[str, ...]] = ("intermediate_size", "mlp_output_bias")
     HEAD_FIELDS: ClassVar[tuple[str, ...]] = ("num_attention_heads", "num_key_value_heads", "attention_output_bias")
+    MOE_FIELDS: ClassVar[tuple[str, ...]] = ("expert_intermediate_size", "num_experts",
+                                             "shared_expert_intermediate_size")
 
     @classmethod
     def from_spec(cls, spec: dict | None) -> "LayerShape":
@@ -97,7 +111,8 @@ class LayerShape:
         each width is preceded by its ``_before`` value when ``before`` is given."""
         if fields is None:
             fields = (self.MLP_FIELDS if self.intermediate_size is not None else ()) + (
-                self.HEAD_FIELDS if self.num_attention_heads is not None else ())
+                self.HEAD_FIELDS if self.num_attention_heads is not None else ()) + tuple(
+                key for key in self.MOE_FIELDS if getattr(self, key) is not None)
         record = {}
         for key in fields:
             name = self.RECORD_KEYS[key]
@@ -302,7 +317,6 @@ class EmptyAttention(nn.Module):
         return output(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
 
 
-
 def make_empty_attention(layer: nn.Module, layout: AttentionLayout, output: nn.Linear, head_dim: int) -> EmptyAttention:
     old = layer.get_submodule(layout.parent)
     empty = EmptyAttention(output, layout.o, getattr(old, "layer_idx", 0), head_dim)
@@ -362,8 +376,61 @@ def resize_mlp(layer: nn.Module, layout: MlpLayout, width: int | None, output_bi
         setattr(parent, layout.consumer, _new_module(consumer, in_features, out_features, bias, layout.conv1d))
 
 
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """Where a family's mixture of experts lives inside one decoder layer (a layer without one has the dense
+    ``MlpLayout``, e.g. Qwen2-MoE's ``mlp_only_layers``).
+
+    ``experts`` (under ``parent``) is one module holding every routed expert stacked (transformers 5.x):
+    ``gate_up_proj`` [E, 2I, H] (every gate row, then every up row), ``down_proj`` [E, H, I], with the attributes
+    ``num_experts`` and ``intermediate_dim``; ``router`` has ``weight`` [E, H] and ``num_experts``. ``shared``: a gated
+    MLP every token goes through beside the routed experts (Qwen2-MoE ``shared_expert``), or None.
+    """
+
+    parent: str = "mlp"  # the sparse MoE block
+    experts: str = "experts"
+    router: str = "gate"
+    shared: MlpLayout | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExpertsLayout":
+        """From ``dataclasses.asdict`` (``config.hf_snp_layout["experts"]``)."""
+        shared = data.get("shared")
+        return cls(**{**data, "shared": None if shared is None else MlpLayout.from_dict(shared)})
+
+    def block(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's sparse MoE block, or None for a layer with a dense MLP."""
+        try:
+            block = layer.get_submodule(self.parent)
+        except AttributeError:
+            return None
+        return block if isinstance(getattr(block, self.experts, None), nn.Module) else None
+
+
+def resize_experts(layer: nn.Module, layout: ExpertsLayout, shape: "LayerShape") -> None:
+    """Replace one layer's stacked expert weights (and router rows, shared expert) by empty ones of the shape's
+    expert count and widths (weights load later)."""
+    block = layout.block(layer)
+    experts, router = getattr(block, layout.experts), getattr(block, layout.router)
+    count, hidden, width = experts.down_proj.shape
+    new_count = count if shape.num_experts is None else shape.num_experts
+    new_width = width if shape.expert_intermediate_size is None else shape.expert_intermediate_size
+    if (new_count, new_width) != (count, width):
+        like = experts.down_proj
+        experts.gate_up_proj = nn.Parameter(like.new_empty(new_count, 2 * new_width, hidden))
+        experts.down_proj = nn.Parameter(like.new_empty(new_count, hidden, new_width))
+        experts.num_experts, experts.intermediate_dim = new_count, new_width
+    if new_count != router.weight.shape[0]:
+        router.weight = nn.Parameter(router.weight.new_empty(new_count, router.weight.shape[1]))
+        if getattr(router, "bias", None) is not None:
+            router.bias = nn.Parameter(router.bias.new_empty(new_count))
+        router.num_experts = new_count
+    if layout.shared is not None and shape.shared_expert_intermediate_size is not None:
+        resize_mlp(layer, layout.shared, shape.shared_expert_intermediate_size, False)
+
+
 def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpLayout, attention: AttentionLayout,
-                      head_dim: int) -> None:
+                      head_dim: int, experts: ExpertsLayout | None = None) -> None:
     """Resize every decoder layer to its entry of ``config.hf_snp_layers``."""
     if not specs:
         return
@@ -371,7 +438,10 @@ def apply_layer_specs(layers: nn.ModuleList, specs: list[dict] | None, mlp: MlpL
         raise ValueError(f"hf_snp_layers has {len(specs)} entries for {len(layers)} decoder layers")
     for layer, spec in zip(layers, specs):
         shape = LayerShape.from_spec(spec)
-        resize_mlp(layer, mlp, shape.intermediate_size, shape.mlp_output_bias)
+        if experts is not None and experts.block(layer) is not None:
+            resize_experts(layer, experts, shape)
+        else:
+            resize_mlp(layer, mlp, shape.intermediate_size, shape.mlp_output_bias)
         resize_attention(layer, attention, shape.num_attention_heads, shape.num_key_value_heads, head_dim,
                          shape.attention_output_bias)
 
@@ -384,8 +454,9 @@ def apply_layout(model: nn.Module, specs: list[dict] | None, layout: dict | None
         raise ValueError("this checkpoint has hf_snp_layers but no hf_snp_layout; load it with hf_snp installed "
                          "(import hf_snp) so that the family's layout is known")
     layers = model.get_submodule(layout["layers"].format(prefix=model.base_model_prefix))
+    experts = ExpertsLayout.from_dict(layout["experts"]) if layout.get("experts") else None
     apply_layer_specs(layers, specs, MlpLayout.from_dict(layout["mlp"]), AttentionLayout(**layout["attention"]),
-                      int(layout["head_dim"]))
+                      int(layout["head_dim"]), experts)
 
 
 def head_dim_of(config) -> int:
