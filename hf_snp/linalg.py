@@ -88,6 +88,16 @@ def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tens
     return torch.cholesky_solve(moment[keep][:, drop], factor).T
 
 
+def spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverses of a batch of symmetric positive definite blocks by Cholesky (no pivoting). Batched LU
+    inversion (``torch.linalg.inv``) was seen to fail intermittently on CPU in MKL (invalid pivots from DLASWP)
+    on SmolLM2's 192-unit KV-group blocks; a block that is not numerically positive definite falls back to LU."""
+    factor, info = torch.linalg.cholesky_ex(blocks)
+    if bool((info > 0).any()):
+        return torch.linalg.inv(blocks)
+    return torch.cholesky_inverse(factor)
+
+
 def greedy_group_elimination(moment: torch.Tensor, plan, damping: float,
                              weight: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
     """Group version of the greedy elimination, following ``plan.schedule``.
@@ -104,7 +114,7 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float,
     for pool in plan.schedule:
         candidates = [g for g in pool if alive[g]]
         idx = plan.units(candidates, moment.device).view(len(candidates), plan.group_size)
-        blocks = torch.linalg.inv(precision[idx[:, :, None], idx[:, None, :]])
+        blocks = spd_inverse(precision[idx[:, :, None], idx[:, None, :]])
         if weight is None:
             scores = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)
         else:
