@@ -252,13 +252,36 @@ class ExpertLayer:
                 module.num_experts = len(keep)
 
 
-class ExpertSite(Site):
+class _RoutedSite(Site):
+    """What the sites of a layer's routed experts share: the stacked experts module is the consumer (no bias
+    can be added), its outputs are the hidden size, and the observing forward's end marks the statistics done."""
+
+    can_add_bias = False
+    moe: ExpertLayer
+
+    @property
+    def consumer_linear(self) -> nn.Module:
+        return self.moe.experts
+
+    @property
+    def consumer_has_bias(self) -> bool:
+        return False
+
+    @property
+    def consumer_outputs(self) -> int:
+        return self.moe.hidden
+
+    @property
+    def stop_module(self) -> nn.Module:
+        return self.moe.done
+
+
+class ExpertSite(_RoutedSite):
     """The MLP neurons of one routed expert (target "mlp"): rows ``i`` and ``I + i`` of ``gate_up_proj[e]`` and
     column ``i`` of ``down_proj[e]``; statistics of ``w_t * h_t`` over the tokens routed to it."""
 
     kind = "mlp"
     fields = ("expert_intermediate_size",)
-    can_add_bias = False
     width_multiple = EXPERT_WIDTH_MULTIPLE
     layout: ExpertsLayout
 
@@ -272,28 +295,12 @@ class ExpertSite(Site):
         return f"layer {self.index} expert {self.expert}"
 
     @property
-    def consumer_linear(self) -> nn.Module:
-        return self.moe.experts
-
-    @property
     def consumer_weight(self) -> torch.Tensor:
         return self.moe.experts.down_proj[self.expert].detach()
 
     @property
-    def consumer_has_bias(self) -> bool:
-        return False
-
-    @property
     def num_units(self) -> int:
         return self.moe.width
-
-    @property
-    def consumer_outputs(self) -> int:
-        return self.moe.hidden
-
-    @property
-    def stop_module(self) -> nn.Module:
-        return self.moe.done
 
     def new_statistics(self, device: torch.device) -> SiteStatistics:
         return SiteStatistics(f"{self.name} ({type(self.moe.experts).__name__}, routed tokens)", self.num_units,
@@ -353,13 +360,12 @@ class ExpertSite(Site):
         self.apply(Decision(keep, drop))
 
 
-class ExpertSetSite(Site):
+class ExpertSetSite(_RoutedSite):
     """Whole routed experts of one layer (target "experts"), removed by routed-output energy, lowest first.
     A step removes one expert: its stacked slices and its router row; at least ``top_k`` experts stay."""
 
     kind = "experts"
     fields = ("num_experts",)
-    can_add_bias = False
     layout: ExpertsLayout
 
     def __init__(self, layer: nn.Module, index: int, moe: ExpertLayer):
@@ -372,28 +378,12 @@ class ExpertSetSite(Site):
         return f"layer {self.index} experts"
 
     @property
-    def consumer_linear(self) -> nn.Module:
-        return self.moe.experts
-
-    @property
     def consumer_weight(self) -> torch.Tensor:
         return self.moe.experts.down_proj.detach()
 
     @property
-    def consumer_has_bias(self) -> bool:
-        return False
-
-    @property
     def num_units(self) -> int:
         return self.moe.num_experts
-
-    @property
-    def consumer_outputs(self) -> int:
-        return self.moe.hidden
-
-    @property
-    def stop_module(self) -> nn.Module:
-        return self.moe.done
 
     def new_statistics(self, device: torch.device) -> ExpertEnergy:
         return ExpertEnergy(f"{self.name} ({type(self.moe.experts).__name__})", self.num_units, device)
