@@ -33,10 +33,11 @@ def remove_blocks(model: PreTrainedModel, adapter: ModelAdapter, indices: list[i
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    config = model.config
-    for field in per_layer_fields(config, len(layers)):
-        setattr(config, field, [v for i, v in enumerate(getattr(config, field)) if i not in set(indices)])
-    config.num_hidden_layers = len(kept)
+    configs = [model.config] + [c for c in [adapter.shape_config(model.config)] if c is not model.config]
+    for config in configs:  # a vision-language wrapper's text_config holds the decoder's per-layer fields
+        for field in per_layer_fields(config, len(layers)):
+            setattr(config, field, [v for i, v in enumerate(getattr(config, field)) if i not in set(indices)])
+    adapter.shape_config(model.config).num_hidden_layers = len(kept)
 
 
 NOT_PER_LAYER = ("architectures",)

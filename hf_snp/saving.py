@@ -56,7 +56,7 @@ def _stock_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[
             return None
         uniform[field] = values.pop() if values else None
     heads, kv_heads = uniform["num_attention_heads"], uniform["num_key_value_heads"]
-    heads_changed = heads is not None and heads != config.num_attention_heads
+    heads_changed = heads is not None and heads != adapter.shape_config(config).num_attention_heads
     if heads_changed and not (adapter.stock_head_pruning and heads and kv_heads):
         return None
     fields = {name: uniform[field] for field, name in adapter.shape_fields.items() if uniform[field] is not None}
@@ -76,8 +76,9 @@ def _set_stock_fields(config: PretrainedConfig, adapter: ModelAdapter, stock: di
 
 
 def _set_hf_snp_fields(config: PretrainedConfig, adapter: ModelAdapter, shapes: list[LayerShape]) -> None:
-    if getattr(config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
-        config.head_dim = adapter.head_dim(config)
+    shape_config = adapter.shape_config(config)
+    if getattr(shape_config, "head_dim", "absent") is None:  # per-layer heads keep the original head_dim
+        shape_config.head_dim = adapter.head_dim(config)
     config.__class__ = variable_width_config_class(type(config))  # a subclass of the stock config
     config.hf_snp_layers = [shape.to_spec() for shape in shapes]
     config.hf_snp_layout = adapter.layout(config)
@@ -117,10 +118,11 @@ def choose_save_format(adapter: ModelAdapter, config: PretrainedConfig, shapes: 
 
 def _probe_shapes(adapter: ModelAdapter, config: PretrainedConfig) -> list[LayerShape]:
     """Per-layer shapes of the kind pruning can produce (narrower MLP, fewer heads, added biases)."""
-    num_layers = config.num_hidden_layers
-    width = getattr(config, adapter.mlp_width_field, None)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    stock = adapter.shape_config(config)
+    num_layers = stock.num_hidden_layers
+    width = getattr(stock, adapter.mlp_width_field, None)
+    heads = stock.num_attention_heads
+    kv_heads = getattr(stock, "num_key_value_heads", None) or heads
     fewer = (kv_heads, kv_heads) if heads > kv_heads else (max(heads - 1, 1),) * 2
     change = LayerShape(intermediate_size=max(width - 1, 1) if width else None, mlp_output_bias=True,
                         num_attention_heads=fewer[0], num_key_value_heads=fewer[1], attention_output_bias=True)

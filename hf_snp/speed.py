@@ -66,7 +66,7 @@ def measure_once(model: nn.Module, probe: SpeedProbe = SpeedProbe()) -> dict:
     tokens/s of greedy generation at batch 1 (KV cache on), KV-cache bytes per token, weight bytes."""
     device = input_device(model)
     vocab = model.get_input_embeddings().num_embeddings
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     if limit is not None and probe.prompt_len + probe.new_tokens > limit:  # the model's positions end there
         probe = dataclasses.replace(probe, prompt_len=max(limit - probe.new_tokens, 1))
     generator = torch.Generator().manual_seed(probe.seed)

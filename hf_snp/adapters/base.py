@@ -46,8 +46,13 @@ class ModelAdapter:
         """Tokens one calibration sample holds when the family fixes it (images); None for text."""
         return None
 
+    def shape_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The config holding the decoder layers' stock shapes (head counts, widths, per-layer fields): the model's
+        own, or its language model's for a vision-language wrapper. ``hf_snp_layers`` stays on the model's."""
+        return config
+
     def head_dim(self, config: PretrainedConfig) -> int:
-        return head_dim_of(config)
+        return head_dim_of(self.shape_config(config))
 
     def layout(self, config: PretrainedConfig) -> dict:
         """Where the modules live, as data for the variable-width type (``config.hf_snp_layout``)."""
@@ -69,11 +74,12 @@ class ModelAdapter:
         return layer.get_submodule(self.attention_layout.parent)
 
     def set_uniform_mlp_width(self, config: PretrainedConfig, width: int) -> None:
-        setattr(config, self.mlp_width_field, width)
+        setattr(self.shape_config(config), self.mlp_width_field, width)
 
     def set_uniform_heads(self, config: PretrainedConfig, num_heads: int, num_kv_heads: int) -> None:
         """Fewer heads in every layer in the stock fields (used when ``stock_head_pruning``): an explicit
         ``head_dim``, since hidden_size // heads no longer holds."""
+        config = self.shape_config(config)
         config.head_dim = head_dim_of(config)
         config.num_attention_heads = num_heads
         if hasattr(config, "num_key_value_heads"):
