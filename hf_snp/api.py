@@ -17,6 +17,7 @@ from .hub import push_folder
 from .loading import load_model
 from .passes import Passes, run_passes
 from .placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
+from .quantize import quantize_result
 from .recipes import accepts_recipe
 from .report import PruneReport
 from .resolve import PruneRun, resolve
@@ -75,6 +76,8 @@ def prune(model: str | PreTrainedModel, tokenizer: Any = None, *, image_processo
     dense_speed = speed_probe(model) if run.config.measure_speed else None
     passes = run_passes(run, model)
     result = finalize(run, passes, params_before, time.perf_counter() - start)
+    if run.config.quantize is not None:
+        quantize_result(result, run.config.quantize)
     if dense_speed is not None:
         result.report["speed"] = speed_probe(result.model, baseline=dense_speed)
     deliver(run.config, result)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .methods import METHODS, ORDERINGS
+from .quantize import QUANTIZATIONS
 from .sites import GQA_MODES
 
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks", "experts")
@@ -100,6 +101,11 @@ class PruneConfig:
     measure_speed: bool = option(False, "measure prefill and decode speed on the execution device before and after "
                                         "pruning (hf_snp.speed); the report and the model card show the speed-ups",
                                  RUNNING)
+    quantize: str | None = option(None, "after pruning, quantize the linear layers with torchao through transformers "
+                                        "(TorchAoConfig): 'int8_weight_only', 'int8_dynamic' (int8 weights and "
+                                        "activations) or 'int4_weight_only'; result.model and the saved checkpoint are "
+                                        "quantized (they load with from_pretrained where torchao is installed)",
+                                  OUTPUT, choices=QUANTIZATIONS)
     output_dir: str | None = option(None, "save the model, its tokenizer (or image processor), the report and a "
                                           "model card there", OUTPUT, flags=("--out",))
     overwrite: bool = option(False, "allow replacing a non-empty output_dir", OUTPUT)

@@ -72,6 +72,11 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
         widths = _compact_widths(report, field)
         if widths:
             body.append(f"| {label} | {widths} |")
+    quantization = report.get("quantization")
+    if quantization:
+        body.append(f"| quantization | {quantization['scheme']} ({quantization['library']}), weights "
+                    f"{quantization['weight_bytes_before'] / 2**20:,.1f} MiB -> "
+                    f"{quantization['weight_bytes_after'] / 2**20:,.1f} MiB |")
     speed = speed_summary(report.get("speed"))
     if speed:
         body.append(f"| speed-up | {speed} |")
@@ -90,6 +95,8 @@ def model_card(report: PruneReport, repo_id: str | None = None) -> str:
         f"{'image_processor' if image else 'tokenizer'} = {preprocessor}.from_pretrained(repo)",
         "```",
         "",
+        *(["Its linear layers are quantized with torchao: `pip install torchao` to load it.", ""]
+          if quantization else []),
         "It is a stock transformers checkpoint: every tool that knows the architecture loads it."
         if stock else
         "Its layers have different widths, so it uses hf_snp's model type: the code file travels with the "

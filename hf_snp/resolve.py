@@ -21,6 +21,7 @@ from .config import PruneConfig
 from .images import ImageCalibrationData, check_modality, load_image_calibration
 from .loading import ModelSource, load_config, load_image_processor, load_tokenizer, model_names, prepare_loaded_model
 from .preflight import preflight, shape_model
+from .quantize import require_torchao
 from .saving import prepare_output_dir
 
 logger = logging.getLogger("hf_snp")
@@ -60,6 +61,8 @@ class PruneRun:
 def resolve(model: str | PreTrainedModel, tokenizer: Any, image_processor: Any, config: PruneConfig) -> PruneRun:
     """Validate everything and load what is small (config, preprocessors, calibration) before the weights."""
     config.validate()
+    if config.quantize is not None:
+        require_torchao(config.quantize)
     if config.output_dir is not None:
         prepare_output_dir(config.output_dir, config.overwrite)
     source, loaded = None, None

@@ -1,0 +1,69 @@
+"""Prune, then quantize: the pruned model goes through transformers' torchao integration unchanged.
+
+The pruned model (stock class or hf_snp type) is written to a scratch directory in safetensors and loaded back with
+``from_pretrained(..., quantization_config=TorchAoConfig(scheme))``, the path any user of a pruned checkpoint would
+take; the result saves with ``save_pretrained`` and loads with ``from_pretrained`` where torchao is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+
+import torch
+from transformers import PreTrainedModel
+
+QUANTIZATIONS = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
+
+
+def require_torchao(scheme: str) -> None:
+    """Refuse ``quantize=scheme`` before any work when torchao is missing."""
+    if importlib.util.find_spec("torchao") is None:
+        raise ImportError(f"quantize={scheme!r} needs torchao: pip install 'hf_snp[quantize]' (or pip install torchao)")
+
+
+def torchao_config(scheme: str):
+    """The torchao config of a scheme name (``QUANTIZATIONS``)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    configs = {"int8_weight_only": Int8WeightOnlyConfig, "int8_dynamic": Int8DynamicActivationInt8WeightConfig,
+               "int4_weight_only": Int4WeightOnlyConfig}
+    if scheme not in configs:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {list(QUANTIZATIONS)}")
+    return configs[scheme]()
+
+
+def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the weights as stored (quantized tensors count their packed data and scales)."""
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        inner = [getattr(tensor, name) for name in getattr(tensor, "tensor_data_names", [])]
+        parts = [t for t in inner if isinstance(t, torch.Tensor)] or [tensor]
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+def quantize_pruned(model: PreTrainedModel, scheme: str) -> PreTrainedModel:
+    """``model`` reloaded through transformers with torchao's ``scheme`` applied to its linear layers."""
+    import transformers
+    from transformers import TorchAoConfig
+
+    from .adapters import get_adapter
+
+    auto = getattr(transformers, get_adapter(model.config).auto_class)
+    with tempfile.TemporaryDirectory(prefix="hf_snp_quantize_") as scratch:
+        model.save_pretrained(scratch)  # hf_snp types load through the Auto classes hf_snp registered
+        quantized = auto.from_pretrained(scratch, dtype=model.dtype,
+                                         quantization_config=TorchAoConfig(torchao_config(scheme)))
+    return quantized.eval()
+
+
+def quantize_result(result, scheme: str) -> None:
+    """Replace ``result.model`` (a PruneResult's) by its ``scheme`` quantization; the report records the scheme,
+    torchao's version and the weight bytes before and after."""
+    import torchao
+
+    before = weight_bytes(result.model)
+    result.model = quantize_pruned(result.model, scheme)
+    result.report["quantization"] = {"scheme": scheme, "library": f"torchao {torchao.__version__}",
+                                     "weight_bytes_before": before, "weight_bytes_after": weight_bytes(result.model)}
