@@ -102,8 +102,8 @@ class PruneConfig:
                                         "pruning (hf_snp.speed); the report and the model card show the speed-ups",
                                  RUNNING)
     quantize: str | None = option(None, "after pruning, quantize the linear layers with torchao through transformers "
-                                        "(TorchAoConfig): 'int8_weight_only', 'int8_dynamic' (int8 weights and "
-                                        "activations) or 'int4_weight_only'; result.model and the saved checkpoint are "
+                                        "(TorchAoConfig): 'int8_weight_only' or 'int8_dynamic' (int8 weights and "
+                                        "activations); result.model and the saved checkpoint are "
                                         "quantized (they load with from_pretrained where torchao is installed)",
                                   OUTPUT, choices=QUANTIZATIONS)
     output_dir: str | None = option(None, "save the model, its tokenizer (or image processor), the report and a "

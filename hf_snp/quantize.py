@@ -13,7 +13,7 @@ import tempfile
 import torch
 from transformers import PreTrainedModel
 
-QUANTIZATIONS = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
+QUANTIZATIONS = ("int8_weight_only", "int8_dynamic")  # int4 weight-only (tinygemm) needs CUDA and 128-wide groups
 
 
 def require_torchao(scheme: str) -> None:
@@ -24,10 +24,9 @@ def require_torchao(scheme: str) -> None:
 
 def torchao_config(scheme: str):
     """The torchao config of a scheme name (``QUANTIZATIONS``)."""
-    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
-    configs = {"int8_weight_only": Int8WeightOnlyConfig, "int8_dynamic": Int8DynamicActivationInt8WeightConfig,
-               "int4_weight_only": Int4WeightOnlyConfig}
+    configs = {"int8_weight_only": Int8WeightOnlyConfig, "int8_dynamic": Int8DynamicActivationInt8WeightConfig}
     if scheme not in configs:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {list(QUANTIZATIONS)}")
     return configs[scheme]()
@@ -55,6 +54,9 @@ def quantize_pruned(model: PreTrainedModel, scheme: str) -> PreTrainedModel:
         model.save_pretrained(scratch)  # hf_snp types load through the Auto classes hf_snp registered
         quantized = auto.from_pretrained(scratch, dtype=model.dtype,
                                          quantization_config=TorchAoConfig(torchao_config(scheme)))
+    if not any(type(module.weight).__module__.startswith("torchao") for module in quantized.modules()
+               if isinstance(module, torch.nn.Linear)):
+        raise RuntimeError(f"torchao's {scheme} quantized none of the model's linear layers")
     return quantized.eval()
 
 
