@@ -1,4 +1,4 @@
-"""Ablations of SNP on SmolLM2-135M (mlp + heads): ordering, reconstruction, allocation, blocks.
+"""Ablations of SNP on SmolLM2-135M (mlp + heads): orders, reconstruction and its target, allocation, blocks.
 
     python benchmarks/ablation.py [--sparsities 0.2,0.3,0.4] [--windows 16]
 
@@ -32,6 +32,9 @@ ROWS = {  # label -> prune() options on top of method="snp", targets=("mlp", "he
     "random order": {"ordering": "random"},
     "output-aware order": {"ordering": "output_aware"},
     "no reconstruction": {"reconstruct": False},
+    "dense-target reconstruction": {"reconstruction_target": "dense"},
+    "heads cut before MLP statistics": {"within_block": "sequential"},
+    "dense target, heads first": {"reconstruction_target": "dense", "within_block": "sequential"},
     "global allocation": {"allocation": "global"},
     "with blocks (candidate search)": {"targets": ("mlp", "heads", "blocks")},
 }

@@ -22,6 +22,8 @@ from .sites import GQA_MODES
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks", "experts")
 ALLOCATIONS = ("uniform", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+RECONSTRUCTION_TARGETS = ("pruned", "dense")
+WITHIN_BLOCK = ("joint", "sequential")
 
 # What a field is for. "pruning" fields decide the result (the report's top level and the checkpoint
 # fingerprint); the others say where the model comes from, where it runs and where it goes.
@@ -73,6 +75,14 @@ class PruneConfig:
     ordering: str = option("zca", "SNP ablation: which units go first ('zca', 'natural', 'random', 'output_aware')",
                            choices=ORDERINGS)
     reconstruct: bool = option(True, "SNP ablation: False skips the least-squares reconstruction (means only)")
+    reconstruction_target: str = option(
+        "pruned", "SNP: what the least-squares reconstruction fits: 'pruned' (the removed units, on the pruned "
+                  "model's stream) or 'dense' (the dense model's consumer output, from its hidden states streamed "
+                  "beside the pruned ones)", choices=RECONSTRUCTION_TARGETS)
+    within_block: str = option(
+        "joint", "with heads and MLP pruned in one block: 'joint' takes both sites' statistics before either is cut; "
+                 "'sequential' cuts the heads first and takes the MLP statistics on the cut attention's outputs "
+                 "(a second statistics run)", choices=WITHIN_BLOCK)
     calibration: Any = option("wikitext2", "text: 'wikitext2', 'c4', 'wikitext2-local', a .txt/.jsonl path, a list of "
                                            "strings, a datasets.Dataset or a LongTensor [N, L] of token ids; images: a "
                                            "folder, a datasets.Dataset with an image column, a list of PIL images, a "
@@ -210,6 +220,21 @@ class PruneConfig:
         if self.ordering != "zca" and self.method != "snp":
             raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; "
                              f"it does not apply to method {self.method!r}")
+        if self.reconstruction_target == "dense":
+            self._validate_dense_target()
+
+    def _validate_dense_target(self) -> None:
+        """reconstruction_target='dense' is SNP's least-squares map with another target (docs/design.md §3.7)."""
+        if self.method != "snp":
+            raise ValueError(f"reconstruction_target='dense' changes SNP's least-squares reconstruction; method "
+                             f"{self.method!r} does not reconstruct: use method='snp' or "
+                             "reconstruction_target='pruned'")
+        if not self.reconstruct:
+            raise ValueError("reconstruction_target='dense' is a least-squares reconstruction, which "
+                             "reconstruct=False turns off: drop one of the two")
+        if "experts" in self.targets:
+            raise ValueError("reconstruction_target='dense' cannot serve target 'experts' (whole experts are removed "
+                             "by routed energy, with nothing reconstructed): drop 'experts' or use 'pruned'")
 
     def settings(self) -> dict[str, Any]:
         """The fields that decide the result (the report's top level and the checkpoint fingerprint)."""

@@ -26,12 +26,13 @@ from .allocation import SiteCurve, WidthRules
 from .calibration import CalibrationData
 from .checkpoint import Checkpoint
 from .config import PruneConfig
+from .dense_target import DenseStream
 from .images import ImageCalibrationData
 from .methods import SiteInputs, get_method
 from .placement import BlockPlacement, input_device, move
 from .replay import ReplayCache, replay_outputs
 from .sites import Site
-from .stats import SiteStatistics
+from .stats import CrossMoments, SiteStatistics
 
 logger = logging.getLogger("hf_snp")
 
@@ -57,6 +58,7 @@ class BlockInput:
     layer_kwargs: list[dict[str, Any]]
     token_mask: torch.Tensor | None  # [B*L] bool, None when no token is padding
     kwargs: dict[str, Any] = field(default_factory=dict)
+    dense: torch.Tensor | None = None  # the dense model's hidden states (DenseStream; None: equal to ``hidden``)
 
     def enter(self, index: int) -> None:
         self.kwargs = self.layer_kwargs[index]
@@ -150,6 +152,7 @@ class BlockStream:
     calib: Calibration
     description: str
     checkpoint: Checkpoint | None = None
+    dense: DenseStream | None = None
     inputs: list[BlockInput] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
 
@@ -159,6 +162,8 @@ class BlockStream:
         with engine.timer("capture"):
             self.inputs = capture_block_inputs(engine.model, layers, self.calib, engine.config.batch_size,
                                                engine.store, engine.config.progress)
+        if self.dense is not None:
+            self.dense.start(self.inputs)
         if self.checkpoint is not None and self.checkpoint.completed:
             self.records = list(self.checkpoint.records)
             with engine.timer("resume"):
@@ -190,6 +195,9 @@ class BlockStream:
         placement = BlockPlacement.bring(block, engine.device)
         for item in self.inputs:
             item.enter(index)
+        if self.dense is not None:
+            self.dense.restored(block, self.inputs, any(key.endswith("_before") and record[key] != record[key[:-7]]
+                                                        for key in record))
         for site in engine.sites(block, index):
             site.reshape_like(record)
         block.load_state_dict(self.checkpoint.load_block(index), strict=True)
@@ -218,9 +226,10 @@ class StreamingEngine:
             return False
         return self.method.wants_added_bias if self.config.add_bias is None else self.config.add_bias
 
-    def site_inputs(self, site: Site, stats: SiteStatistics, steps: int) -> SiteInputs:
+    def site_inputs(self, site: Site, stats: SiteStatistics, steps: int, cross: CrossMoments | None = None
+                    ) -> SiteInputs:
         key = site.index * 2 + (site.kind == "heads")
-        return SiteInputs(stats, site.plan(steps), self.bias_available(site), site.consumer_weight, key)
+        return SiteInputs(stats, site.plan(steps), self.bias_available(site), site.consumer_weight, key, cross)
 
     @torch.no_grad()
     def score_blocks(self, calib: Calibration) -> tuple[list[float], FinalHidden]:
@@ -262,10 +271,11 @@ class StreamingEngine:
         """The cutting pass: prune every block, ``steps_for(site)`` removal steps per site. Returns one
         record per layer (each site's shape before and after) and, with ``keep_final``, the final
         hidden states of the pruned model."""
-        stream = BlockStream(self, calib, f"Pruning blocks ({self.method.name})", self.checkpoint)
+        dense = DenseStream(self) if self.config.reconstruction_target == "dense" else None
+        stream = BlockStream(self, calib, f"Pruning blocks ({self.method.name})", self.checkpoint, dense)
         for visit in stream:
             visit.record = self._prune_block(visit, stream.inputs, steps_for,
-                                             need_outputs=keep_final or not visit.is_last)
+                                             need_outputs=keep_final or not visit.is_last, dense=dense)
         return PassResult(stream.records, stream.final_hidden() if keep_final else None)
 
     def gather_statistics(self, block: nn.Module, sites: list[Site], inputs: list[BlockInput], keep_outputs: bool,
@@ -322,26 +332,56 @@ class StreamingEngine:
         return ReplayCache.for_block(self.adapter, block, active, tokens, inputs[0].hidden.element_size(), self.store,
                                      self.device)
 
+    def _cut_groups(self, active: list[tuple[Site, int]]) -> list[list[tuple[Site, int]]]:
+        """The sites cut after one statistics run each: all at once ('joint'), or with ``within_block='sequential'``
+        the heads first, then the others on the cut attention's outputs (docs/design.md §3.7)."""
+        heads = [pair for pair in active if pair[0].kind == "heads"]
+        others = [pair for pair in active if pair[0].kind != "heads"]
+        if self.config.within_block == "sequential" and heads and others:
+            return [heads, others]
+        return [active]
+
+    def _group_statistics(self, block: nn.Module, groups: list[list[Site]], number: int, inputs: list[BlockInput],
+                          cache: ReplayCache, dense: DenseStream | None, keep_dense: bool
+                          ) -> tuple[list[SiteStatistics], list[CrossMoments | None]]:
+        """Statistics of ``groups[number]`` on the block as cut so far (with the dense side, §3.7)."""
+        group = groups[number]
+        if dense is not None and number == 0:
+            later = [site for sites in groups[1:] for site in sites]
+            return dense.gather_first(block, group, later, inputs, keep_dense, cache.record)
+        if dense is not None:
+            return dense.gather_later(block, group, inputs, cache.record)
+        with self.timer("statistics" if number == 0 else "statistics_after_heads"):
+            stats = self.gather_statistics(block, group, inputs, keep_outputs=False, extra_hooks=cache.record)
+        return stats, [None] * len(stats)
+
     def _prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],
-                     need_outputs: bool) -> dict:
+                     need_outputs: bool, dense: DenseStream | None = None) -> dict:
         sites = self.sites(visit.block, visit.index)
         active = [(site, steps) for site in sites if (steps := steps_for(site)) > 0]
+        keep_dense = dense is not None and not visit.is_last
         if not active:
+            if keep_dense and dense.diverged:
+                dense.advance(visit.block, inputs)
             with self.timer("recompute"):
                 self.run_block(visit.block, inputs, keep_outputs=need_outputs)
         else:
             cache = self._replay_cache(visit.block, [site for site, _ in active], inputs, need_outputs)
-            with self.timer("statistics"):
-                stats = self.gather_statistics(visit.block, [site for site, _ in active], inputs, keep_outputs=False,
-                                               extra_hooks=cache.record)
+            groups = self._cut_groups(active)
             keep = None
-            for (site, steps), site_stats in zip(active, stats):
-                with self.timer("decide"):
-                    decision = site.decide(self.method, self.site_inputs(site, site_stats, steps), self.config)
-                with self.timer("cut"):
-                    site.apply(decision)
-                keep = decision.keep if site is cache.mlp_site else keep
-            del stats
+            for number, group in enumerate(groups):
+                stats, cross = self._group_statistics(visit.block, [[site for site, _ in g] for g in groups], number,
+                                                      inputs, cache, dense, keep_dense)
+                for (site, steps), site_stats, site_cross in zip(group, stats, cross):
+                    with self.timer("decide"):
+                        decision = site.decide(self.method, self.site_inputs(site, site_stats, steps, site_cross),
+                                               self.config)
+                    with self.timer("cut"):
+                        site.apply(decision)
+                    keep = decision.keep if site is cache.mlp_site else keep
+                del stats, cross
+            if dense is not None:
+                dense.diverged = True
             if need_outputs:
                 with self.timer("recompute"), cache.replaying(keep):
                     self.run_block(visit.block, inputs, keep_outputs=True)

@@ -223,11 +223,7 @@ class ExpertLayer:
         for expert, decision in enumerate(decisions):
             keep = decision.keep.to(gate_up.device)
             rows.append(gate_up[expert, torch.cat([keep, keep + width])])
-            weight = down[expert].to(torch.float64)
-            kept = weight[:, keep]
-            if decision.coef is not None:
-                kept = kept + weight[:, decision.drop.to(keep.device)] @ decision.coef.to(weight)
-            columns.append(kept.to(down.dtype))
+            columns.append(decision.fold(down[expert].to(torch.float64))[0].to(down.dtype))
         grad = experts.down_proj.requires_grad
         experts.gate_up_proj = nn.Parameter(torch.stack(rows).contiguous(), requires_grad=grad)
         experts.down_proj = nn.Parameter(torch.stack(columns).contiguous(), requires_grad=grad)

@@ -88,6 +88,21 @@ def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tens
     return torch.cholesky_solve(moment[keep][:, drop], factor).T
 
 
+def dense_target_map(moment: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
+    """The [N, K] mix with W'_K = W mix, the least-squares fit of the dense consumer output W h^d on the pruned
+    model's kept units (docs/design.md §3.7): mix = I_:K + (C_:K - I_:K M_KK) (M_KK + lambda I)^{-1}, ``moment`` M
+    of the pruned units, ``cross`` C = E[h^d h~^T]. The damping pulls W'_K towards W_K, so C = M gives §3.6's map."""
+    n, k = cross.shape[0], len(keep)
+    if k == 0:
+        return cross.new_zeros(n, 0)
+    kept = moment[keep][:, keep]
+    residual = cross[:, keep].clone()
+    residual[keep] -= kept
+    mix = torch.cholesky_solve(residual.T, robust_cholesky(kept, damping)).T
+    mix[keep, torch.arange(k, device=mix.device)] += 1
+    return mix
+
+
 def spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
     """Inverses of a batch of symmetric positive definite blocks by Cholesky (no pivoting). Batched LU
     inversion (``torch.linalg.inv``) was seen to fail intermittently on CPU in MKL (invalid pivots from DLASWP)

@@ -75,7 +75,8 @@ class Decision:
     """What to do with one site: keep these units, fold the removed ones into the consumer.
 
     The consumer becomes W'_K = W_K + W_P coef and b' = b + W_P shift (docs/design.md §3.6, §5.3).
-    ``coef`` None means no reconstruction; ``shift`` None means no bias change.
+    ``coef`` None means no reconstruction; ``shift`` None means no bias change. With ``mix`` [N, K] (dense-target
+    reconstruction, §3.7) every column takes part: W'_K = W mix, and ``shift`` spans all N units: b' = b + W shift.
     """
 
     keep: torch.Tensor
@@ -83,6 +84,18 @@ class Decision:
     coef: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     removed_groups: list[int] = field(default_factory=list)
+    mix: torch.Tensor | None = None
+
+    def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The consumer's new kept columns and its bias change (None: no change), from its weight W [out, N]."""
+        device = weight.device
+        if self.mix is not None:
+            delta = None if self.shift is None else weight @ self.shift.to(device)
+            return weight @ self.mix.to(device), delta
+        w_keep, w_drop = weight[:, self.keep.to(device)], weight[:, self.drop.to(device)]
+        if self.coef is not None:
+            w_keep = w_keep + w_drop @ self.coef.to(device)
+        return w_keep, None if self.shift is None else w_drop @ self.shift.to(device)
 
 
 def split(num_units: int, drop: list[int] | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

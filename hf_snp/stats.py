@@ -1,4 +1,5 @@
-"""Per-site activation statistics (docs/design.md §2): s = sum h, G = sum h h^T, T = token count.
+"""Per-site activation statistics (docs/design.md §2): s = sum h, G = sum h h^T, T = token count; and the
+cross moments of the dense and pruned models' units for dense-target reconstruction (§3.7).
 
 Accumulated in float32 on the execution device. The running sums are taken around a
 shift c (the mean of the first batch) so that the covariance does not lose its small
@@ -71,3 +72,52 @@ class SiteStatistics:
         if centered:
             return sigma, mu
         return sigma + torch.outer(mu, mu), mu
+
+
+class CrossMoments:
+    """Running cross moments of the dense model's units h^d and the pruned model's h~ at one site, paired token by
+    token (docs/design.md §3.7): E[(h^d - mu^d)(h~ - mu~)^T] or E[h^d h~^T], and mu^d. Accumulated in float32 around
+    shifts (each stream's first-batch mean), like :class:`SiteStatistics`."""
+
+    def __init__(self, name: str, num_units: int, device: torch.device):
+        self.name, self.n = name, num_units
+        self.shifts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sum_dense = torch.zeros(num_units, dtype=torch.float32, device=device)
+        self.sum_pruned = torch.zeros(num_units, dtype=torch.float32, device=device)
+        self.cross = torch.zeros(num_units, num_units, dtype=torch.float32, device=device)
+        self.count = 0
+        self.token_mask: torch.Tensor | None = None  # [B*L] bool for the batch being run (both streams)
+
+    def update(self, dense: torch.Tensor, pruned: torch.Tensor) -> None:
+        """Add one batch: ``dense`` and ``pruned`` are the same tokens' units in the two models."""
+        dense, pruned = dense.reshape(-1, self.n), pruned.reshape(-1, self.n).to(dense.device)
+        if dense.shape != pruned.shape:
+            raise RuntimeError(f"{self.name}: {dense.shape[0]} dense and {pruned.shape[0]} pruned tokens to pair")
+        if self.token_mask is not None:
+            mask = self.token_mask.to(dense.device)
+            dense, pruned = dense[mask], pruned[mask]
+        if dense.shape[0] == 0:
+            return
+        dense, pruned = dense.to(torch.float32), pruned.to(torch.float32)
+        if self.shifts is None:
+            self.shifts = (dense.mean(0), pruned.mean(0))
+        dense, pruned = dense - self.shifts[0], pruned - self.shifts[1]
+        batch_sum = dense.sum(0)
+        if not torch.isfinite(batch_sum).all():  # the pruned units are checked by their SiteStatistics
+            raise NonFiniteActivationError(f"NaN or inf in the dense model's activations entering {self.name}")
+        self.sum_dense += batch_sum
+        self.sum_pruned += pruned.sum(0)
+        self.cross.addmm_(dense.T, pruned)
+        self.count += dense.shape[0]
+
+    def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, mu^d) in float64: C the cross covariance (centered) or the raw cross moment E[h^d h~^T]."""
+        if self.count == 0:
+            raise RuntimeError(f"no calibration tokens reached {self.name}")
+        mean_dense = self.sum_dense.to(torch.float64) / self.count
+        mean_pruned = self.sum_pruned.to(torch.float64) / self.count
+        cross = self.cross.to(torch.float64) / self.count - torch.outer(mean_dense, mean_pruned)
+        mu_dense = mean_dense + self.shifts[0].to(torch.float64)
+        if centered:
+            return cross, mu_dense
+        return cross + torch.outer(mu_dense, mean_pruned + self.shifts[1].to(torch.float64)), mu_dense

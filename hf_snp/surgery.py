@@ -30,19 +30,14 @@ def keep_rows(module: nn.Module, rows: torch.Tensor, transposed: bool = False) -
 
 
 def fold_into_consumer(module: nn.Module, decision: Decision, transposed: bool = False) -> bool:
-    """Apply W'_K = W_K + W_P coef, b' = b + W_P shift (W as [out, in]: a Conv1D's weight transposed);
-    returns True if a bias was added."""
-    dtype, device = module.weight.dtype, module.weight.device
+    """Apply W'_K = W_K + W_P coef, b' = b + W_P shift (or the dense-target mix, ``Decision.fold``; W as [out, in]:
+    a Conv1D's weight transposed); returns True if a bias was added."""
+    dtype = module.weight.dtype
     weight = module.weight.data.to(torch.float64)
-    weight = weight.T if transposed else weight
-    keep, drop = decision.keep.to(device), decision.drop.to(device)
-    w_keep, w_drop = weight[:, keep], weight[:, drop]
-    if decision.coef is not None:
-        w_keep = w_keep + w_drop @ decision.coef.to(device)
+    w_keep, delta = decision.fold(weight.T if transposed else weight)
     bias = None if module.bias is None else module.bias.data
     added = False
-    if decision.shift is not None:
-        delta = w_drop @ decision.shift.to(device)
+    if delta is not None:
         if bias is None:
             added, bias = True, delta.to(dtype)
         else:

@@ -31,6 +31,8 @@ EXAMPLES = {
     "add_bias": (["--no-add-bias"], False),
     "ordering": (["--ordering", "natural"], "natural"),
     "reconstruct": (["--no-reconstruct"], False),
+    "reconstruction_target": (["--reconstruction-target", "dense"], "dense"),
+    "within_block": (["--within-block", "sequential"], "sequential"),
     "calibration": (["--calibration", "c4"], "c4"),
     "num_samples": (["--num-samples", "16"], 16),
     "seq_len": (["--seq-len", "64"], 64),

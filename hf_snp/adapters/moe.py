@@ -92,7 +92,8 @@ class MoEAdapter(LlamaFamilyAdapter):
 
     def check_run(self, config, model_config: PretrainedConfig) -> None:
         """Refused before any work: global allocation of expert units (the experts of a layer would get different
-        widths), ``add_bias=True`` with "mlp" (the stacked experts have no bias), "blocks" where dense and MoE
+        widths), ``add_bias=True`` or ``reconstruction_target='dense'`` with "mlp" (the stacked experts have no bias;
+        routing differs between the dense and pruned models), "blocks" where dense and MoE
         layers mix, and an "experts" budget that would leave fewer experts than each token is routed to."""
         super().check_run(config, model_config)
         expert_targets = [t for t in ("mlp", "experts") if t in config.targets]
@@ -108,6 +109,11 @@ class MoEAdapter(LlamaFamilyAdapter):
                 "stacked tensor with no bias and the stock experts implementations have no place for one (the shared "
                 "expert's output is scaled by its gate), so no mean shift can be folded; leave add_bias unset "
                 "(VBP then ranks by variance without the shift) or prune targets=('heads',) with add_bias=True")
+        if "mlp" in config.targets and config.reconstruction_target == "dense":
+            raise ValueError(
+                "reconstruction_target='dense' cannot reconstruct routed experts: the router sends a token to other "
+                "experts in the dense and the pruned model, so their units cannot be paired token by token "
+                "(docs/design.md §3.7); use reconstruction_target='pruned', or prune targets=('heads',)")
         if "blocks" in config.targets and self.has_dense_layers and self.dense_layers(model_config):
             raise ValueError(
                 f"cannot remove blocks of this {model_config.model_type} model: whether a layer is dense or a "

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..removal import Decision, RemovalPlan, group_sums, select_by_score
-from ..stats import SiteStatistics
+from ..stats import CrossMoments, SiteStatistics
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -25,6 +25,7 @@ class SiteInputs:
     bias_available: bool  # the consumer has a bias, or one may be added
     consumer_weight: torch.Tensor  # W of the consumer linear (float32/64, on the stats device)
     key: int  # a stable id of the site, for seeding
+    cross: CrossMoments | None = None  # dense-target reconstruction where the streams differ (docs/design.md §3.7)
 
 
 class PruningMethod:

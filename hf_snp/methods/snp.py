@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..linalg import greedy_group_elimination, greedy_zca_elimination, least_squares_map, ordered_pivot_costs
+from ..linalg import (
+    dense_target_map,
+    greedy_group_elimination,
+    greedy_zca_elimination,
+    least_squares_map,
+    ordered_pivot_costs,
+)
 from ..removal import Decision, select_by_score
 from .base import PruningMethod, SiteInputs, register_method
 
@@ -49,7 +55,12 @@ class SNP(PruningMethod):
         if not config.reconstruct:
             return super().compensate(site, decision, config)
         moment, mu = site.stats.moments(centered=site.bias_available)
-        if len(decision.drop) and len(decision.keep):
+        if site.cross is not None:  # the dense model's consumer output on the kept units (docs/design.md §3.7)
+            cross, mu_dense = site.cross.moments(centered=site.bias_available)
+            decision.mix = dense_target_map(moment, cross, decision.keep, config.damping)
+            if site.bias_available:
+                decision.shift = mu_dense - decision.mix @ mu[decision.keep]
+        elif len(decision.drop) and len(decision.keep):
             decision.coef = least_squares_map(moment, decision.keep, decision.drop, config.damping)
             if site.bias_available:
                 decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep]
