@@ -1,4 +1,4 @@
-"""Ablations of SNP on SmolLM2-135M (mlp + heads): orders, reconstruction and its target, allocation, blocks.
+"""Ablations of SNP on SmolLM2-135M (mlp + heads): orders, reconstruction, its target and ridge, allocation, blocks.
 
     python benchmarks/ablation.py [--sparsities 0.2,0.3,0.4] [--windows 16]
 
@@ -31,10 +31,12 @@ ROWS = {  # label -> prune() options on top of method="snp", targets=("mlp", "he
     "natural order": {"ordering": "natural"},
     "random order": {"ordering": "random"},
     "output-aware order": {"ordering": "output_aware"},
+    "OBS order (W updated)": {"ordering": "obs"},
     "no reconstruction": {"reconstruct": False},
     "dense-target reconstruction": {"reconstruction_target": "dense"},
     "heads cut before MLP statistics": {"within_block": "sequential"},
     "dense target, heads first": {"reconstruction_target": "dense", "within_block": "sequential"},
+    "ridge chosen on held-out tokens": {"ridge": "heldout"},
     "global allocation": {"allocation": "global"},
     "with blocks (candidate search)": {"targets": ("mlp", "heads", "blocks")},
 }

@@ -24,6 +24,7 @@ ALLOCATIONS = ("uniform", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RECONSTRUCTION_TARGETS = ("pruned", "dense")
 WITHIN_BLOCK = ("joint", "sequential")
+RIDGES = ("fixed", "heldout")
 
 # What a field is for. "pruning" fields decide the result (the report's top level and the checkpoint
 # fingerprint); the others say where the model comes from, where it runs and where it goes.
@@ -72,7 +73,8 @@ class PruneConfig:
     damping: float = option(1e-6, "lambda of lambda*mean(diag) added to the statistics before factoring them")
     add_bias: bool | None = option(None, "allow adding a bias to a consumer that has none (default: the method "
                                          "decides; VBP adds one for its mean shift, SNP keeps the stock architecture)")
-    ordering: str = option("zca", "SNP ablation: which units go first ('zca', 'natural', 'random', 'output_aware')",
+    ordering: str = option("zca", "SNP ablation: which units go first ('zca', 'natural', 'random', 'output_aware', "
+                                  "'obs': least added output error given the reconstruction so far)",
                            choices=ORDERINGS)
     reconstruct: bool = option(True, "SNP ablation: False skips the least-squares reconstruction (means only)")
     reconstruction_target: str = option(
@@ -83,6 +85,11 @@ class PruneConfig:
         "joint", "with heads and MLP pruned in one block: 'joint' takes both sites' statistics before either is cut; "
                  "'sequential' cuts the heads first and takes the MLP statistics on the cut attention's outputs "
                  "(a second statistics run)", choices=WITHIN_BLOCK)
+    ridge: str = option(
+        "fixed", "SNP: the ridge of the least-squares reconstruction: 'fixed' (`damping`) or 'heldout' (per site, the "
+                 "lambda of a grid whose map, fitted on the other folds of the calibration tokens, best predicts each "
+                 "fold's consumer output; reported as mlp_ridge / heads_ridge)", choices=RIDGES)
+    ridge_folds: int = option(2, "folds of the calibration tokens for ridge='heldout' (2 to 4)")
     calibration: Any = option("wikitext2", "text: 'wikitext2', 'c4', 'wikitext2-local', a .txt/.jsonl path, a list of "
                                            "strings, a datasets.Dataset or a LongTensor [N, L] of token ids; images: a "
                                            "folder, a datasets.Dataset with an image column, a list of PIL images, a "
@@ -222,6 +229,20 @@ class PruneConfig:
                              f"it does not apply to method {self.method!r}")
         if self.reconstruction_target == "dense":
             self._validate_dense_target()
+        if not isinstance(self.ridge_folds, int) or isinstance(self.ridge_folds, bool) \
+                or not 2 <= self.ridge_folds <= 4:
+            raise ValueError(f"ridge_folds must be an integer from 2 to 4, got {self.ridge_folds!r}")
+        if self.ridge == "heldout":
+            self._validate_heldout_ridge()
+
+    def _validate_heldout_ridge(self) -> None:
+        """ridge='heldout' chooses the λ of SNP's least-squares map of the removed units (docs/design.md §3.8)."""
+        if self.method != "snp" or not self.reconstruct:
+            raise ValueError("ridge='heldout' chooses the ridge of SNP's least-squares reconstruction; it needs "
+                             "method='snp' and reconstruct=True (or use ridge='fixed')")
+        if self.reconstruction_target == "dense":
+            raise ValueError("ridge='heldout' is not implemented for reconstruction_target='dense' (its cross moments "
+                             "are not split into folds): use one of the two")
 
     def _validate_dense_target(self) -> None:
         """reconstruction_target='dense' is SNP's least-squares map with another target (docs/design.md §3.7)."""

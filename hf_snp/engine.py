@@ -279,10 +279,10 @@ class StreamingEngine:
         return PassResult(stream.records, stream.final_hidden() if keep_final else None)
 
     def gather_statistics(self, block: nn.Module, sites: list[Site], inputs: list[BlockInput], keep_outputs: bool,
-                          extra_hooks: Callable[[], list] = list) -> list[SiteStatistics]:
+                          extra_hooks: Callable[[], list] = list, folds: int = 1) -> list[SiteStatistics]:
         """Run ``block`` on every batch with each site's statistics hooks (``Site.observe``: by default one
-        pre-hook on its consumer)."""
-        stats = [site.new_statistics(self.device) for site in sites]
+        pre-hook on its consumer); ``folds``: the token folds of held-out ridge selection (docs/design.md §3.8)."""
+        stats = [site.new_statistics(self.device, folds) for site in sites]
         handles = [handle for site, s in zip(sites, stats) for handle in site.observe(s)]
         handles += extra_hooks()
         try:
@@ -352,7 +352,8 @@ class StreamingEngine:
         if dense is not None:
             return dense.gather_later(block, group, inputs, cache.record)
         with self.timer("statistics" if number == 0 else "statistics_after_heads"):
-            stats = self.gather_statistics(block, group, inputs, keep_outputs=False, extra_hooks=cache.record)
+            stats = self.gather_statistics(block, group, inputs, keep_outputs=False, extra_hooks=cache.record,
+                                           folds=self.config.ridge_folds if self.config.ridge == "heldout" else 1)
         return stats, [None] * len(stats)
 
     def _prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],
@@ -376,6 +377,7 @@ class StreamingEngine:
                     with self.timer("decide"):
                         decision = site.decide(self.method, self.site_inputs(site, site_stats, steps, site_cross),
                                                self.config)
+                    site.ridge = decision.ridge
                     with self.timer("cut"):
                         site.apply(decision)
                     keep = decision.keep if site is cache.mlp_site else keep

@@ -298,9 +298,13 @@ class ExpertSite(_RoutedSite):
     def num_units(self) -> int:
         return self.moe.width
 
-    def new_statistics(self, device: torch.device) -> SiteStatistics:
+    def new_statistics(self, device: torch.device, folds: int = 1) -> SiteStatistics:
         return SiteStatistics(f"{self.name} ({type(self.moe.experts).__name__}, routed tokens)", self.num_units,
-                              device)
+                              device, folds)
+
+    @property
+    def ridge_key(self) -> str:
+        return f"expert_{self.expert}_ridge"
 
     def observe(self, stats: SiteStatistics) -> list:
         return [self.moe.attach(self.expert, stats)]
@@ -381,7 +385,7 @@ class ExpertSetSite(_RoutedSite):
     def num_units(self) -> int:
         return self.moe.num_experts
 
-    def new_statistics(self, device: torch.device) -> ExpertEnergy:
+    def new_statistics(self, device: torch.device, folds: int = 1) -> ExpertEnergy:
         return ExpertEnergy(f"{self.name} ({type(self.moe.experts).__name__})", self.num_units, device)
 
     def observe(self, stats: ExpertEnergy) -> list:
@@ -442,6 +446,10 @@ class SharedExpertSite(MlpSite):
     @property
     def name(self) -> str:
         return f"layer {self.index} shared expert"
+
+    @property
+    def ridge_key(self) -> str:
+        return "shared_expert_ridge"
 
     def shape(self) -> LayerShape:
         return LayerShape(shared_expert_intermediate_size=self.num_units)

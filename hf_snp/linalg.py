@@ -1,4 +1,4 @@
-"""The linear algebra of SNP: damping, greedy ZCA elimination, least-squares reconstruction
+"""The linear algebra of SNP: damping, greedy ZCA and OBS elimination, least-squares reconstruction
 (docs/design.md §2.3, §3)."""
 
 from __future__ import annotations
@@ -68,6 +68,40 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
     return removed, unique_variance
 
 
+def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remove: int,
+                           damping: float) -> tuple[list[int], list[float]]:
+    """Structured OBS (ZipLM, OSSCAR; docs/design.md §3.5): remove, one at a time, the unit q whose removal adds
+    the least consumer-output error given the reconstruction so far, err_q = ||W_eff[:, q]||^2 / [Q]_qq.
+
+    W_eff starts as the consumer weight W [out, n]; removing q sets W_eff <- W_eff - W_eff[:, q] Q_q: / Q_qq (the
+    least-squares fold of q into the remaining columns) and downdates Q like :func:`greedy_zca_elimination`
+    (left-looking, O(n * step)); the W_eff update and the column energies cost O(n * out) per step. Returns
+    the removed units and their err_q, which add up to the output error of the least-squares map on the rest.
+    """
+    n = moment.shape[0]
+    if num_remove <= 0:
+        return [], []
+    precision = torch.cholesky_inverse(robust_cholesky(moment, damping))
+    rows = weight.to(moment).T.contiguous()  # [n, out]: row i is W_eff[:, i]
+    tiny = torch.finfo(moment.dtype).tiny
+    cols = precision.new_zeros(n, num_remove)
+    diag = precision.diagonal().clone()
+    alive = torch.ones(n, dtype=torch.bool, device=moment.device)
+    removed, errors = [], []
+    for step in range(num_remove):
+        error = torch.linalg.vector_norm(rows, dim=1).pow(2) / diag.clamp_min(tiny)
+        p = int(torch.where(alive, error, torch.full_like(error, torch.inf)).argmin())
+        pivot = diag[p].clamp_min(tiny)
+        col = precision[:, p] - cols[:, :step] @ cols[p, :step]  # the current Q_:p
+        rows.addr_(col, rows[p] / pivot, alpha=-1)  # W_eff <- W_eff - W_eff[:, p] Q_p: / Q_pp
+        cols[:, step] = col / pivot.sqrt()
+        diag -= cols[:, step] ** 2
+        alive[p] = False
+        removed.append(p)
+        errors.append(float(error[p]))
+    return removed, errors
+
+
 def _lapack_pivoted_cholesky(precision: torch.Tensor, num_remove: int) -> tuple[list[int], list[float]] | None:
     """The same elimination by LAPACK's blocked pivoted Cholesky (``dpstrf``: largest remaining
     diagonal first), several times faster than the column loop on CPU. None when it stops early
@@ -113,8 +147,8 @@ def spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(factor)
 
 
-def greedy_group_elimination(moment: torch.Tensor, plan, damping: float,
-                             weight: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+def greedy_group_elimination(moment: torch.Tensor, plan, damping: float, weight: torch.Tensor | None = None,
+                             update_weight: bool = False) -> tuple[list[int], list[float]]:
     """Group version of the greedy elimination, following ``plan.schedule``.
 
     At each step, among the step's candidate groups, remove the group g with the least
@@ -122,8 +156,11 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float,
     downdate Q by the Schur complement of that block (rank group_size). Returns the
     removed groups in order and their r_g, the conditional variance each kept last. With the
     consumer ``weight`` W the score is the output error tr(W_g ([Q]_gg)^{-1} W_g^T) instead.
+    With ``update_weight`` (structured OBS, docs/design.md §3.5) W is the reconstruction so far, W_eff: after
+    removing g, W_eff <- W_eff - W_eff[:, g] ([Q]_gg)^{-1} Q_g:.
     """
     precision = torch.cholesky_inverse(robust_cholesky(moment, damping))
+    weight = None if weight is None else weight.to(moment)
     alive = [True] * plan.num_groups
     removed, unique_variance = [], []
     for pool in plan.schedule:
@@ -133,12 +170,15 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float,
         if weight is None:
             scores = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)
         else:
-            w = weight.to(moment)[:, idx].permute(1, 0, 2)  # [candidates, out, group]
+            w = weight[:, idx].permute(1, 0, 2)  # [candidates, out, group]
             scores = torch.einsum("com,cmn,con->c", w, blocks, w)
         best = int(torch.argmin(scores))
         group, units = candidates[best], idx[best]
         cross = precision[:, units]
-        precision = precision - cross @ torch.linalg.solve(precision[units][:, units], cross.T)
+        solved = torch.linalg.solve(precision[units][:, units], cross.T)  # ([Q]_gg)^{-1} Q_g:
+        if update_weight:
+            weight = weight - weight[:, units] @ solved
+        precision = precision - cross @ solved
         alive[group] = False
         removed.append(group)
         unique_variance.append(float(scores[best]))

@@ -85,6 +85,7 @@ class Decision:
     shift: torch.Tensor | None = None
     removed_groups: list[int] = field(default_factory=list)
     mix: torch.Tensor | None = None
+    ridge: float | None = None  # the λ chosen on held-out tokens (ridge="heldout", docs/design.md §3.8)
 
     def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The consumer's new kept columns and its bias change (None: no change), from its weight W [out, N]."""

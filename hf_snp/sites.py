@@ -51,6 +51,12 @@ class Site:
     def __init__(self, layer: nn.Module, index: int):
         self.layer, self.index = layer, index
         self.bias_added = False
+        self.ridge: float | None = None  # the λ its reconstruction used, when chosen on held-out tokens (§3.8)
+
+    @property
+    def ridge_key(self) -> str:
+        """The record key of the held-out ridge (docs/design.md §3.8)."""
+        return f"{self.kind}_ridge"
 
     @property
     def consumer_linear(self) -> nn.Module:
@@ -90,8 +96,9 @@ class Site:
         once every site's has run)."""
         return self.consumer_linear
 
-    def new_statistics(self, device: torch.device) -> SiteStatistics:
-        return SiteStatistics(f"{self.name} ({type(self.consumer_linear).__name__} input)", self.num_units, device)
+    def new_statistics(self, device: torch.device, folds: int = 1) -> SiteStatistics:
+        return SiteStatistics(f"{self.name} ({type(self.consumer_linear).__name__} input)", self.num_units, device,
+                              folds)
 
     def observe(self, stats: SiteStatistics) -> list:
         """Hooks that feed ``stats`` with the units entering the consumer (objects with ``remove()``)."""
@@ -141,8 +148,11 @@ class Site:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """The site's keys of the report's per-layer record (``LayerShape.to_record``)."""
-        return self.shape().to_record(self.shape_before(), self.fields)
+        """The site's keys of the report's per-layer record (``LayerShape.to_record``, and a held-out ridge)."""
+        record = self.shape().to_record(self.shape_before(), self.fields)
+        if self.ridge is not None:
+            record[self.ridge_key] = self.ridge
+        return record
 
     def reshape_like(self, record: dict) -> None:
         """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""

@@ -13,7 +13,7 @@ from ..stats import CrossMoments, SiteStatistics
 if TYPE_CHECKING:
     from ..config import PruneConfig
 
-ORDERINGS = ("zca", "natural", "random", "output_aware")
+ORDERINGS = ("zca", "natural", "random", "output_aware", "obs")
 
 
 @dataclass

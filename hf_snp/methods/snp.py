@@ -9,11 +9,13 @@ import torch
 from ..linalg import (
     dense_target_map,
     greedy_group_elimination,
+    greedy_obs_elimination,
     greedy_zca_elimination,
     least_squares_map,
     ordered_pivot_costs,
 )
 from ..removal import Decision, select_by_score
+from ..ridge import choose_ridge
 from .base import PruningMethod, SiteInputs, register_method
 
 if TYPE_CHECKING:
@@ -34,6 +36,10 @@ class SNP(PruningMethod):
     def order(self, site: SiteInputs, config: PruneConfig) -> tuple[list[int], list[float]]:
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
+        if config.ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
+            if plan.group_size == 1 and len(plan.pools) == 1:
+                return greedy_obs_elimination(moment, site.consumer_weight, plan.rounds, config.damping)
+            return greedy_group_elimination(moment, plan, config.damping, site.consumer_weight, update_weight=True)
         if config.ordering in ("zca", "output_aware"):
             weight = site.consumer_weight if config.ordering == "output_aware" else None
             if plan.group_size == 1 and len(plan.pools) == 1:
@@ -61,7 +67,11 @@ class SNP(PruningMethod):
             if site.bias_available:
                 decision.shift = mu_dense - decision.mix @ mu[decision.keep]
         elif len(decision.drop) and len(decision.keep):
-            decision.coef = least_squares_map(moment, decision.keep, decision.drop, config.damping)
+            ridge = config.damping
+            if config.ridge == "heldout":  # the λ that predicts held-out tokens best (docs/design.md §3.8)
+                ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.consumer_weight,
+                                                      decision.keep, decision.drop, config.damping)
+            decision.coef = least_squares_map(moment, decision.keep, decision.drop, ridge)
             if site.bias_available:
                 decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep]
         elif len(decision.drop) and site.bias_available:  # nothing kept: the best constant is the mean

@@ -1,0 +1,69 @@
+"""The ridge of SNP's least-squares map chosen on held-out calibration tokens (docs/design.md §3.8).
+
+The statistics keep one Gram per fold (``SiteStatistics(folds=k)``). For each λ of a grid, fold f's error is that
+of the map fitted on the other folds, evaluated on fold f: a quadratic form in the fold moments, so no activation
+is kept. One eigendecomposition of each training M_KK serves the whole grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .stats import SiteStatistics
+
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # λ relative to mean(diag M_KK), like ``linalg.damped``
+
+
+def ridge_grid(damping: float) -> list[float]:
+    """The candidates: the fixed grid and ``damping`` (so the choice never loses to it on held-out tokens)."""
+    return sorted({*RIDGE_GRID, float(damping)})
+
+
+def _output_factor(weight: torch.Tensor) -> torch.Tensor:
+    """A matrix F with F^T F = W^T W and at most as many rows as columns (the error depends on W only so)."""
+    if weight.shape[0] <= weight.shape[1]:
+        return weight
+    return torch.linalg.qr(weight, mode="r")[1]
+
+
+def heldout_errors(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
+                   drop: torch.Tensor, grid: list[float]) -> torch.Tensor:
+    """Per λ of ``grid``: the consumer-output error of predicting the removed units, each fold predicted by the map
+    B_f = M^{-f}_PK (M^{-f}_KK + λ·mean(diag M^{-f}_KK)·I)⁻¹ fitted on the other folds, summed over all tokens and
+    divided by their count: Σ_f (T_f/T) tr(W_P (E_PP − B E_KP − E_PK Bᵀ + B E_KK Bᵀ) W_Pᵀ), E the moment of fold f
+    (centred: about the training folds' mean, whose intercept the affine map takes). ``weight`` is the consumer's
+    W [out, N]. Folds with no token, or no token outside them, are skipped."""
+    factor = _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
+    errors = torch.zeros(len(grid), dtype=torch.float64, device=factor.device)
+    ridges = torch.tensor(grid, dtype=torch.float64, device=factor.device)
+    for fold in range(stats.folds):
+        others = [f for f in range(stats.folds) if f != fold]
+        if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
+            continue
+        train, mu_train = stats.moments(centered, others)
+        held, mu_held = stats.moments(centered, [fold])
+        if centered:
+            held = held + torch.outer(mu_held - mu_train, mu_held - mu_train)
+        kept = train[keep][:, keep]
+        values, vectors = torch.linalg.eigh(kept)
+        fitted = factor @ train[drop][:, keep] @ vectors  # F M^{-f}_PK V: W_P B = fitted diag(d) V^T
+        seen = factor @ held[drop][:, keep] @ vectors
+        quadratic = (fitted.T @ fitted) * (vectors.T @ held[keep][:, keep] @ vectors)
+        linear = (fitted * seen).sum(0)
+        constant = (factor @ held[drop][:, drop] * factor).sum()
+        scale = kept.diagonal().mean().clamp_min(torch.finfo(kept.dtype).tiny)
+        d = 1.0 / (values.clamp_min(0)[None, :] + ridges[:, None] * scale).clamp_min(torch.finfo(kept.dtype).tiny)
+        fold_error = constant - 2 * d @ linear + ((d @ quadratic) * d).sum(1)
+        errors += stats.fold_counts[fold] / stats.count * fold_error
+    return errors
+
+
+def choose_ridge(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
+                 drop: torch.Tensor, damping: float) -> float:
+    """The λ of ``ridge_grid(damping)`` with the least held-out error (ties: the smaller λ; ``damping`` when no
+    fold can be held out)."""
+    grid = ridge_grid(damping)
+    errors = heldout_errors(stats, centered, weight, keep, drop, grid)
+    if not bool(errors.any()):
+        return float(damping)
+    return grid[int(torch.argmin(errors))]
