@@ -27,20 +27,24 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OP
 
 import hf_snp
 from hf_snp.calibration import packaged_text
+from hf_snp.evaluation import perplexity
 from hf_snp.loading import demo_model_source, load_model, load_tokenizer
 from hf_snp.speed import SpeedProbe, compare_speed
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CACHE = os.path.join(os.path.dirname(__file__), ".cache", "inference")
 
-# name -> prune() options (None: the dense model); round_to sweeps the kept MLP width's multiple
+# name -> prune() options (None: the dense model); the round_to rows sweep the kept MLP width's multiple,
+# the others use the defaults of the code being measured
 VARIANTS = {
     "dense": None,
-    "mlp 30%": dict(sparsity=0.3),
+    "mlp 30%, round_to 1": dict(sparsity=0.3, round_to=1),
     "mlp 30%, round_to 8": dict(sparsity=0.3, round_to=8),
+    "mlp 30%, round_to 16": dict(sparsity=0.3, round_to=16),
     "mlp 30%, round_to 32": dict(sparsity=0.3, round_to=32),
     "mlp 30%, round_to 64": dict(sparsity=0.3, round_to=64),
     "mlp 30%, round_to 128": dict(sparsity=0.3, round_to=128),
+    "mlp 30%": dict(sparsity=0.3),
     "mlp+heads 30%": dict(sparsity=0.3, targets=("mlp", "heads")),
     "mlp+heads 30%, kv_groups": dict(sparsity=0.3, targets=("mlp", "heads"), gqa_mode="kv_groups"),
     "mlp 50%": dict(sparsity=0.5),
@@ -95,17 +99,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="smollm2")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the random-weight shapes")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="variant names separated by ';'")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (GPU)")
+    parser.add_argument("--ppl-windows", type=int, default=16,
+                        help="SmolLM2: perplexity on this many 512-token WikiText-2 test windows (first dtype)")
     parser.add_argument("--name", default=None, help="results file stem (default inference_<device>)")
     args = parser.parse_args()
 
-    names = [n for n in VARIANTS if n in args.variants.split(",")]
+    wanted = [n.strip() for n in args.variants.split(";")]
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {'; '.join(VARIANTS)}")
+    names = [n for n in VARIANTS if n in wanted]
     probe = SpeedProbe((1, 8), args.prompt_len, args.new_tokens, args.repeats)
     stem = args.name or f"inference_{args.device.split(':')[0]}"
     rows = []
@@ -118,6 +128,11 @@ def main() -> None:
             if args.compile:
                 models = {name: torch.compile(model) for name, model in models.items()}
             measured = compare_speed(models, probe)
+            ppl = {}
+            if shape == "smollm2" and args.ppl_windows and dtype == args.dtypes.split(",")[0]:
+                tokenizer = load_tokenizer(demo_model_source())
+                ppl = {name: perplexity(model, tokenizer, "wikitext2-test-local", 512, args.ppl_windows, 4, False)
+                       for name, model in models.items()}
             dense_params = sum(p.numel() for p in models[names[0]].parameters())
             for name, values in measured["models"].items():
                 report = json.load(open(os.path.join(folders[name], "hf_snp_report.json"))) if name != "dense" else {}
@@ -126,7 +141,8 @@ def main() -> None:
                 rows.append({"shape": shape if shape == "smollm2" else f"{shape} ({args.layers} layers)",
                              "dtype": dtype, "variant": name, "device": measured["device"], "params": params,
                              "removed": 1 - params / dense_params, "mlp_widths": widths,
-                             "save_format": report.get("save_format", "stock"), "commit": code_commit(), **values})
+                             "save_format": report.get("save_format", "stock"), "perplexity": ppl.get(name),
+                             "commit": code_commit(), **values})
             del models
             gc.collect()
             print(f"{shape} {dtype}: done", file=sys.stderr)
@@ -143,12 +159,13 @@ def write(rows: list[dict], stem: str, args) -> None:
              "saved and reloaded with `from_pretrained`, all variants measured interleaved, medians of "
              f"{args.repeats} repeats. Prefill: {args.prompt_len} tokens per sequence, no cache; decode: greedy "
              f"`generate` of {args.new_tokens} tokens at batch 1 after a {args.prompt_len}-token prompt, KV cache on. "
-             "Speed-ups against the dense model in the same run.", ""]
+             "Speed-ups against the dense model in the same run. Perplexity (SmolLM2, first dtype): "
+             f"{args.ppl_windows} windows of 512 tokens of the WikiText-2 test split.", ""]
     for (shape, dtype) in dict.fromkeys((row["shape"], row["dtype"]) for row in rows):
         lines += [f"## {shape}, {dtype}", "",
                   "| variant | parameters | removed | MLP width | saved as | prefill b1 tok/s | prefill b8 tok/s "
-                  "| TTFT ms | decode tok/s | KV bytes/token |",
-                  "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| TTFT ms | decode tok/s | KV bytes/token | perplexity |",
+                  "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in (r for r in rows if r["shape"] == shape and r["dtype"] == dtype):
             s = row["prefill_speedup"]
             lines.append(
@@ -157,7 +174,8 @@ def write(rows: list[dict], stem: str, args) -> None:
                 f"{row['prefill_b1_tokens_per_s']:.0f} ({s['b1']:.2f}x) | {row['prefill_b8_tokens_per_s']:.0f} "
                 f"({s['b8']:.2f}x) | {1000 * row['ttft_s']:.0f} ({row['ttft_speedup']:.2f}x) | "
                 f"{row['decode_tokens_per_s']:.1f} ({row['decode_speedup']:.2f}x) | "
-                f"{row['kv_cache_bytes_per_token']:.0f} |")
+                f"{row['kv_cache_bytes_per_token']:.0f} | "
+                f"{'-' if row.get('perplexity') is None else format(row['perplexity'], '.2f')} |")
         lines.append("")
     with open(os.path.join(RESULTS, f"{stem}.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
