@@ -4,7 +4,8 @@ Uniform: every site loses the same fraction of its own parameters. Global: a den
 pass gives each site the cost of each successive removal (SNP: the LDL pivots in its order, so
 the cumulative curve is the variance lost; VBP: raw variances); one threshold across all sites
 gives each its step count, and the threshold is searched so the removed parameters meet the
-budget. ``round_to`` and ``min_width`` restrict the widths a site may take.
+budget. ``round_to`` and ``min_width`` restrict the widths a site may take; without a ``round_to`` for
+MLP neurons, a site's kept width is a multiple of 8 (``default_multiple``, docs/design.md §6.1).
 """
 
 from __future__ import annotations
@@ -20,9 +21,23 @@ if TYPE_CHECKING:
     from .config import PruneConfig
 
 
+# The default multiple of a kept MLP width: the smallest that gets (nearly) all the speed. GPU GEMMs need widths
+# that are multiples of 8 (issue 17: Llama-7B MLP on an H100, bf16: width 7706 runs at 0.74x of dense, 7704 at
+# 1.15x, 7680 at 1.16x); on CPU the multiple makes no measurable difference
+# (benchmarks/results/inference_cpu_widths.md). Sites narrower than DEFAULT_MIN_UNITS keep any width.
+DEFAULT_MULTIPLE = 8
+DEFAULT_MIN_UNITS = 128
+
+
+def default_multiple(num_units: int) -> int:
+    """The multiple of a kept MLP width when no ``round_to`` is given: 8 from 128 neurons up, else 1."""
+    return DEFAULT_MULTIPLE if num_units >= DEFAULT_MIN_UNITS else 1
+
+
 @dataclass
 class WidthRules:
-    """Allowed widths per target: MLP neurons, or query heads for "heads"."""
+    """Allowed widths per target: MLP neurons, or query heads for "heads". An MLP site without a ``round_to``
+    takes ``default_multiple`` of its width."""
 
     round_to: dict[str, int] = field(default_factory=dict)
     min_width: dict[str, int] = field(default_factory=dict)
@@ -41,16 +56,35 @@ class WidthRules:
         if steps == 0:
             return True
         width = site.width_after(steps)
-        multiple = math.lcm(self.round_to.get(site.kind, 1), site.width_multiple)
+        multiple = math.lcm(self.multiple(site), site.width_multiple)
         return width >= self.min_width.get(site.kind, 0) and width % multiple == 0
+
+    def multiple(self, site: Site) -> int:
+        """The ``round_to`` of the site's target, else the default (MLP neurons: ``default_multiple``; heads: 1)."""
+        if site.kind in self.round_to:
+            return self.round_to[site.kind]
+        return default_multiple(site.num_units) if site.kind == "mlp" else 1
+
+    def rounds_by_default(self, site: Site) -> bool:
+        """The site's widths are restricted by the default multiple, not by a ``round_to`` the user gave."""
+        return site.kind not in self.round_to and self.multiple(site) > 1
 
     def allowed_steps(self, site: Site) -> list[int]:
         return [s for s in range(site.max_steps() + 1) if self.allowed(site, s)]
 
 
 def nearest_steps(site: Site, target_params: float, rules: WidthRules) -> int:
-    """The allowed step count whose removed parameters come nearest the target (fewer on ties)."""
-    return min(rules.allowed_steps(site), key=lambda s: (abs(site.params_removed(s) - target_params), s))
+    """The allowed step count whose removed parameters come nearest the target (fewer on ties). Under the default
+    multiple, the most steps that do not exceed the unrounded choice: the default rounding keeps a few more units
+    rather than cutting more than asked, so it never costs quality."""
+    def nearest(steps: list[int]) -> int:
+        return min(steps, key=lambda s: (abs(site.params_removed(s) - target_params), s))
+
+    allowed = rules.allowed_steps(site)
+    if not rules.rounds_by_default(site):
+        return nearest(allowed)
+    unrounded = nearest(WidthRules({**rules.round_to, site.kind: 1}, rules.min_width).allowed_steps(site))
+    return max(s for s in allowed if s <= unrounded)
 
 
 @dataclass

@@ -64,7 +64,9 @@ class PruneConfig:
                                                            "list (YAML on the command line: '{0: 0.1, 5: 0.5}')",
                                                      parse="yaml")
     round_to: int | dict[str, int] | None = option(None, "widths a multiple of N (MLP neurons), or per target: "
-                                                         "mlp=64,heads=2", parse="per_target_int")
+                                                         "mlp=64,heads=2; default: kept MLP widths a multiple of 8 "
+                                                         "(rounded up) from 128 neurons; 1: any width",
+                                                   parse="per_target_int")
     min_width: int | dict[str, int] | None = option(None, "the fewest units a site keeps (MLP neurons), or per target: "
                                                           "mlp=256,heads=1", parse="per_target_int")
     gqa_mode: str = option("per_group", "grouped-query attention: 'per_group' removes the same number of query heads "

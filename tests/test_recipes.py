@@ -79,4 +79,5 @@ def test_the_smollm2_recipe_runs(tmp_path):
     result = hf_snp.prune(recipe=os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-135m-snp-30.yaml"),
                           output_dir=str(tmp_path / "out"), num_samples=2, seq_len=128, calibration="wikitext2-local",
                           progress=False, allocation="uniform")
-    assert result.report["layers"][0]["mlp_width"] == 1075
+    width = result.report["layers"][0]["mlp_width"]  # 70% of 1536 is 1075.2: rounded up to a multiple of 8
+    assert width % 8 == 0 and 0 <= width - 1075 < 8
