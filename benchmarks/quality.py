@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -75,7 +76,11 @@ def main() -> None:
     parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--name", default="quality")
     parser.add_argument("--fresh", action="store_true", help="ignore rows finished by earlier runs")
+    parser.add_argument("--variants", default='{"": {}}',
+                        help="JSON {label: extra prune() options}: each method row is run once per variant and named "
+                             "'method label' (e.g. '{\"dense target\": {\"reconstruction_target\": \"dense\"}}')")
     args = parser.parse_args()
+    variants = json.loads(args.variants)
 
     source = demo_model_source()
     tokenizer = load_tokenizer(source)
@@ -95,24 +100,27 @@ def main() -> None:
     for allocation in args.allocations.split(","):
         for targets in args.targets:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
-                for method in args.methods.split(","):
-                    key = {"method": method, "targets": targets, "allocation": allocation, "sparsity": sparsity}
+                for method, label, options in ((m, f"{m} {label}".strip(), options)
+                                               for m in args.methods.split(",") for label, options in variants.items()):
+                    key = {"method": label, "targets": targets, "allocation": allocation, "sparsity": sparsity}
+                    if options:
+                        key["options"] = options
                     done = cache.get(key)
                     if done is None:
                         start = time.perf_counter()
-                        with dense_pass.sharing((method, targets)):
+                        with dense_pass.sharing((label, targets)):
                             result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method=method, sparsity=sparsity,
                                                   targets=targets.split(","), allocation=allocation, calibration=calib,
-                                                  gqa_mode=args.gqa_mode, progress=False)
+                                                  gqa_mode=args.gqa_mode, progress=False, **options)
                         seconds = time.perf_counter() - start + dense_pass.reused_seconds
                         ppl = perplexity(result.model, tokenizer, **eval_args)
                         done = {"ppl": ppl, "params": result.report["params_after"], "seconds": seconds,
                                 "commit": commit}
                         cache.put(key, done)
                         del result
-                    rows.append((method, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"],
+                    rows.append((label, targets, allocation, sparsity, done["ppl"], done["params"], done["seconds"],
                                  done.get("commit", "?")))
-                    print(f"{method:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
+                    print(f"{label:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
                           f"params {done['params']:,}  {done['seconds']:.0f} s", flush=True)
                     write(args, rows, dense_params)
 
@@ -148,7 +156,7 @@ def write(args, rows, dense_params) -> None:
         "",
         "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
         + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} "
-        f"--name {args.name}`",
+        f"--name {args.name}" + (f" --variants '{args.variants}'" if args.variants != '{"": {}}' else "") + "`",
         "",
         "Pruning seconds depend on the code they were measured with (`timed at`: its commit); perplexity and "
         "parameters do not (the speed-ups in between are tested to give the same pruned weights).",
@@ -167,7 +175,8 @@ def write(args, rows, dense_params) -> None:
         settings.setdefault((targets, allocation, sparsity), []).append((ppl, method))
     for (targets, allocation, sparsity), results in settings.items():
         ranked = [m for _, m in sorted(results)]
-        rank = f"{ranked.index('snp') + 1} of {len(ranked)}" if "snp" in ranked else "-"
+        snp = next((m for m in ranked if m.startswith("snp")), None)
+        rank = f"{ranked.index(snp) + 1} of {len(ranked)} ({snp})" if snp else "-"
         lines.append(f"| {targets} | {allocation} | {sparsity:.0%} | {ranked[0]} | {rank} |")
     with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
