@@ -25,7 +25,9 @@ def test_snp_keeps_digits_accuracy_within_the_margin_and_at_least_vbp():
     assert base > 0.6  # the model learned the task (chance is 0.1)
     accuracy = {}
     for method in ("snp", "vbp"):
-        result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=0.3,
+        # round_to=1: exactly 30% of each MLP (the default multiple of 8 keeps 184 of 256 neurons instead of 179,
+        # which leaves both methods at the dense accuracy and their order to a couple of test images)
+        result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=0.3, round_to=1,
                               calibration=split["train"][0][:CALIBRATION], image_processor=processor,
                               num_samples=CALIBRATION, progress=False)
         assert result.report["params_after"] < result.report["params_before"]
