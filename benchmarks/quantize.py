@@ -25,8 +25,8 @@ import hf_snp
 from hf_snp.calibration import packaged_text
 from hf_snp.evaluation import perplexity
 from hf_snp.loading import demo_model_source, load_model, load_tokenizer
-from hf_snp.quantize import torchao_config, weight_bytes
-from hf_snp.speed import SpeedProbe, compare_speed
+from hf_snp.quantize import torchao_config
+from hf_snp.speed import SpeedProbe, compare_speed, weight_bytes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CACHE = os.path.join(os.path.dirname(__file__), ".cache", "quantize")

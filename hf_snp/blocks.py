@@ -33,11 +33,11 @@ def remove_blocks(model: PreTrainedModel, adapter: ModelAdapter, indices: list[i
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    configs = [model.config] + [c for c in [adapter.shape_config(model.config)] if c is not model.config]
-    for config in configs:  # a vision-language wrapper's text_config holds the decoder's per-layer fields
+    shapes = adapter.shape_config(model.config)  # a vision-language wrapper's text_config: the decoder's fields
+    for config in [model.config] if shapes is model.config else [model.config, shapes]:
         for field in per_layer_fields(config, len(layers)):
             setattr(config, field, [v for i, v in enumerate(getattr(config, field)) if i not in set(indices)])
-    adapter.shape_config(model.config).num_hidden_layers = len(kept)
+    shapes.num_hidden_layers = len(kept)
 
 
 NOT_PER_LAYER = ("architectures",)

@@ -13,6 +13,8 @@ import tempfile
 import torch
 from transformers import PreTrainedModel
 
+from .speed import weight_bytes
+
 QUANTIZATIONS = ("int8_weight_only", "int8_dynamic")  # int4 weight-only (tinygemm) needs CUDA and 128-wide groups
 
 
@@ -30,16 +32,6 @@ def torchao_config(scheme: str):
     if scheme not in configs:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {list(QUANTIZATIONS)}")
     return configs[scheme]()
-
-
-def weight_bytes(model: PreTrainedModel) -> int:
-    """Bytes of the weights as stored (quantized tensors count their packed data and scales)."""
-    total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        inner = [getattr(tensor, name) for name in getattr(tensor, "tensor_data_names", [])]
-        parts = [t for t in inner if isinstance(t, torch.Tensor)] or [tensor]
-        total += sum(t.numel() * t.element_size() for t in parts)
-    return total
 
 
 def quantize_pruned(model: PreTrainedModel, scheme: str) -> PreTrainedModel:

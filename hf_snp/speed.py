@@ -46,6 +46,15 @@ def _seconds(device: torch.device, call) -> float:
     return time.perf_counter() - start
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters as stored: a quantized tensor (torchao) counts its packed data and scales."""
+    total = 0
+    for param in model.parameters():
+        inner = [getattr(param, name) for name in getattr(param, "tensor_data_names", [])]
+        total += sum(t.numel() * t.element_size() for t in [t for t in inner if isinstance(t, torch.Tensor)] or [param])
+    return total
+
+
 def _cache_bytes(cache) -> int | None:
     """Bytes held by a transformers KV cache (its per-layer key and value tensors)."""
     layers = getattr(cache, "layers", None)
@@ -83,7 +92,7 @@ def measure_once(model: nn.Module, probe: SpeedProbe = SpeedProbe()) -> dict:
     result["decode_tokens_per_s"] = (probe.new_tokens - 1) / max(total - ttft, 1e-9)
     cache = _cache_bytes(model(prompt, use_cache=True).past_key_values)
     result["kv_cache_bytes_per_token"] = None if cache is None else cache / probe.prompt_len
-    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["weight_bytes"] = weight_bytes(model)
     if device.type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
