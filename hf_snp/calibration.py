@@ -7,6 +7,7 @@ reached, ``wikitext2`` falls back to the WikiText-2 validation text packaged wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +58,10 @@ class CalibrationData:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.input_ids, self.attention_mask
+
+    def select(self, indices: list[int]) -> "CalibrationData":
+        """These windows only (a held-out split)."""
+        return dataclasses.replace(self, input_ids=self.input_ids[indices], attention_mask=self.attention_mask[indices])
 
 
 def packaged_text(name: str = "wikitext2-local") -> str:

@@ -24,6 +24,7 @@ ALLOCATIONS = ("uniform", "global")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RECONSTRUCTION_TARGETS = ("pruned", "dense")
 WITHIN_BLOCK = ("joint", "sequential")
+BLOCK_SEARCHES = ("iterative", "candidates")
 RIDGES = ("fixed", "heldout")
 
 # What a field is for. "pruning" fields decide the result (the report's top level and the checkpoint
@@ -58,6 +59,11 @@ class PruneConfig:
                                           "'global': one threshold on the cost curves of all sites decides each width "
                                           "(two passes)",
                                     choices=ALLOCATIONS)
+    block_search: str = option(
+        "candidates", "with 'blocks' and unit targets: 'iterative' removes the budget in rounds of one block's "
+                      "worth, each keeping a block or an equal-size unit cut, whichever keeps the higher CKA of the "
+                      "final-norm states on held-out windows; 'candidates' compares three one-shot subnetworks "
+                      "(blocks, units, half and half)", choices=BLOCK_SEARCHES)
     sparsity_per_target: dict[str, float] | None = option(None, "a budget per target, e.g. mlp=0.3,heads=0.1",
                                                           parse="per_target_float")
     layer_sparsity: dict[int, float] | None = option(None, "per-layer override of `sparsity`: {layer: fraction} or a "
@@ -236,6 +242,21 @@ class PruneConfig:
             raise ValueError(f"ridge_folds must be an integer from 2 to 4, got {self.ridge_folds!r}")
         if self.ridge == "heldout":
             self._validate_heldout_ridge()
+        if "blocks" in self.targets and self.unit_targets and self.block_search == "iterative":
+            self._validate_iterative_search()
+
+    def _validate_iterative_search(self) -> None:
+        """block_search='iterative' replays pruned copies' decisions on MLP and head sites (docs/design.md §7.3)."""
+        if "experts" in self.targets:
+            raise ValueError("block_search='iterative' covers the targets mlp and heads; with 'experts' pass "
+                             "block_search='candidates'")
+        if self.reconstruction_target == "dense":
+            raise ValueError("block_search='iterative' refits each round on the current model; "
+                             "reconstruction_target='dense' is not implemented there: use 'pruned' or "
+                             "block_search='candidates'")
+        if self.num_samples < 2:
+            raise ValueError("block_search='iterative' holds out one calibration window in four for its CKA: "
+                             "num_samples must be at least 2 (better 8 or more)")
 
     def _validate_heldout_ridge(self) -> None:
         """ridge='heldout' chooses the λ of SNP's least-squares map of the removed units (docs/design.md §3.8)."""

@@ -30,6 +30,7 @@ from .dense_target import DenseStream
 from .images import ImageCalibrationData
 from .methods import SiteInputs, get_method
 from .placement import BlockPlacement, input_device, move
+from .removal import Decision
 from .replay import ReplayCache, replay_outputs
 from .sites import Site
 from .stats import CrossMoments, SiteStatistics
@@ -214,6 +215,7 @@ class StreamingEngine:
         self.method = get_method(config.method)
         self.device, self.store, self.checkpoint = device, store, checkpoint
         self.timer = PhaseTimer(device)
+        self.decisions: list[tuple[int, str, Decision]] | None = None
 
     def sites(self, block: nn.Module, index: int, targets: tuple[str, ...] | None = None) -> list[Site]:
         targets = self.config.unit_targets if targets is None else targets
@@ -274,7 +276,7 @@ class StreamingEngine:
         dense = DenseStream(self) if self.config.reconstruction_target == "dense" else None
         stream = BlockStream(self, calib, f"Pruning blocks ({self.method.name})", self.checkpoint, dense)
         for visit in stream:
-            visit.record = self._prune_block(visit, stream.inputs, steps_for,
+            visit.record = self.prune_block(visit, stream.inputs, steps_for,
                                              need_outputs=keep_final or not visit.is_last, dense=dense)
         return PassResult(stream.records, stream.final_hidden() if keep_final else None)
 
@@ -356,8 +358,11 @@ class StreamingEngine:
                                            folds=self.config.ridge_folds if self.config.ridge == "heldout" else 1)
         return stats, [None] * len(stats)
 
-    def _prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],
-                     need_outputs: bool, dense: DenseStream | None = None) -> dict:
+    def prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],
+                    need_outputs: bool, dense: DenseStream | None = None) -> dict:
+        """Decide, cut and reconstruct every site of ``visit.block``; recompute its outputs into ``inputs`` when
+        ``need_outputs``. Each decision is also appended to ``self.decisions`` when that is a list (the iterative
+        search replays a trial copy's decisions on the model's own block). Returns the layer's record."""
         sites = self.sites(visit.block, visit.index)
         active = [(site, steps) for site in sites if (steps := steps_for(site)) > 0]
         keep_dense = dense is not None and not visit.is_last
@@ -378,6 +383,8 @@ class StreamingEngine:
                         decision = site.decide(self.method, self.site_inputs(site, site_stats, steps, site_cross),
                                                self.config)
                     site.ridge = decision.ridge
+                    if self.decisions is not None:
+                        self.decisions.append((visit.index, site.kind, decision))
                     with self.timer("cut"):
                         site.apply(decision)
                     keep = decision.keep if site is cache.mlp_site else keep

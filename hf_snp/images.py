@@ -8,6 +8,7 @@ float tensor [N, C, H, W] (or a dict holding one), or a Hub dataset id (``"name"
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -44,6 +45,10 @@ class ImageCalibrationData:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.pixel_values,)
+
+    def select(self, indices: list[int]) -> "ImageCalibrationData":
+        """These images only (a held-out split)."""
+        return dataclasses.replace(self, pixel_values=self.pixel_values[indices])
 
 
 def _is_pil(item: Any) -> bool:

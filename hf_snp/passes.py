@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from .allocation import Allocation, SiteCurve, allocate_steps
 from .blocks import choose_blocks, remove_blocks
 from .engine import StreamingEngine
+from .joint import IterativeSearch
 from .resolve import PruneRun
 from .search import search_blocks_and_units
 from .sites import count_parameters
@@ -32,9 +33,14 @@ class Passes:
 
 
 def run_passes(run: PruneRun, model: PreTrainedModel) -> Passes:
-    """Blocks (alone, or the candidate search with units), or units with uniform or global allocation."""
+    """Blocks (alone, or with units: the iterative search or the three candidates), or units with uniform or
+    global allocation."""
     config, start = run.config, time.perf_counter()
     engine = StreamingEngine(model, run.adapter, config, run.device, run.store, run.checkpoint)
+    if "blocks" in config.targets and config.unit_targets and config.block_search == "iterative":
+        records, blocks = IterativeSearch(model, run.adapter, run.calib, config, run.rules, engine.timer, run.device,
+                                          run.store).run()
+        return Passes(model, records, engine.timer.seconds, dense_pass=time.perf_counter() - start, blocks=blocks)
     if "blocks" in config.targets and config.unit_targets:
         best, comparison = search_blocks_and_units(model, run.adapter, run.calib, config, run.rules, engine.timer,
                                                    run.device, run.store)

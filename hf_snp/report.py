@@ -119,7 +119,8 @@ class PruneReport(dict):
         ppl = {k: v for k, v in self.get("metrics", {}).items()
                if k.startswith("perplexity") and isinstance(v, (int, float))}
         curves = self.get("allocation", {}).get("curves") or {}
-        count = len(panels) + bool(ppl) + bool(curves)
+        rounds = self.get("blocks", {}).get("rounds") or []
+        count = len(panels) + bool(ppl) + bool(curves) + bool(rounds)
         fig, axes = plt.subplots(1, max(count, 1), figsize=(4.5 * max(count, 1), 3.4), squeeze=False)
         shapes = self.layer_shapes()
         layers = [index for index, _, _ in shapes]
@@ -149,8 +150,23 @@ class PruneReport(dict):
             ax = axes[0][len(panels) + bool(curves)]
             ax.bar(list(ppl), list(ppl.values()), color=["grey", "tab:blue"][: len(ppl)])
             ax.set_ylabel("perplexity")
+        if rounds:
+            self._plot_rounds(axes[0][count - 1], rounds)
         fig.suptitle(f"{self.get('method')} {self.get('sparsity', 0):.0%} of {', '.join(self.get('targets', []))}")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    @staticmethod
+    def _plot_rounds(ax, rounds: list[dict]) -> None:
+        """The iterative block search: each round's CKA of the block and the unit candidate, the kept one filled."""
+        for name, color in (("block", "tab:orange"), ("units", "tab:blue")):
+            points = [(r["round"], r[name]["cka"], r["kept"] == name) for r in rounds if r.get(name)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, linewidth=0.8, label=name)
+            ax.scatter([p[0] for p in points], [p[1] for p in points], color=color, s=18,
+                       facecolors=[color if kept else "none" for _, _, kept in points])
+        ax.set_xlabel("round")
+        ax.set_ylabel("CKA with the dense model (held out)")
+        ax.set_title("iterative search (filled: kept)", fontsize=9)
+        ax.legend(fontsize=8)

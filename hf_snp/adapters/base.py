@@ -35,12 +35,25 @@ class ModelAdapter:
     # LayerShape width fields beyond the MLP width and head counts -> the stock config field holding their uniform
     # value (mixtures of experts: the expert width and count)
     shape_fields: dict[str, str] = {}
+    # where the final norm after the last block may be found (``final_norm``)
+    final_norm_names: tuple[str, ...] = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "layernorm", "norm_f")
 
     def layers_path_of(self, model: PreTrainedModel) -> str:
         return self.layers_path.format(prefix=getattr(model, "base_model_prefix", ""))
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.get_submodule(self.layers_path_of(model))
+
+    def final_norm(self, model: PreTrainedModel) -> nn.Module:
+        """The norm applied to the last block's outputs (``nn.Identity`` when the model has none): the nearest
+        module named in ``final_norm_names`` on the way up from the layer list."""
+        parts = self.layers_path_of(model).split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            parent = model.get_submodule(".".join(parts[:depth]))
+            for name in self.final_norm_names:
+                if isinstance(getattr(parent, name, None), nn.Module):
+                    return getattr(parent, name)
+        return nn.Identity()
 
     def tokens_per_sample(self, config: PretrainedConfig) -> int | None:
         """Tokens one calibration sample holds when the family fixes it (images); None for text."""
