@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter
-from .allocation import WidthRules, allocate_per_budget, budget_scale, nearest_steps, site_budget
+from .allocation import WidthRules, allocate_per_budget, budget_scale, site_budget
 from .blocks import linear_cka, remove_blocks, token_sample
 from .config import PruneConfig
 from .engine import BlockInput, BlockVisit, Calibration, PhaseTimer, StreamingEngine, capture_block_inputs
@@ -227,8 +227,8 @@ class IterativeSearch:
         removed = {key: self.dense_params[keys[key]] - s.num_params() for key, s in zip(keys, sites)}
         total_weight = sum(self.weight[k] for k in keys.values()) or 1.0
         goal = sum(removed.values()) + params
-        steps = {key: nearest_steps(s, max(goal * self.weight[keys[key]] / total_weight - removed[key], 0.0),
-                                    self.rules) for key, s in zip(keys, sites)}
+        targets = {key: max(goal * self.weight[keys[key]] / total_weight - removed[key], 0.0) for key in keys}
+        steps = round_to_total(dict(zip(keys, sites)), targets, params, self.rules)
         return lambda site: steps[(site.index, site.kind)]
 
     def _unit_trial(self, params: float, reference: torch.Tensor) -> UnitTrial:
@@ -277,6 +277,27 @@ class IterativeSearch:
                 if key == "layer" or key.endswith("_before"):
                     continue
                 merged[key] = (merged.get(key) or value) if isinstance(value, bool) else value
+
+
+def round_to_total(sites: dict, targets: dict, total: float, rules: WidthRules) -> dict:
+    """Allowed step counts near each site's target parameters whose sum comes nearest ``total``: every site starts
+    at the most steps within its target, then sites move up to their next allowed count in order of how far their
+    target reaches into that step (largest remainder) while that brings the sum nearer ``total``. Rounding each site
+    on its own would take a coarse step (a third of the heads) in every layer in the same round."""
+    steps, ups = {}, []
+    for key, site in sites.items():
+        allowed = rules.allowed_steps(site)
+        below = max(s for s in allowed if site.params_removed(s) <= targets[key])
+        steps[key] = below
+        above = [s for s in allowed if s > below]
+        if above:
+            low, high = site.params_removed(below), site.params_removed(above[0])
+            ups.append(((targets[key] - low) / (high - low), key, above[0], high - low))
+    removed = sum(sites[key].params_removed(s) for key, s in steps.items())
+    for _, key, step, extra in sorted(ups, key=lambda u: (-u[0], u[1])):
+        if abs(removed + extra - total) < abs(removed - total):
+            steps[key], removed = step, removed + extra
+    return steps
 
 
 def _best(cosines: list[float], eligible: list[int]) -> list[int]:

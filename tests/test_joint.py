@@ -14,9 +14,10 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import hf_snp
+from hf_snp.allocation import WidthRules
 from hf_snp.blocks import linear_cka, token_sample
 from hf_snp.config import PruneConfig
-from hf_snp.joint import IterativeSearch, split_calibration
+from hf_snp.joint import IterativeSearch, round_to_total, split_calibration
 from hf_snp.sites import count_parameters
 
 
@@ -183,3 +184,49 @@ def test_bad_input_is_refused_before_any_work(options, message):
 def test_a_single_calibration_window_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         iterative(TINY["llama"](), targets=("mlp", "blocks"), calibration=calibration_ids(1))
+
+
+class StepSite:
+    """A site whose every step removes ``per_step`` parameters (for the rounding check)."""
+
+    kind, width_multiple = "heads", 1
+
+    def __init__(self, num_units: int, per_step: int):
+        self.num_units, self.per_step = num_units, per_step
+
+    def max_steps(self) -> int:
+        return self.num_units - 1
+
+    def width_after(self, steps: int) -> int:
+        return self.num_units - steps
+
+    def params_removed(self, steps: int) -> int:
+        return steps * self.per_step
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rounding_to_a_total_stays_within_half_the_largest_step(seed):
+    """Each site takes the allowed count just below or just above its target, and the sum lands within half the
+    largest such step of the total (so a round of units is the block's size, up to half a step)."""
+    generator = torch.Generator().manual_seed(seed)
+    sites = {(i, "heads"): StepSite(int(torch.randint(3, 12, (1,), generator=generator)),
+                                    int(torch.randint(1, 50, (1,), generator=generator))) for i in range(6)}
+    targets = {key: float(torch.rand(1, generator=generator)) * site.params_removed(site.max_steps())
+               for key, site in sites.items()}
+    total = sum(targets.values())
+    steps = round_to_total(sites, targets, total, WidthRules())
+    for key, site in sites.items():
+        assert site.params_removed(steps[key]) - site.per_step < targets[key] < site.params_removed(steps[key]) \
+            + site.per_step or targets[key] == site.params_removed(steps[key])
+    removed = sum(site.params_removed(steps[key]) for key, site in sites.items())
+    assert abs(removed - total) <= max(site.per_step for site in sites.values()) / 2 + 1e-9
+
+
+def test_unit_rounds_with_heads_match_the_block_size():
+    """Heads come in coarse steps; the unit candidate still removes one block's worth, give or take half a step."""
+    model = TINY["llama"]()
+    result = iterative(copy.deepcopy(model), targets=("mlp", "heads", "blocks"), sparsity=0.5)
+    largest = max(site.params_per_step() for kind in ("mlp", "heads") for site in sites_of(model, kind))
+    for entry in result.report["blocks"]["rounds"]:
+        if entry["block"] is not None:
+            assert abs(entry["units"]["params"] - entry["block"]["params"]) <= largest / 2
