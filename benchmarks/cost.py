@@ -12,6 +12,10 @@ Parts:
           and with every block offloaded to disk (accelerate ``offload_folder``).
   tokens  Seconds against calibration tokens (1k to 64k) on the 2-block model.
   width   Seconds and the decomposition's share against MLP width (1k to 8k) on a 2-block model.
+  search  Blocks with units on SmolLM2-135M (30% of decoder-layer parameters, mlp + heads + blocks, 16 x 512
+          calibration tokens), each search in a fresh process: the iterative search (issue 18) against the
+          three-candidate search, peak RSS above the loaded model (in model and block sizes), seconds, and the
+          iterative search's seconds per round in dense forward passes over the same tokens.
   gpu     With a GPU: OPT-1.3b- and Llama-7B-shaped models of random bf16 weights, 128 x 2048
           calibration tokens, seconds and peak GPU memory; and the Llama-7B shape again with
           ``max_memory`` below its size, so accelerate offloads blocks to the CPU.
@@ -31,7 +35,7 @@ import tempfile
 import time
 
 import torch
-from measure import RssPeak, code_commit, dense_forward_seconds, model_bytes, save_line_plot, sync
+from measure import RssPeak, code_commit, dense_forward_seconds, first_windows, model_bytes, save_line_plot, sync
 
 import hf_snp
 
@@ -72,6 +76,39 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
 
 
 def child(spec: dict) -> None:
+    if spec.get("search"):
+        return search_child(spec)
+    _prune_child(spec)
+
+
+def search_child(spec: dict) -> None:
+    """SmolLM2 pruned with blocks and units by ``spec['search']``: peak RSS above the loaded model, seconds."""
+    from hf_snp.calibration import packaged_text
+    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    source = demo_model_source()
+    tokenizer = load_tokenizer(source)
+    ids = first_windows(tokenizer, packaged_text("wikitext2-local"), spec["samples"], spec["seq_len"])
+    before_load = RssPeak.now()
+    model = load_model(source, dtype=torch.float32)
+    for param in model.parameters():  # weights mapped from the checkpoint become the process's own memory now
+        param.data = param.data.clone()
+    loaded, weights = RssPeak.now(), model_bytes(model)
+    dense = dense_forward_seconds(model, ids, 8, torch.device("cpu"))
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    with RssPeak() as rss:
+        result = hf_snp.prune(model, tokenizer, method="snp", sparsity=spec["sparsity"], calibration=ids,
+                              targets=("mlp", "heads", "blocks"), block_search=spec["search"], batch_size=8,
+                              device="cpu", progress=False)
+    blocks = result.report["blocks"]
+    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded, "model_bytes": weights,
+                      "block_bytes": block, "seconds": result.report["timings_s"]["total"],
+                      "dense_forward": dense, "rounds": [r["seconds"] for r in blocks.get("rounds", [])],
+                      "kept": [r["kept"] for r in blocks.get("rounds", [])]}))
+
+
+def _prune_child(spec: dict) -> None:
     """Load the saved model ``spec['path']`` (optionally every block on disk), then prune it; print time and memory.
 
     Memory is the peak RSS while pruning above the RSS with the model loaded, and the RSS that
@@ -122,6 +159,27 @@ def part_ratio(args, device) -> list[str]:
                      f"{target}x {'met' if ratio <= target else 'missed'} | {phases} |")
         print(lines[-1], flush=True)
     return lines + [""]
+
+
+def part_search(args) -> list[str]:
+    """The iterative search against the three-candidate search: memory and seconds, each in a fresh process."""
+    spec = {"samples": 16, "seq_len": 512, "sparsity": 0.3}
+    lines = ["## Blocks with units: memory and cost of the search (SmolLM2-135M, 30% of decoder-layer parameters, "
+             "mlp + heads + blocks, 16 x 512 tokens, CPU)", "",
+             "| search | peak RSS above the loaded model | in models | in blocks | seconds | dense forward s | "
+             "rounds | seconds per round (in dense forwards) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for search in ("iterative", "candidates"):
+        got = run_child({**spec, "search": search})
+        per_round = [s / got["dense_forward"] for s in got["rounds"]]
+        rounds = (f"{sum(per_round) / len(per_round):.1f} mean, {min(per_round):.1f} to {max(per_round):.1f} "
+                  f"({''.join(k[0].upper() for k in got['kept'])})") if per_round else "-"
+        lines.append(f"| {search} | {got['prune_peak'] / 2**20:.0f} MiB | {got['prune_peak'] / got['model_bytes']:.2f} "
+                     f"| {got['prune_peak'] / got['block_bytes']:.1f} | {got['seconds']:.0f} | "
+                     f"{got['dense_forward']:.1f} | {len(per_round) or '-'} | {rounds} |")
+        print(lines[-1], flush=True)
+    return lines + ["", f"Model weights: {got['model_bytes'] / 2**20:.0f} MiB; one block: "
+                        f"{got['block_bytes'] / 2**20:.1f} MiB. Rounds: B a block kept, U units kept.", ""]
 
 
 def part_depth(args) -> list[str]:
@@ -279,7 +337,7 @@ def main() -> None:
     for part in parts:
         runner = {"ratio": lambda: part_ratio(args, device), "depth": lambda: part_depth(args),
                   "tokens": lambda: part_tokens(args, device), "width": lambda: part_width(args, device),
-                  "gpu": lambda: part_gpu(args, device)}.get(part)
+                  "search": lambda: part_search(args), "gpu": lambda: part_gpu(args, device)}.get(part)
         if runner is None:
             raise SystemExit(f"unknown part {part!r}")
         if part == "gpu" and device.type != "cuda":
@@ -297,7 +355,7 @@ def write_part(part: str, lines: list[str], header: str, device: str) -> None:
 def assemble() -> None:
     """results/cost.md: the CPU parts' sections, each as its latest run wrote it."""
     sections = []
-    for part in ("ratio", "depth", "tokens", "width"):
+    for part in ("ratio", "depth", "tokens", "width", "search"):
         path = os.path.join(RESULTS, f"cost_{part}.md")
         if os.path.exists(path):
             with open(path) as handle:

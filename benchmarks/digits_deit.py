@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
     parser.add_argument("--targets", nargs="+", default=["mlp", "mlp,heads"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-searches", default="iterative,candidates",
+                        help="with 'blocks' among the targets: each block_search to run")
+    parser.add_argument("--name", default="digits", help="writes benchmarks/results/NAME.md and NAME.png")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -97,15 +100,18 @@ def main() -> None:
     calibration = split["train"][0][:CALIBRATION]  # PIL images: the processor path
     rows = []
     for targets in args.targets:
-        for method in ("snp", "vbp"):
+        searches = args.block_searches.split(",") if "blocks" in targets.split(",") else [None]
+        for method, search in ((m, s) for m in ("snp", "vbp") for s in searches):
+            options = {} if search is None else {"block_search": search}
+            label = method if search is None else f"{method} {search}"
             for sparsity in (float(s) for s in args.sparsities.split(",")):
                 result = hf_snp.prune(copy.deepcopy(dense), method=method, sparsity=sparsity,
                                       targets=targets.split(","), calibration=calibration, image_processor=processor,
-                                      num_samples=CALIBRATION, seed=args.seed, progress=False)
+                                      num_samples=CALIBRATION, seed=args.seed, progress=False, **options)
                 accuracy = hf_snp.evaluate_accuracy(result.model, test, progress=False)
-                rows.append((method, targets, sparsity, accuracy["top1"], accuracy["top5"],
+                rows.append((label, targets, sparsity, accuracy["top1"], accuracy["top5"],
                              result.report["params_after"]))
-                print(f"{method} {targets:>9} {sparsity:.0%}: top-1 {accuracy['top1']:.4f}  "
+                print(f"{label} {targets:>9} {sparsity:.0%}: top-1 {accuracy['top1']:.4f}  "
                       f"params {result.report['params_after']:,}", flush=True)
     write(args, base, hf_snp.count_parameters(dense), train_seconds, rows)
 
@@ -121,18 +127,21 @@ def write(args, base, dense_params, train_seconds, rows) -> None:
         f"Dense: top-1 {base['top1']:.4f}, top-5 {base['top5']:.4f}, {dense_params:,} parameters. Uniform allocation.",
         "",
         f"Regenerate: `python benchmarks/digits_deit.py --epochs {args.epochs} --sparsities {args.sparsities} "
-        f"--targets {' '.join(args.targets)}`",
+        f"--targets {' '.join(args.targets)}"
+        + (f" --block-searches {args.block_searches} --name {args.name}`" if args.name != "digits" else "`"),
+        "",
+        "With 'blocks' among the targets the sparsity is of all encoder-layer parameters.",
         "",
         "| method | targets | sparsity | top-1 | top-5 | parameters after |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {m} | {t} | {s:.0%} | {a1:.4f} | {a5:.4f} | {p:,} |" for m, t, s, a1, a5, p in rows]
-    with open(os.path.join(RESULTS, "digits.md"), "w") as handle:
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
     series = {f"{method} ({targets})": [(s * 100, a1) for m, t, s, a1, *_ in rows if (m, t) == (method, targets)]
               for method, targets in dict.fromkeys((m, t) for m, t, *_ in rows)}
-    save_line_plot(os.path.join(RESULTS, "digits.png"), series, "sparsity of the targeted parameters (%)",
+    save_line_plot(os.path.join(RESULTS, f"{args.name}.png"), series, "sparsity of the targeted parameters (%)",
                    "held-out top-1 accuracy", "DeiT on digits: one-shot pruning", reference=("dense", base["top1"]),
                    size=(6.5, 4))
 
