@@ -157,6 +157,7 @@ class IterativeSearch:
         """The final-norm outputs of the non-padding tokens (``token_sample``)."""
         norm = self.adapter.final_norm(self.model)
         device = next(norm.parameters(), torch.empty(0, device=self.device)).device
+        device = self.device if device.type == "meta" else device  # offloaded: its hook brings the weights
         states = [(norm(move(item.hidden, device)), item.token_mask) for item in items]
         return token_sample(*zip(*states))
 

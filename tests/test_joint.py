@@ -230,3 +230,26 @@ def test_unit_rounds_with_heads_match_the_block_size():
     for entry in result.report["blocks"]["rounds"]:
         if entry["block"] is not None:
             assert abs(entry["units"]["params"] - entry["block"]["params"]) <= largest / 2
+
+
+def test_a_disk_offloaded_model_gives_the_in_memory_result(tmp_path):
+    from safetensors.torch import load_file
+    from test_offload import device_map_for
+    from transformers import AutoModelForCausalLM
+
+    TINY["llama"]().save_pretrained(tmp_path / "dense")
+    options = dict(targets=("mlp", "heads", "blocks"), block_search="iterative", sparsity=0.4,
+                   calibration=calibration_ids(), batch_size=4, progress=False, device="cpu")
+    in_memory = hf_snp.prune(str(tmp_path / "dense"), output_dir=str(tmp_path / "mem"), **options)
+    offloaded_model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", device_map=device_map_for("llama", {1, 3}), offload_folder=str(tmp_path / "offload"))
+    offloaded = hf_snp.prune(offloaded_model, output_dir=str(tmp_path / "disk"), **options)
+    assert offloaded.report["blocks"]["rounds"] == [
+        {**r, "seconds": o["seconds"]} for r, o in zip(in_memory.report["blocks"]["rounds"],
+                                                       offloaded.report["blocks"]["rounds"])]
+    kept = [r["kept"] for r in offloaded.report["blocks"]["rounds"]]
+    assert "block" in kept and "units" in kept  # both kinds of round ran on the offloaded model
+    expected = load_file(tmp_path / "mem" / "model.safetensors")
+    got = load_file(tmp_path / "disk" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[key], got[key], atol=1e-6) for key in expected)
