@@ -66,7 +66,8 @@ def test_candidate_search_prefers_removing_an_identity_block(family):
     model = TINY[family]()
     make_identity_block(model, 1)
     reference = logits(model)
-    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "heads", "blocks"), sparsity=one_block_sparsity(model))
+    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "heads", "blocks"), sparsity=one_block_sparsity(model),
+                         block_search="candidates")
     blocks = result.report["blocks"]
     names = [c["name"] for c in blocks["candidates"]]
     assert blocks["chosen"] == "blocks" and blocks["removed"] == [1] and "units" in names
@@ -82,7 +83,7 @@ def test_candidate_search_prefers_units_when_the_redundancy_is_in_the_units(tmp_
     reference = logits(model)
     site = sites_of(model, "mlp")[0]
     total = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
-    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "blocks"),
+    result = prune_quiet(copy.deepcopy(model), targets=("mlp", "blocks"), block_search="candidates",
                          sparsity=4 * 12 * site.params_per_step() / total, output_dir=str(tmp_path / "out"))
     blocks = result.report["blocks"]
     assert blocks["chosen"] == "units" and blocks["removed"] == []

@@ -22,6 +22,7 @@ EXAMPLES = {
     "sparsity": (["--sparsity", "0.25"], 0.25),
     "targets": (["--targets", "mlp,heads"], ("mlp", "heads")),
     "allocation": (["--allocation", "global"], "global"),
+    "block_search": (["--block-search", "iterative"], "iterative"),
     "sparsity_per_target": (["--sparsity-per-target", "mlp=0.3,heads=0.1"], {"mlp": 0.3, "heads": 0.1}),
     "layer_sparsity": (["--layer-sparsity", "{0: 0.1, 2: 0.5}"], {0: 0.1, 2: 0.5}),
     "round_to": (["--round-to", "mlp=64,heads=2"], {"mlp": 64, "heads": 2}),
