@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -65,6 +66,19 @@ class SharedDensePass:
             StreamingEngine.collect_curves = original
 
 
+# the Python source of the robustness check's calibration: standard-library modules, in this order
+PYTHON_SOURCES = ("argparse", "dataclasses", "json.decoder", "json.encoder", "textwrap", "functools", "pathlib",
+                  "inspect", "typing", "enum", "tarfile", "zipfile")
+
+
+def python_source() -> str:
+    """The source text of PYTHON_SOURCES (it depends on the Python version: recorded in the results)."""
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in PYTHON_SOURCES)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="snp,vbp,flap,wanda_sp,magnitude,random")
@@ -73,6 +87,10 @@ def main() -> None:
     parser.add_argument("--gqa-mode", default="per_group")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calibration", choices=("wikitext", "python"), default="wikitext",
+                        help="calibration text: the WikiText-2 validation text, or Python source (the standard "
+                             "library modules in PYTHON_SOURCES) for the robustness check; evaluation stays WikiText")
+    parser.add_argument("--calibration-windows", type=int, help="calibration windows (default: --windows)")
     parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--name", default="quality")
     parser.add_argument("--fresh", action="store_true", help="ignore rows finished by earlier runs")
@@ -85,7 +103,9 @@ def main() -> None:
     source = demo_model_source()
     tokenizer = load_tokenizer(source)
     dense = load_model(source, dtype=torch.float32)
-    calib = first_windows(tokenizer, packaged_text("wikitext2-local"), args.windows, args.seq_len)
+    calib_windows = args.calibration_windows or args.windows
+    text = python_source() if args.calibration == "python" else packaged_text("wikitext2-local")
+    calib = first_windows(tokenizer, text, calib_windows, args.seq_len)
     eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
     dense_ppl = perplexity(dense, tokenizer, **eval_args)
     dense_params = hf_snp.count_parameters(dense)
@@ -94,8 +114,11 @@ def main() -> None:
     cache_path = os.path.join(RESULTS, f"{args.name}.jsonl")
     if args.fresh and os.path.exists(cache_path):
         os.remove(cache_path)
-    cache = RowCache(cache_path, {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode,
-                                  "dense": round(dense_ppl, 4)})
+    protocol = {"windows": args.windows, "seq_len": args.seq_len, "gqa_mode": args.gqa_mode,
+                "dense": round(dense_ppl, 4)}
+    if args.calibration != "wikitext" or calib_windows != args.windows:  # the default protocol keeps its old key
+        protocol.update(calibration=args.calibration, calibration_windows=calib_windows)
+    cache = RowCache(cache_path, protocol)
     dense_pass, commit = SharedDensePass(), code_commit()
     for allocation in args.allocations.split(","):
         for targets in args.targets:
@@ -149,14 +172,19 @@ def write(args, rows, dense_params) -> None:
     lines = [
         f"# {args.name}: SmolLM2-135M, WikiText-2",
         "",
-        f"Calibration: first {args.windows} x {args.seq_len} tokens of the validation text; evaluation: first "
-        f"{args.windows} x {args.seq_len} tokens of the test text; GQA mode {args.gqa_mode}; CPU, fp32. With global "
+        (f"Calibration: first {args.calibration_windows or args.windows} x {args.seq_len} tokens of "
+         + ("the validation text" if args.calibration == "wikitext" else
+            f"Python {sys.version.split()[0]} standard-library source ({', '.join(PYTHON_SOURCES)})")
+         + "; evaluation: first ")
+        + f"{args.windows} x {args.seq_len} tokens of the test text; GQA mode {args.gqa_mode}; CPU, fp32. With global "
         "allocation the dense statistics pass is run once per method and target set (it does not depend on the "
         "sparsity); its measured seconds are counted in every row that used it.",
         "",
         "Regenerate: `python benchmarks/quality.py --methods " + args.methods + " --targets " + " ".join(args.targets)
         + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} "
-        f"--name {args.name}" + (f" --variants '{args.variants}'" if args.variants != '{"": {}}' else "") + "`",
+        f"--name {args.name}" + (f" --calibration {args.calibration}" if args.calibration != "wikitext" else "")
+        + (f" --calibration-windows {args.calibration_windows}" if args.calibration_windows else "")
+        + (f" --variants '{args.variants}'" if args.variants != '{"": {}}' else "") + "`",
         "",
         "Pruning seconds depend on the code they were measured with (`timed at`: its commit); perplexity and "
         "parameters do not (the speed-ups in between are tested to give the same pruned weights).",
