@@ -131,7 +131,7 @@ def main() -> None:
                     done = cache.get(key)
                     if done is None:
                         start = time.perf_counter()
-                        with dense_pass.sharing((label, targets)):
+                        with dense_pass.sharing((label, targets, allocation)):
                             result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method=method, sparsity=sparsity,
                                                   targets=targets.split(","), allocation=allocation, calibration=calib,
                                                   gqa_mode=args.gqa_mode, progress=False, **options)

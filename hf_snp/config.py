@@ -20,7 +20,7 @@ from .quantize import QUANTIZATIONS
 from .sites import GQA_MODES
 
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks", "experts")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "cumulative_variance", "output_error", "global")  # "global": cumulative_variance
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RECONSTRUCTION_TARGETS = ("pruned", "dense")
 WITHIN_BLOCK = ("joint", "sequential")
@@ -55,10 +55,15 @@ class PruneConfig:
                   "'heads' (attention heads), 'experts' (whole routed experts, lowest routed-output energy first), "
                   "'blocks' (whole blocks; the budget is then `sparsity` of all decoder-layer parameters, and with "
                   "unit targets as well block removal, unit removal and a mix are compared by final-state CKA)")
-    allocation: str | None = option(None, "'uniform' (default): every layer loses the same fraction, one pass; "
-                                          "'global': one threshold on the cost curves of all sites decides each width "
-                                          "(two passes)",
-                                    choices=ALLOCATIONS)
+    allocation: str | None = option(
+        None, "'uniform' (default): every layer loses the same fraction, one pass; two passes, one threshold on the "
+              "cost curves of all sites deciding each width: 'cumulative_variance' (the paper's: each method's costs "
+              "as a fraction of the site's, for SNP the variance lost; 'global' is a deprecated alias) or "
+              "'output_error' (the consumer-output error each step adds, per parameter removed, relative to the "
+              "residual-stream energy at the layer, within allocation_band of uniform)", choices=ALLOCATIONS)
+    allocation_band: float = option(0.1, "with allocation='output_error': each site removes between its uniform "
+                                         "fraction minus and plus this much of its own parameters (0: uniform "
+                                         "widths), in [0, 1)")
     block_search: str = option(
         "candidates", "with 'blocks' and unit targets: 'iterative' removes the budget in rounds of one block's "
                       "worth, each keeping a block or an equal-size unit cut, whichever keeps the higher CKA of the "
@@ -98,6 +103,9 @@ class PruneConfig:
                  "lambda of a grid whose map, fitted on the other folds of the calibration tokens, best predicts each "
                  "fold's consumer output; reported as mlp_ridge / heads_ridge)", choices=RIDGES)
     ridge_folds: int = option(2, "folds of the calibration tokens for ridge='heldout' (2 to 4)")
+    swaps: int = option(0, "SNP: after the greedy choice of each site, at most this many swaps of a removed unit (or "
+                           "head) with a kept one of the same pool, each the one that lowers the least-squares "
+                           "output error most, while it falls (OSSCAR's local search); 0: off")
     calibration: Any = option("wikitext2", "text: 'wikitext2', 'c4', 'wikitext2-local', a .txt/.jsonl path, a list of "
                                            "strings, a datasets.Dataset or a LongTensor [N, L] of token ids; images: a "
                                            "folder, a datasets.Dataset with an image column, a list of PIL images, a "
@@ -160,8 +168,17 @@ class PruneConfig:
 
     @property
     def resolved_allocation(self) -> str:
-        """uniform unless asked: on SmolLM2 every global criterion measured so far lost to it."""
-        return self.allocation or "uniform"
+        """'uniform' unless asked (on SmolLM2 every global criterion measured so far lost to it), else 'global': a
+        dense statistics pass, then one threshold on cost curves (which ones: ``allocation_criterion``)."""
+        return "uniform" if self.allocation in (None, "uniform") else "global"
+
+    @property
+    def allocation_criterion(self) -> str | None:
+        """What global allocation's threshold cuts: 'cumulative_variance' (also spelled 'global') or
+        'output_error'; None under uniform allocation (docs/design.md §6.3, §6.4)."""
+        if self.resolved_allocation == "uniform":
+            return None
+        return "cumulative_variance" if self.allocation == "global" else self.allocation
 
     @property
     def unit_targets(self) -> tuple[str, ...]:
@@ -213,6 +230,10 @@ class PruneConfig:
         if self.layer_sparsity and self.resolved_allocation == "global":
             raise ValueError("layer_sparsity fixes each layer's budget, which global allocation decides: "
                              "pass allocation='uniform'")
+        band = self.allocation_band
+        if not isinstance(band, (int, float)) or isinstance(band, bool) or math.isnan(band) or not 0 <= band < 1:
+            raise ValueError(f"allocation_band must be in [0, 1) (a fraction of each site's own parameters: 0.1 lets a "
+                             f"site remove 10 points more or less than uniform), got {band!r}")
         for name in ("round_to", "min_width"):
             value = getattr(self, name)
             entries = value.items() if isinstance(value, Mapping) else ([("mlp", value)] if value is not None else [])
@@ -242,6 +263,7 @@ class PruneConfig:
             raise ValueError(f"ridge_folds must be an integer from 2 to 4, got {self.ridge_folds!r}")
         if self.ridge == "heldout":
             self._validate_heldout_ridge()
+        self._validate_swaps()
         if "blocks" in self.targets and self.unit_targets and self.block_search == "iterative":
             self._validate_iterative_search()
 
@@ -257,6 +279,14 @@ class PruneConfig:
         if self.num_samples < 2:
             raise ValueError("block_search='iterative' holds out one calibration window in four for its CKA: "
                              "num_samples must be at least 2 (better 8 or more)")
+
+    def _validate_swaps(self) -> None:
+        """swaps > 0 searches around SNP's choice on the output error of its least-squares map (docs/design.md §3.9)."""
+        if not isinstance(self.swaps, int) or isinstance(self.swaps, bool) or self.swaps < 0:
+            raise ValueError(f"swaps must be a non-negative integer (0: no local search), got {self.swaps!r}")
+        if self.swaps and (self.method != "snp" or not self.reconstruct):
+            raise ValueError("swaps > 0 lowers the output error of SNP's least-squares reconstruction; it needs "
+                             "method='snp' and reconstruct=True (or use swaps=0)")
 
     def _validate_heldout_ridge(self) -> None:
         """ridge='heldout' chooses the λ of SNP's least-squares map of the removed units (docs/design.md §3.8)."""

@@ -126,6 +126,20 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, calib: Calibra
     return captured
 
 
+@torch.no_grad()
+def residual_energy(inputs: list[BlockInput], device: torch.device) -> float:
+    """E||x||^2: the mean, over the non-padding calibration tokens, of the squared norm of the hidden state
+    entering the current block (allocation='output_error' divides each site's output errors by it, §6.4)."""
+    total, count = 0.0, 0
+    for item in inputs:
+        hidden = item.hidden.to(device)
+        squared = torch.linalg.vector_norm(hidden.reshape(-1, hidden.shape[-1]), dim=-1, dtype=torch.float32).pow(2)
+        if item.token_mask is not None:
+            squared = squared[item.token_mask.to(squared.device)]
+        total, count = total + float(squared.double().sum()), count + squared.numel()
+    return max(total / max(count, 1), torch.finfo(torch.float32).tiny)
+
+
 @dataclass
 class BlockVisit:
     """One block on the execution device. A pass sets ``record`` to have it checkpointed."""
@@ -256,16 +270,25 @@ class StreamingEngine:
 
     @torch.no_grad()
     def collect_curves(self, calib: Calibration, rules: WidthRules) -> list[SiteCurve]:
-        """The dense statistics pass of global allocation: every site's removal costs, nothing cut."""
+        """The dense statistics pass of global allocation: every site's removal costs, nothing cut. With
+        allocation='output_error' (docs/design.md §6.4) a step's cost is the consumer-output error it adds
+        (``PruningMethod.output_errors``) over the residual-stream energy entering the block."""
         stream, curves = BlockStream(self, calib, "Statistics pass (dense)"), []
+        output_error = self.config.allocation_criterion == "output_error"
         for visit in stream:
             sites = self.sites(visit.block, visit.index)
+            energy = residual_energy(stream.inputs, self.device) if output_error else None
             with self.timer("curves_statistics"):
                 stats = self.gather_statistics(visit.block, sites, stream.inputs, keep_outputs=not visit.is_last)
             for site, site_stats in zip(sites, stats):
+                inputs = self.site_inputs(site, site_stats, site.curve_steps())
                 with self.timer("curves_order"):
-                    _, costs = self.method.order(self.site_inputs(site, site_stats, site.curve_steps()), self.config)
-                curves.append(SiteCurve.from_site(site, self.method.global_scores(costs), costs, rules))
+                    if output_error:  # scores: the per-parameter slopes (allocation.convex_scores)
+                        costs, scores = [cost / energy for cost in self.method.output_errors(inputs, self.config)], None
+                    else:
+                        _, costs = self.method.order(inputs, self.config)
+                        scores = self.method.global_scores(costs)
+                curves.append(SiteCurve.from_site(site, scores, costs, rules, energy))
         return curves
 
     @torch.no_grad()

@@ -68,8 +68,8 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
     return removed, unique_variance
 
 
-def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remove: int,
-                           damping: float) -> tuple[list[int], list[float]]:
+def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remove: int, damping: float,
+                           order: list[int] | None = None) -> tuple[list[int], list[float]]:
     """Structured OBS (ZipLM, OSSCAR; docs/design.md §3.5): remove, one at a time, the unit q whose removal adds
     the least consumer-output error given the reconstruction so far, err_q = ||W_eff[:, q]||^2 / [Q]_qq.
 
@@ -77,6 +77,7 @@ def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remov
     least-squares fold of q into the remaining columns) and downdates Q like :func:`greedy_zca_elimination`
     (left-looking, O(n * step)); the W_eff update and the column energies cost O(n * out) per step. Returns
     the removed units and their err_q, which add up to the output error of the least-squares map on the rest.
+    With ``order`` the units are removed in that order instead (its first ``num_remove``): the err_q of each.
     """
     n = moment.shape[0]
     if num_remove <= 0:
@@ -90,7 +91,7 @@ def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remov
     removed, errors = [], []
     for step in range(num_remove):
         error = torch.linalg.vector_norm(rows, dim=1).pow(2) / diag.clamp_min(tiny)
-        p = int(torch.where(alive, error, torch.full_like(error, torch.inf)).argmin())
+        p = int(torch.where(alive, error, torch.full_like(error, torch.inf)).argmin()) if order is None else order[step]
         pivot = diag[p].clamp_min(tiny)
         col = precision[:, p] - cols[:, :step] @ cols[p, :step]  # the current Q_:p
         rows.addr_(col, rows[p] / pivot, alpha=-1)  # W_eff <- W_eff - W_eff[:, p] Q_p: / Q_pp
@@ -100,6 +101,17 @@ def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remov
         removed.append(p)
         errors.append(float(error[p]))
     return removed, errors
+
+
+def unreconstructed_errors(moment: torch.Tensor, weight: torch.Tensor, units: torch.Tensor,
+                           group_size: int) -> list[float]:
+    """The consumer-output error each removal adds with nothing reconstructed: removing ``units`` (groups of
+    ``group_size`` in removal order) leaves E||W_P h_P||^2 = tr(W_P M_PP W_P^T), the sum of G = (W^T W) * M over
+    P x P, so unit u adds G_uu + 2 sum_(j before u) G_uj. One entry per group."""
+    w = weight.to(moment)[:, units]
+    gram = (w.T @ w) * moment[units][:, units]
+    added = gram.diagonal() + 2 * gram.tril(-1).sum(1)
+    return added.view(-1, group_size).sum(1).tolist()
 
 
 def _lapack_pivoted_cholesky(precision: torch.Tensor, num_remove: int) -> tuple[list[int], list[float]] | None:
@@ -148,7 +160,8 @@ def spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_group_elimination(moment: torch.Tensor, plan, damping: float, weight: torch.Tensor | None = None,
-                             update_weight: bool = False) -> tuple[list[int], list[float]]:
+                             update_weight: bool = False, order: list[int] | None = None
+                             ) -> tuple[list[int], list[float]]:
     """Group version of the greedy elimination, following ``plan.schedule``.
 
     At each step, among the step's candidate groups, remove the group g with the least
@@ -157,14 +170,15 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float, weight:
     removed groups in order and their r_g, the conditional variance each kept last. With the
     consumer ``weight`` W the score is the output error tr(W_g ([Q]_gg)^{-1} W_g^T) instead.
     With ``update_weight`` (structured OBS, docs/design.md §3.5) W is the reconstruction so far, W_eff: after
-    removing g, W_eff <- W_eff - W_eff[:, g] ([Q]_gg)^{-1} Q_g:.
+    removing g, W_eff <- W_eff - W_eff[:, g] ([Q]_gg)^{-1} Q_g:. With ``order`` (one group per step of the
+    schedule) the groups are removed in that order instead: the score of each at its removal.
     """
     precision = torch.cholesky_inverse(robust_cholesky(moment, damping))
     weight = None if weight is None else weight.to(moment)
     alive = [True] * plan.num_groups
     removed, unique_variance = [], []
-    for pool in plan.schedule:
-        candidates = [g for g in pool if alive[g]]
+    for step, pool in enumerate(plan.schedule):
+        candidates = [g for g in pool if alive[g]] if order is None else [order[step]]
         idx = plan.units(candidates, moment.device).view(len(candidates), plan.group_size)
         blocks = spd_inverse(precision[idx[:, :, None], idx[:, None, :]])
         if weight is None:
@@ -200,3 +214,163 @@ def ordered_pivot_costs(moment: torch.Tensor, keep_first: list[int], group_size:
                             for i in range(len(keep_first))])
         return full.tolist()
     return blocks.sum(1).tolist()
+
+
+def least_squares_error(moment: torch.Tensor, weight: torch.Tensor, drop: torch.Tensor, damping: float) -> float:
+    """E(P) = tr(W_P (M~_PP - M~_PK M~_KK^{-1} M~_KP) W_P^T), M~ = damped(M): the consumer-output error left by
+    removing the units ``drop`` and reconstructing them from the rest by least squares (docs/design.md §3.9)."""
+    n = moment.shape[0]
+    mask = torch.ones(n, dtype=torch.bool, device=moment.device)
+    mask[drop] = False
+    keep, drop = mask.nonzero().flatten(), (~mask).nonzero().flatten()
+    return _SweptSite(damped(moment, damping), weight.to(moment), keep, drop).error
+
+
+class _SweptSite:
+    """The state of the swap search (docs/design.md §3.9): M~ swept on the kept set K,
+
+        S = [[-M~_KK^{-1}, M~_KK^{-1} M~_KP], [M~_PK M~_KK^{-1}, M~_PP - M~_PK M~_KK^{-1} M~_KP]]   (n x n, symmetric)
+
+    (S_PK is the least-squares map B, S_PP the Schur complement, -S_KK the kept units' precision), the Gram
+    Gamma = T^T T of T = W S restricted as [W_P S_PP, W_K + W_P S_PK] (the removed units' error directions and the
+    reconstructed consumer columns), and E = tr(W_P S_PP W_P^T). Sweeping a group into K or back out of it is a
+    rank-|g| update of S and Gamma: O(n^2 |g|)."""
+
+    def __init__(self, matrix: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor):
+        n = matrix.shape[0]
+        swept = torch.empty_like(matrix)
+        if len(keep):
+            # a solve against I: torch.cholesky_inverse was several times slower on CPU (1000-2000 units)
+            eye = torch.eye(len(keep), dtype=matrix.dtype, device=matrix.device)
+            kept_inverse = torch.cholesky_solve(eye, robust_cholesky(matrix[keep][:, keep], 0.0))
+            kept_inverse = (kept_inverse + kept_inverse.T) / 2
+            coef = kept_inverse @ matrix[keep][:, drop]  # M~_KK^{-1} M~_KP
+            swept[keep[:, None], keep[None, :]] = -kept_inverse
+            swept[keep[:, None], drop[None, :]] = coef
+            swept[drop[:, None], keep[None, :]] = coef.T
+            swept[drop[:, None], drop[None, :]] = matrix[drop][:, drop] - matrix[drop][:, keep] @ coef
+        else:
+            swept = matrix.clone()
+        directions = torch.empty(weight.shape[0], n, dtype=matrix.dtype, device=matrix.device)
+        w_drop = weight[:, drop]
+        directions[:, drop] = w_drop @ swept[drop][:, drop]
+        directions[:, keep] = weight[:, keep] + w_drop @ swept[drop][:, keep]
+        self.swept, self.gram = swept, directions.T @ directions
+        self.error = float((directions[:, drop] * w_drop).sum())
+
+    def sweep(self, units: torch.Tensor, into_kept: bool) -> None:
+        """Move ``units`` into the kept set (a forward sweep: un-remove them) or out of it (a reverse sweep)."""
+        s, gram = self.swept, self.gram
+        pivot_inverse = torch.linalg.inv(s[units][:, units])
+        gram_block = gram[units][:, units]
+        self.error -= float((pivot_inverse * gram_block).sum())  # tr(D^-1 Gamma_gg), D symmetric
+        sign = 1.0 if into_kept else -1.0
+        cols = s[:, units] @ pivot_inverse  # S_:g D^-1
+        update = cols.T.clone()  # U: T <- T - T_g U
+        update[:, units] = torch.eye(len(units), dtype=s.dtype, device=s.device) - sign * pivot_inverse
+        s.addmm_(cols, s[units, :], alpha=-1)
+        s[:, units] = sign * cols
+        s[units, :] = sign * cols.T
+        s[units[:, None], units[None, :]] = -pivot_inverse
+        gram_cols = gram[:, units].clone()  # Gamma' = Gamma - Gamma_:g U - U^T Gamma_g: + U^T Gamma_gg U
+        gram.addmm_(gram_cols, update, alpha=-1)
+        gram.addmm_(update.T, gram_cols.T - gram_block @ update, alpha=-1)
+
+    def deltas(self, drop: torch.Tensor, keep: torch.Tensor, size: int) -> torch.Tensor:
+        """[removed groups, kept groups]: the exact change of E from putting removed group I back and removing kept
+        group J instead (``drop``, ``keep``: their units, ``size`` per group, in group order)."""
+        if size == 1:
+            return self._unit_deltas(drop, keep)
+        s, gram = self.swept, self.gram
+        out_idx, in_idx = drop.view(-1, size), keep.view(-1, size)
+        h = s[out_idx[:, :, None], out_idx[:, None, :]]  # [I, d, d]  S_II (the Schur complement of the group)
+        h_inv = spd_inverse(h)
+        gram_ii = gram[out_idx[:, :, None], out_idx[:, None, :]]
+        gain = (h_inv * gram_ii).sum((-2, -1))  # tr(H^-1 Gamma_II): E falls by this when I is put back
+        z_jj = -s[in_idx[:, :, None], in_idx[:, None, :]]  # [J, d, d] the kept groups' precision blocks
+        gram_jj = gram[in_idx[:, :, None], in_idx[:, None, :]]
+        rows = []
+        chunk = max(1, (1 << 22) // max(1, in_idx.shape[0] * size * size))
+        for start in range(0, out_idx.shape[0], chunk):
+            o = out_idx[start:start + chunk]
+            s_ij = s[o[:, None, :, None], in_idx[None, :, None, :]]  # [i, J, d, d]
+            g_ij = gram[o[:, None, :, None], in_idx[None, :, None, :]]
+            a = h_inv[start:start + chunk, None] @ s_ij  # H^-1 S_IJ
+            precision = z_jj[None] + s_ij.transpose(-1, -2) @ a  # the kept precision of J once I is back
+            energy = (gram_jj[None] - g_ij.transpose(-1, -2) @ a - a.transpose(-1, -2) @ g_ij
+                      + a.transpose(-1, -2) @ gram_ii[start:start + chunk, None] @ a)  # F1_J^T F1_J
+            factor, info = torch.linalg.cholesky_ex(precision)
+            if bool((info > 0).any()):
+                cost = torch.linalg.solve(precision, energy).diagonal(dim1=-2, dim2=-1).sum(-1)
+            else:
+                cost = torch.cholesky_solve(energy, factor).diagonal(dim1=-2, dim2=-1).sum(-1)
+            rows.append(cost.clamp_min(0) - gain[start:start + chunk, None])
+        return torch.cat(rows)
+
+    def _unit_deltas(self, drop: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        s, gram = self.swept, self.gram
+        tiny = torch.finfo(s.dtype).tiny
+        h = s.diagonal()[drop].clamp_min(tiny)  # H_ii
+        g_out = gram.diagonal()[drop]
+        z_in, g_in = -s.diagonal()[keep], gram.diagonal()[keep]  # Z_jj, ||F_j||^2
+        rows = []
+        chunk = max(1, (1 << 22) // max(1, len(keep)))
+        for start in range(0, len(drop), chunk):
+            o = drop[start:start + chunk]
+            b = s[o][:, keep]  # B_ij
+            a = b / h[start:start + chunk, None]
+            energy = g_in[None] - 2 * a * gram[o][:, keep] + a * a * g_out[start:start + chunk, None]
+            precision = (z_in[None] + a * b).clamp_min(tiny)  # Z_jj once i is back
+            gain = g_out[start:start + chunk] / h[start:start + chunk]  # what putting i back recovers
+            rows.append(energy.clamp_min(0) / precision - gain[:, None])
+        return torch.cat(rows)
+
+
+def swap_search(moment: torch.Tensor, weight: torch.Tensor, plan, removed: list[int], max_swaps: int,
+                damping: float, rtol: float = 1e-9) -> tuple[list[int], int, float, float]:
+    """Local search after a greedy choice, as in OSSCAR (docs/design.md §3.9): swap a removed group with a kept one
+    of the same pool while that lowers the output error E(P) of the least-squares reconstruction
+    (:func:`least_squares_error`), the best swap of all pairs first, at most ``max_swaps`` swaps.
+
+    Returns the removed groups (each swapped one replaced in place, so the plan's schedule still holds), the
+    number of swaps made, and E before and after.
+    """
+    size = plan.group_size
+    drop_units = plan.units(removed, moment.device)
+    mask = torch.ones(moment.shape[0], dtype=torch.bool, device=moment.device)
+    mask[drop_units] = False
+    keep_units = mask.nonzero().flatten()
+    matrix, weight = damped(moment, damping), weight.to(moment)
+    state = _SweptSite(matrix, weight, keep_units, drop_units.sort().values)
+    before = state.error
+    del matrix
+    if max_swaps <= 0 or not len(removed) or len(removed) == plan.num_groups:
+        return list(removed), 0, before, before
+    result, swaps, position = list(removed), 0, {g: i for i, g in enumerate(removed)}
+    for _ in range(max_swaps):
+        best, pair = -rtol * max(state.error, torch.finfo(moment.dtype).tiny), None
+        for pool in plan.pools:
+            out_groups = [g for g in pool if g in position]
+            in_groups = [g for g in pool if g not in position]
+            if not out_groups or not in_groups:
+                continue
+            delta = state.deltas(plan.units(out_groups, moment.device), plan.units(in_groups, moment.device), size)
+            flat = int(delta.argmin())
+            value = float(delta.view(-1)[flat])
+            if value < best:
+                best, pair = value, (out_groups[flat // len(in_groups)], in_groups[flat % len(in_groups)])
+        if pair is None:
+            break
+        back, out = pair
+        state.sweep(plan.units([back], moment.device), into_kept=True)
+        state.sweep(plan.units([out], moment.device), into_kept=False)
+        slot = position.pop(back)
+        position[out] = slot
+        result[slot] = out
+        swaps += 1
+    if not swaps:
+        return result, 0, before, before
+    after = least_squares_error(moment, weight, plan.units(result, moment.device), damping)
+    if after > before:  # rounding in the updates (a near-singular site): keep the greedy choice
+        return list(removed), 0, before, before
+    return result, swaps, before, after

@@ -86,6 +86,8 @@ class Decision:
     removed_groups: list[int] = field(default_factory=list)
     mix: torch.Tensor | None = None
     ridge: float | None = None  # the λ chosen on held-out tokens (ridge="heldout", docs/design.md §3.8)
+    swaps: int | None = None  # swaps the local search made (swaps > 0, docs/design.md §3.9)
+    swap_errors: tuple[float, float] | None = None  # the output error E(P) before and after them
 
     def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The consumer's new kept columns and its bias change (None: no change), from its weight W [out, N]."""

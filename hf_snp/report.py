@@ -143,8 +143,10 @@ class PruneReport(dict):
                         linestyle="-" if kind == "mlp" else "--", linewidth=0.8)
             threshold = self["allocation"].get("threshold")
             ax.set_xlabel("fraction of units removed (in pruning order)")
-            ax.set_ylabel("variance retained")
-            title = "cumulative-variance curves (dashed: heads)" if isinstance(threshold, (int, float)) else "curves"
+            output_error = self["allocation"].get("mode") == "output_error"
+            ax.set_ylabel("output error retained" if output_error else "variance retained")
+            title = ("output-error curves (dashed: heads)" if output_error else
+                     "cumulative-variance curves (dashed: heads)" if isinstance(threshold, (int, float)) else "curves")
             ax.set_title(title, fontsize=9)
         if ppl:
             ax = axes[0][len(panels) + bool(curves)]

@@ -137,7 +137,7 @@ def test_random_ordering_depends_on_the_seed():
 def test_global_vbp_runs_and_reports_its_threshold():
     result = prune_quiet(tiny_llama(), method="vbp", sparsity=0.3, allocation="global")
     allocation = result.report["allocation"]
-    assert allocation["mode"] == "global" and allocation["threshold"] is not None
+    assert allocation["mode"] == "cumulative_variance" and allocation["threshold"] is not None
     assert len(allocation["curves"]) == 4
     # VBP's costs are the units' variances on the dense model, removed smallest first: each curve is
     # 1 - (sum of the s smallest variances) / (sum of all), and the threshold (a variance) cuts every

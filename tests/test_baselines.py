@@ -19,6 +19,11 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM
 
+from hf_snp.config import PruneConfig
+from hf_snp.methods import SiteInputs, get_method
+from hf_snp.removal import RemovalPlan
+from hf_snp.stats import SiteStatistics
+
 BASELINES = ["flap", "wanda_sp", "magnitude"]
 
 
@@ -103,11 +108,13 @@ def consumer_inputs(dense, pruned, target):
     return inputs
 
 
-def unit_scores(method, x, weight):
-    """The documented per-unit score: FLAP var(X_j)·‖W_:,j‖², wanda_sp ‖X_j‖·Σ|W_:,j|, magnitude ‖W_:,j‖."""
+def unit_scores(method, x, weight, target="mlp"):
+    """The documented per-unit score: FLAP var(X_j)·‖W_:,j‖² (squared on heads, as FLAP does for o_proj),
+    wanda_sp ‖X_j‖·Σ|W_:,j|, magnitude ‖W_:,j‖."""
     weight = weight.detach().double()
     if method == "flap":
-        return x.var(0, unbiased=False) * weight.pow(2).sum(0)
+        metric = x.var(0, unbiased=False) * weight.pow(2).sum(0)
+        return metric.pow(2) if target == "heads" else metric
     if method == "wanda_sp":
         return x.pow(2).sum(0).sqrt() * weight.abs().sum(0)
     return weight.pow(2).sum(0).sqrt()
@@ -147,7 +154,7 @@ def test_baselines_remove_the_lowest_scored_units(method, family, target):
         kept = kept_groups(dense_producer, producer_and_consumer(pruned_layer, target)[0], size)
         removed = set(range(dense_producer.out_features // size)) - set(kept)
         assert removed, f"layer {i}: nothing removed, the test would be vacuous"
-        scores = unit_scores(method, xs[i], dense_consumer.weight).reshape(-1, size).sum(1)
+        scores = unit_scores(method, xs[i], dense_consumer.weight, target).reshape(-1, size).sum(1)
         pools = pools_of(family) if target == "heads" else [list(range(len(scores)))]
         per_pool = len(removed) // len(pools)
         expected = {g for pool in pools for g in sorted(pool, key=lambda g: float(scores[g]))[:per_pool]}
@@ -225,7 +232,8 @@ def test_baselines_global_allocation_meets_the_budget(method, family):
 def test_baselines_global_threshold_cuts_the_documented_scores(method):
     """OPT (one pool per site): with global allocation, each site removes exactly its units whose global
     score is at or below the reported threshold; scores from the dense model's activations (the dense
-    statistics pass): raw scores for wanda_sp and magnitude, standardised per site for FLAP."""
+    statistics pass): raw scores for wanda_sp and magnitude; for FLAP the channel metric standardised over the
+    site's channels, averaged per head."""
     dense = tiny_opt()
     result = prune_quiet(copy.deepcopy(dense), method=method, sparsity=0.3, targets=("mlp", "heads"),
                          allocation="global")
@@ -233,10 +241,12 @@ def test_baselines_global_threshold_cuts_the_documented_scores(method):
     for target, size, width_key in (("mlp", 1, "mlp_width"), ("heads", HEAD_DIM, "num_heads")):
         xs = consumer_inputs(dense, dense, target)  # dense pass: every layer sees dense inputs
         for i, layer in enumerate(decoder_layers(dense)):
-            scores = unit_scores(method, xs[i], producer_and_consumer(layer, target)[1].weight).reshape(-1, size).sum(1)
-            costs = scores.sort().values
-            if method == "flap":
-                costs = (costs - costs.mean()) / costs.std()
+            metric = unit_scores(method, xs[i], producer_and_consumer(layer, target)[1].weight, target)
+            groups = metric.reshape(-1, size)
+            if method == "flap":  # FLAP: standardised over the site's channels, then the mean per head
+                costs = ((groups - metric.mean()) / metric.std()).mean(1).sort().values
+            else:
+                costs = groups.sum(1).sort().values
             # the threshold is one of the scores (computed here in another order: a relative slack)
             expected = int((costs <= threshold + 1e-6 * max(1.0, abs(threshold))).sum())
             max_steps = len(costs) - 1 if target == "mlp" else len(costs)
@@ -265,3 +275,66 @@ def test_flap_folds_the_removed_units_means_into_the_bias(family, target):
         assert pruned_consumer.bias is not None  # Llama: FLAP adds the bias its compensation needs
         shift = dense_consumer.weight.double()[:, drop] @ xs[i][:, drop].mean(0)
         torch.testing.assert_close((pruned_consumer.bias.double() - old_bias.double()), shift, rtol=1e-4, atol=1e-5)
+
+
+# --- FLAP on heads as FLAP does it (CASIA-IVA-Lab/FLAP lib/prune.py, metric 'WIFV') ---
+
+# per channel of 4 heads of 2 channels: the fluctuation var(X_j) (the consumer weight has unit columns, so this is
+# also the metric m_j). Summed per head (the unsquared score) head 0 would go first in KV group 0; FLAP squares
+# the o_proj metric, and then head 1 goes first.
+HAND_VARIANCES = [1.0, 9.0, 5.0, 6.0, 2.0, 2.0, 0.5, 7.0]
+
+
+def hand_head_site(pools, rounds):
+    """Two tokens per channel, +a_j and -a_j: var = a_j² exactly (population variance, mean 0)."""
+    amplitude = torch.tensor(HAND_VARIANCES, dtype=torch.float64).sqrt()
+    stats = SiteStatistics("hand", 8, torch.device("cpu"))
+    stats.update(torch.stack([amplitude, -amplitude]))
+    weight = torch.zeros(3, 8, dtype=torch.float64)
+    weight[0] = 1.0  # ||W_:,j|| = 1: the metric is the variance
+    return SiteInputs(stats, RemovalPlan(8, 2, pools, rounds), True, weight, 0)
+
+
+def hand_flap_head_scores():
+    """From the definition: m_j = var_j·||W_:,j||², squared on heads, standardised over the 8 channels (mean,
+    unbiased std as torch.std in FLAP), then the mean per head."""
+    squared = [v * v for v in HAND_VARIANCES]  # 1, 81, 25, 36, 4, 4, 0.25, 49
+    mean = sum(squared) / 8
+    std = (sum((v - mean) ** 2 for v in squared) / 7) ** 0.5
+    z = [(v - mean) / std for v in squared]
+    return [(z[2 * h] + z[2 * h + 1]) / 2 for h in range(4)]
+
+
+def test_flap_head_score_is_the_per_head_mean_of_the_standardised_squared_metric():
+    scores = hand_flap_head_scores()  # head sums of m²: 82, 61, 8, 49.25
+    assert scores[1] < scores[0]  # squared: head 1 is the weaker of KV group 0 (summed m: 10 < 11 says head 0)
+    flap = get_method("flap")
+    config = PruneConfig(method="flap")
+    # GQA per_group: one head from each KV group's pool
+    removed, _ = flap.order(hand_head_site([[0, 1], [2, 3]], 1), config)
+    assert sorted(removed) == [1, 2]
+    # one pool (MHA), the full curve: every head, lowest first; global scores are FLAP's standardised head scores
+    removed, costs = flap.order(hand_head_site([[0, 1, 2, 3]], 4), config)
+    expected_order = sorted(range(4), key=lambda h: scores[h])
+    assert removed == expected_order == [2, 3, 1, 0]
+    assert flap.global_scores(costs) == pytest.approx([scores[h] for h in expected_order], rel=1e-5, abs=1e-6)
+    unsquared = [HAND_VARIANCES[2 * h] + HAND_VARIANCES[2 * h + 1] for h in expected_order]  # the mean-fold error
+    assert flap.output_errors(hand_head_site([[0, 1, 2, 3]], 4), config) == pytest.approx(unsquared, rel=1e-5)
+    decision = flap.decide(hand_head_site([[0, 1], [2, 3]], 1), config)
+    assert decision.drop.tolist() == [2, 3, 4, 5] and decision.coef is None  # FLAP folds means, never reconstructs
+
+
+@pytest.mark.parametrize("gqa_mode", ["per_group", "kv_groups"])
+def test_flap_heads_on_gqa_keep_the_kv_structure(gqa_mode):
+    """Llama GQA (4 query heads on 2 KV heads): per_group removes one query head from each KV group (by the
+    squared metric within the group), kv_groups whole KV groups; the model runs and reloads its shapes."""
+    model = tiny_llama()
+    result = prune_quiet(model, method="flap", sparsity=0.3, targets=("heads",), gqa_mode=gqa_mode)
+    for layer, record in zip(decoder_layers(result.model), result.report["layers"]):
+        if gqa_mode == "per_group":
+            assert (record["num_heads"], record["num_kv_heads"]) == (2, 2)
+        else:
+            assert (record["num_heads"], record["num_kv_heads"]) == (2, 1)
+        assert layer.self_attn.o_proj.in_features == record["num_heads"] * HEAD_DIM
+        assert layer.self_attn.k_proj.out_features == record["num_kv_heads"] * HEAD_DIM
+    assert torch.isfinite(logits(result.model)).all()

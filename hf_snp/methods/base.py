@@ -54,6 +54,12 @@ class PruningMethod:
         self.compensate(site, decision, config)
         return decision
 
+    def output_errors(self, site: SiteInputs, config: "PruneConfig") -> list[float]:
+        """The costs allocation='output_error' compares across sites (docs/design.md §6.4), one per step of
+        ``site.plan``: the consumer-output error each removal adds where the method can say (SNP); by default the
+        method's own step costs."""
+        return self.order(site, config)[1]
+
     def global_scores(self, costs: list[float]) -> list[float]:
         """Cumulative fraction of the site's total cost removed after each step (normalised per site)."""
         total = sum(costs) or 1.0

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..removal import select_by_score
+from ..removal import group_sums, select_by_score
 from .base import PruningMethod, ScoredMethod, SiteInputs, register_method
 
 if TYPE_CHECKING:
@@ -18,23 +18,51 @@ if TYPE_CHECKING:
 
 @register_method
 class FLAP(ScoredMethod):
-    """FLAP (An et al., AAAI 2024): fluctuation of each input unit (its variance over the
-    calibration tokens) times the squared norm of the weight column it feeds, with the removed
-    units' means folded into the bias (FLAP's bias compensation). Globally, scores are
-    standardised per site before one ranking, as FLAP's adaptive structure search does.
+    """FLAP (An et al., AAAI 2024; CASIA-IVA-Lab/FLAP, ``lib/prune.py`` ``prune_flap`` with its default metric
+    'WIFV'): per input channel j of the consumer, the fluctuation (variance over the calibration tokens) times
+    the squared norm of the weight column it feeds, ``m_j = var(X_j) * ||W_:,j||^2``. On heads (the attention
+    output projection) the metric is squared, ``m_j^2``, as FLAP does for ``o_proj``. FLAP standardises the
+    channel metrics within each layer, ``z_j = (m_j - mean(m)) / std(m)`` (over the site's channels, unbiased
+    std), and a head's score is the mean of its channels' ``z_j`` (GQA: ranked within each KV group's pool; a
+    whole KV group: the mean over all its channels). The removed units' means are folded into the bias (FLAP's
+    bias compensation).
+
+    Within a site the ranking is that of the raw metric (heads: the per-head sum of ``m_j^2``), FLAP's uniform
+    structure; the order's costs are ``m / std(m)`` (group means), and ``global_scores`` subtracts their mean
+    over the site's full curve, which gives FLAP's standardised scores, compared across sites as its adaptive
+    structure search does (docs/design.md §4.2, §6.3).
     """
 
     name = "flap"
     wants_added_bias = True
 
-    def scores(self, site: SiteInputs) -> torch.Tensor:
+    @staticmethod
+    def metric(site: SiteInputs) -> torch.Tensor:
+        """m_j = var(X_j) * ||W_:,j||^2 per unit (FLAP's 'WIFV')."""
         variance = site.stats.moments(centered=True)[0].diagonal()
         return variance * site.consumer_weight.to(variance).pow(2).sum(0)
 
+    def scores(self, site: SiteInputs) -> torch.Tensor:
+        metric = self.metric(site)
+        size = site.plan.group_size
+        if size > 1:  # heads: FLAP squares the o_proj metric
+            metric = metric.pow(2)
+        spread = metric.std().clamp_min(1e-12) if metric.numel() > 1 else metric.new_ones(())
+        return metric / (spread * size)  # a group's sum: the mean of its channels, in units of std(m)
+
+    def output_errors(self, site: SiteInputs, config: "PruneConfig") -> list[float]:
+        """allocation='output_error' (docs/design.md §6.4): per step of the order, the group's sum of the unsquared
+        m_j, what its removal adds to the consumer-output error with the mean fold if the units were uncorrelated."""
+        removed, _ = self.order(site, config)
+        metric = group_sums(self.metric(site), site.plan)
+        return [float(metric[g]) for g in removed]
+
     def global_scores(self, costs: list[float]) -> list[float]:
+        """Standardised per site: the costs (m / std(m), one per group of the full curve, which covers every
+        channel once) less their mean, i.e. (m - mean(m)) / std(m) averaged per group, made non-decreasing."""
         values = torch.tensor(costs, dtype=torch.float64)
-        standardised = (values - values.mean()) / values.std().clamp_min(1e-12) if len(costs) > 1 else values
-        return super().global_scores(standardised.tolist())
+        centred = values - values.mean() if len(costs) else values
+        return super().global_scores(centred.tolist())
 
 
 @register_method

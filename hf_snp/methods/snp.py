@@ -13,6 +13,8 @@ from ..linalg import (
     greedy_zca_elimination,
     least_squares_map,
     ordered_pivot_costs,
+    swap_search,
+    unreconstructed_errors,
 )
 from ..removal import Decision, select_by_score
 from ..ridge import choose_ridge
@@ -56,6 +58,37 @@ class SNP(PruningMethod):
         kept = [g for g in range(plan.num_groups) if g not in set(removed)]
         costs = ordered_pivot_costs(moment, kept + removed[::-1], plan.group_size, config.damping)[len(kept):][::-1]
         return removed, costs
+
+    def output_errors(self, site: SiteInputs, config: PruneConfig) -> list[float]:
+        """The consumer-output error each removal of this site's order adds (allocation='output_error',
+        docs/design.md §6.4): OBS's err of each step given the least-squares reconstruction so far (ordering='obs':
+        its own step costs; other orderings: the same quantity along their order); with reconstruct=False, what
+        each removal adds to the error tr(W_P M_PP W_P^T) of the unreconstructed units."""
+        removed, costs = self.order(site, config)
+        if config.ordering == "obs" and config.reconstruct:
+            return costs
+        moment, _ = site.stats.moments(centered=site.bias_available)
+        plan = site.plan
+        if not config.reconstruct:
+            return unreconstructed_errors(moment, site.consumer_weight, plan.units(removed, moment.device),
+                                          plan.group_size)
+        if plan.group_size == 1 and len(plan.pools) == 1:
+            return greedy_obs_elimination(moment, site.consumer_weight, len(removed), config.damping, removed)[1]
+        return greedy_group_elimination(moment, plan, config.damping, site.consumer_weight, update_weight=True,
+                                        order=removed)[1]
+
+    def decide(self, site: SiteInputs, config: PruneConfig) -> Decision:
+        removed, _ = self.order(site, config)
+        search = None
+        if config.swaps and config.reconstruct:  # local search on the output error (docs/design.md §3.9)
+            moment, _ = site.stats.moments(centered=site.bias_available)
+            removed, *search = swap_search(moment, site.consumer_weight, site.plan, removed, config.swaps,
+                                           config.damping)
+        decision = site.plan.decision(removed, site.stats.shifted_sum.device)
+        if search is not None:
+            decision.swaps, decision.swap_errors = search[0], (search[1], search[2])
+        self.compensate(site, decision, config)
+        return decision
 
     def compensate(self, site: SiteInputs, decision: Decision, config: PruneConfig) -> None:
         if not config.reconstruct:

@@ -13,6 +13,8 @@ Run it again only to add a case, or on purpose when a change of results is inten
 Regenerated on purpose, with the code of the commit that changed them:
 * snp_global_mlp_heads_llama, snp_global_per_target_llama: global allocation's per_group head
   curves priced step s as s heads instead of s x (KV groups) heads (fixed in SiteCurve.from_site).
+* flap_mlp_heads_llama, flap_mlp_heads_opt: FLAP's head score became the reference code's (CASIA-IVA-Lab/FLAP
+  prune_flap: the o_proj metric squared, standardised within the layer, averaged per head; issue 15 item 7).
 Usage: generate.py [CASE ...]  (default: every case).
 """
 
