@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--allocations", default="uniform,global")
     parser.add_argument("--name", default="quality")
     parser.add_argument("--fresh", action="store_true", help="ignore rows finished by earlier runs")
+    parser.add_argument("--all-rows", action="store_true",
+                        help="list every finished row of NAME.jsonl with this protocol, not only this grid's")
     parser.add_argument("--variants", default='{"": {}}',
                         help="JSON {label: extra prune() options}: each method row is run once per variant and named "
                              "'method label' (e.g. '{\"dense target\": {\"reconstruction_target\": \"dense\"}}')")
@@ -146,6 +148,15 @@ def main() -> None:
                     print(f"{label:>9} {targets:>9} {allocation:>7} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  "
                           f"params {done['params']:,}  {done['seconds']:.0f} s", flush=True)
                     write(args, rows, dense_params)
+    if args.all_rows:
+        grid = {(row[0], row[1], row[2], row[3]) for row in rows}
+        for key, done in cache.rows.items():
+            key = json.loads(key)
+            if (key["method"], key["targets"], key["allocation"], key["sparsity"]) not in grid:
+                rows.append((key["method"], key["targets"], key["allocation"], key["sparsity"], done["ppl"],
+                             done["params"], done["seconds"], done.get("commit", "?")))
+        rows[1:] = sorted(rows[1:], key=lambda r: (r[2] != "uniform", r[2], r[1], r[3], r[0]))
+        write(args, rows, dense_params)
 
 
 def pivot_tables(rows: list[tuple]) -> list[str]:
