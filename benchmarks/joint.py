@@ -18,15 +18,12 @@ import copy
 import os
 import time
 
-import torch
-from measure import code_commit, first_windows, save_line_plot
+from measure import code_commit, save_line_plot, smollm2_protocol
 from row_cache import RowCache
 
 import hf_snp
 from hf_snp.adapters import get_adapter
-from hf_snp.calibration import packaged_text
 from hf_snp.evaluation import perplexity
-from hf_snp.loading import demo_model_source, load_model, load_tokenizer
 from hf_snp.sites import count_parameters
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -74,12 +71,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore rows finished by earlier runs")
     args = parser.parse_args()
 
-    source = demo_model_source()
-    tokenizer = load_tokenizer(source)
-    dense = load_model(source, dtype=torch.float32)
-    calib = first_windows(tokenizer, packaged_text("wikitext2-local"), args.windows, args.seq_len)
-    eval_args = dict(dataset="wikitext2-test-local", seq_len=args.seq_len, max_windows=args.windows, progress=False)
-    dense_ppl = perplexity(dense, tokenizer, **eval_args)
+    tokenizer, dense, calib, eval_args, dense_ppl = smollm2_protocol(args.windows, args.seq_len)
     print(f"dense: perplexity {dense_ppl:.2f}", flush=True)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     cache_path = os.path.join(RESULTS, "joint.jsonl")

@@ -108,3 +108,19 @@ def save_line_plot(path: str, series: dict, xlabel: str, ylabel: str, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def smollm2_protocol(windows: int, seq_len: int):
+    """The ablation protocol on the packaged SmolLM2-135M (fp32): (tokenizer, dense model, calibration ids: the first
+    ``windows`` x ``seq_len`` tokens of the WikiText-2 validation text, perplexity() arguments for as many tokens of
+    the test text, dense perplexity)."""
+    from hf_snp.calibration import packaged_text
+    from hf_snp.evaluation import perplexity
+    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+
+    source = demo_model_source()
+    tokenizer = load_tokenizer(source)
+    dense = load_model(source, dtype=torch.float32)
+    calib = first_windows(tokenizer, packaged_text("wikitext2-local"), windows, seq_len)
+    eval_args = dict(dataset="wikitext2-test-local", seq_len=seq_len, max_windows=windows, progress=False)
+    return tokenizer, dense, calib, eval_args, perplexity(dense, tokenizer, **eval_args)
