@@ -229,7 +229,7 @@ class StreamingEngine:
         self.method = get_method(config.method)
         self.device, self.store, self.checkpoint = device, store, checkpoint
         self.timer = PhaseTimer(device)
-        self.decisions: list[tuple[int, str, Decision]] | None = None
+        self.decisions: list[tuple[int, int, Decision]] | None = None  # (layer, site position, decision)
 
     def sites(self, block: nn.Module, index: int, targets: tuple[str, ...] | None = None) -> list[Site]:
         targets = self.config.unit_targets if targets is None else targets
@@ -407,7 +407,7 @@ class StreamingEngine:
                                                self.config)
                     site.ridge = decision.ridge
                     if self.decisions is not None:
-                        self.decisions.append((visit.index, site.kind, decision))
+                        self.decisions.append((visit.index, sites.index(site), decision))
                     with self.timer("cut"):
                         site.apply(decision)
                     keep = decision.keep if site is cache.mlp_site else keep

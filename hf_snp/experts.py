@@ -279,6 +279,7 @@ class ExpertSite(_RoutedSite):
     kind = "mlp"
     fields = ("expert_intermediate_size",)
     width_multiple = EXPERT_WIDTH_MULTIPLE
+    tied = True  # the stacked expert weights hold one width per layer
     layout: ExpertsLayout
 
     def __init__(self, layer: nn.Module, index: int, moe: ExpertLayer, expert: int):
@@ -287,8 +288,8 @@ class ExpertSite(_RoutedSite):
         self.width_before = self.num_units
 
     @property
-    def name(self) -> str:
-        return f"layer {self.index} expert {self.expert}"
+    def slot(self) -> str:
+        return f"expert {self.expert}"
 
     @property
     def consumer_weight(self) -> torch.Tensor:
@@ -374,8 +375,8 @@ class ExpertSetSite(_RoutedSite):
         self.experts_before = self.num_units
 
     @property
-    def name(self) -> str:
-        return f"layer {self.index} experts"
+    def slot(self) -> str:
+        return "experts"
 
     @property
     def consumer_weight(self) -> torch.Tensor:
@@ -444,8 +445,8 @@ class SharedExpertSite(MlpSite):
     can_add_bias = False
 
     @property
-    def name(self) -> str:
-        return f"layer {self.index} shared expert"
+    def slot(self) -> str:
+        return "shared expert"
 
     @property
     def ridge_key(self) -> str:

@@ -47,10 +47,10 @@ def split_calibration(calib: Calibration) -> tuple[Calibration, Calibration]:
 
 @dataclass
 class UnitTrial:
-    """A unit candidate: its decisions (layer, target, decision), the layer records of its pass, the parameters
-    it removes and the CKA of its final states."""
+    """A unit candidate: its decisions (layer, position among the layer's sites, decision), the layer records of
+    its pass, the parameters it removes and the CKA of its final states."""
 
-    decisions: list[tuple[int, str, Decision]]
+    decisions: list[tuple[int, int, Decision]]
     records: list[dict]
     params: int
     cka: float
@@ -78,8 +78,8 @@ class IterativeSearch:
         self.fit, self.held = split_calibration(calib)
         self.source = list(range(len(self.layers)))  # current layer -> layer of the dense model
         sites = self._sites()
-        self.weight = {(s.index, s.kind): site_budget(s, self.config) for s in sites}  # by dense layer
-        self.dense_params = {(s.index, s.kind): s.num_params() for s in sites}
+        self.weight = {(s.index, s.slot): site_budget(s, self.config) for s in sites}  # by dense layer
+        self.dense_params = {(s.index, s.slot): s.num_params() for s in sites}
         self.records = {i: {"layer": i, "source_layer": i} for i in self.source}
         for site in sites:
             self.records[site.index].update(site.describe())
@@ -224,13 +224,13 @@ class IterativeSearch:
             curves = self.engine.collect_curves(self.fit, self.rules)
             plan = allocate_per_budget(curves, self.config, budget_scale(sites, self.config, params))
             return lambda site: plan.steps[(site.index, site.kind)]
-        keys = {(s.index, s.kind): (self.source[s.index], s.kind) for s in sites}
+        keys = {(s.index, s.slot): (self.source[s.index], s.slot) for s in sites}
         removed = {key: self.dense_params[keys[key]] - s.num_params() for key, s in zip(keys, sites)}
         total_weight = sum(self.weight[k] for k in keys.values()) or 1.0
         goal = sum(removed.values()) + params
         targets = {key: max(goal * self.weight[keys[key]] / total_weight - removed[key], 0.0) for key in keys}
         steps = round_to_total(dict(zip(keys, sites)), targets, params, self.rules)
-        return lambda site: steps[(site.index, site.kind)]
+        return lambda site: steps[(site.index, site.slot)]
 
     def _unit_trial(self, params: float, reference: torch.Tensor) -> UnitTrial:
         """Prune a copy of each block in turn (fitted windows), stream the held-out windows through it, keep the
@@ -256,20 +256,24 @@ class IterativeSearch:
                     del trial
                 finally:
                     placement.send_back(layer)
-                decisions[:] = [(i, kind, _moved(d, self.store)) for i, kind, d in decisions]
+                decisions[:] = [(i, position, _moved(d, self.store)) for i, position, d in decisions]
         finally:
             self.engine.decisions = None
         return UnitTrial(decisions, records, planned, linear_cka(reference, self._final(held)))
 
     def _apply(self, trial: UnitTrial) -> None:
         """Apply a unit trial's decisions to the model's own blocks, and fold its records into ours."""
-        for index, kind, decision in trial.decisions:
+        by_layer: dict[int, list[tuple[int, Decision]]] = {}
+        for index, position, decision in trial.decisions:
+            by_layer.setdefault(index, []).append((position, decision))
+        for index, decisions in by_layer.items():  # one site list per layer: a mixture's experts are cut together
             layer = self.layers[index]
             placement = BlockPlacement.bring(layer, self.device)
             try:
-                site = next(s for s in self.engine.sites(layer, index) if s.kind == kind)
+                sites = self.engine.sites(layer, index)
                 with self.timer("cut"):
-                    site.apply(_moved(decision, self.device))
+                    for position, decision in decisions:
+                        sites[position].apply(_moved(decision, self.device))
             finally:
                 placement.send_back(layer)
         for record in trial.records:
@@ -284,20 +288,27 @@ def round_to_total(sites: dict, targets: dict, total: float, rules: WidthRules) 
     """Allowed step counts near each site's target parameters whose sum comes nearest ``total``: every site starts
     at the most steps within its target, then sites move up to their next allowed count in order of how far their
     target reaches into that step (largest remainder) while that brings the sum nearer ``total``. Rounding each site
-    on its own would take a coarse step (a third of the heads) in every layer in the same round."""
-    steps, ups = {}, []
+    on its own would take a coarse step (a third of the heads) in every layer in the same round. Tied sites (a
+    layer's stacked experts) move together, as one site with their summed targets."""
+    groups: dict = {}
     for key, site in sites.items():
+        groups.setdefault((site.index, site.kind) if site.tied else key, []).append(key)
+    steps, ups = {}, []
+    for group, keys in groups.items():
+        site, count = sites[keys[0]], len(keys)
+        target = sum(targets[key] for key in keys) / count
         allowed = rules.allowed_steps(site)
-        below = max(s for s in allowed if site.params_removed(s) <= targets[key])
-        steps[key] = below
+        below = max(s for s in allowed if site.params_removed(s) <= target)
+        steps.update(dict.fromkeys(keys, below))
         above = [s for s in allowed if s > below]
         if above:
             low, high = site.params_removed(below), site.params_removed(above[0])
-            ups.append(((targets[key] - low) / (high - low), key, above[0], high - low))
+            ups.append(((target - low) / (high - low), str(group), keys, above[0], count * (high - low)))
     removed = sum(sites[key].params_removed(s) for key, s in steps.items())
-    for _, key, step, extra in sorted(ups, key=lambda u: (-u[0], u[1])):
+    for _, _, keys, step, extra in sorted(ups, key=lambda u: (-u[0], u[1])):
         if abs(removed + extra - total) < abs(removed - total):
-            steps[key], removed = step, removed + extra
+            steps.update(dict.fromkeys(keys, step))
+            removed += extra
     return steps
 
 

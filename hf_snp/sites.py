@@ -79,12 +79,18 @@ class Site:
 
     @property
     def name(self) -> str:
-        return f"layer {self.index} {self.kind}"
+        return f"layer {self.index} {self.slot}"
+
+    @property
+    def slot(self) -> str:
+        """What the site is within its layer (its kind; one expert of a mixture: "expert 3")."""
+        return self.kind
 
     # How the engine observes and decides a site (docs/design.md §8.2). The defaults are a consumer linear's:
     # a pre-hook on it sees the units, and once it has run for every site the statistics pass may stop.
     can_add_bias: ClassVar[bool] = True  # may a bias be added to the consumer (a mean shift, add_bias=True)?
     width_multiple: ClassVar[int] = 1  # the widths the site may take are multiples of this (besides round_to)
+    tied: ClassVar[bool] = False  # must every site of this kind in the layer take the same steps (stacked experts)?
 
     @property
     def consumer_has_bias(self) -> bool:

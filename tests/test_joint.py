@@ -90,6 +90,21 @@ def test_the_kept_cka_is_the_pruned_models_own(family):
     assert kept == pytest.approx(linear_cka(reference, heldout_final_states(result.model)), abs=1e-6)
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("targets", [("mlp", "blocks"), ("mlp", "experts", "heads", "blocks")])
+def test_mixtures_of_experts_keep_their_own_cka(family, targets):
+    """A layer's stacked experts are cut together (tied steps), also when whole experts go in the same round."""
+    from test_moe import tiny_moe
+
+    model = tiny_moe(family, layers=3)
+    reference = heldout_final_states(model)
+    result = iterative(model, targets=targets, sparsity=0.4)
+    rounds = result.report["blocks"]["rounds"]
+    kept = rounds[-1][rounds[-1]["kept"]]["cka"]
+    assert any(r["kept"] == "units" for r in rounds)
+    assert kept == pytest.approx(linear_cka(reference, heldout_final_states(result.model)), abs=1e-6)
+
+
 def test_zero_sparsity_changes_nothing():
     model = TINY["llama"]()
     result = iterative(copy.deepcopy(model), targets=("mlp", "heads", "blocks"), sparsity=0.0)
@@ -172,7 +187,6 @@ def test_held_out_windows_are_every_fourth():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"targets": ("experts", "blocks")}, "covers the targets mlp and heads"),
     ({"targets": ("mlp", "blocks"), "reconstruction_target": "dense"}, "reconstruction_target='dense'"),
     ({"targets": ("mlp", "blocks"), "num_samples": 1}, "num_samples must be at least 2"),
 ])
@@ -189,7 +203,7 @@ def test_a_single_calibration_window_is_refused():
 class StepSite:
     """A site whose every step removes ``per_step`` parameters (for the rounding check)."""
 
-    kind, width_multiple = "heads", 1
+    kind, width_multiple, tied, index = "heads", 1, False, 0
 
     def __init__(self, num_units: int, per_step: int):
         self.num_units, self.per_step = num_units, per_step
