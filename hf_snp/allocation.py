@@ -324,7 +324,7 @@ def describe_allocation(config: "PruneConfig", plan: Allocation | None, curves: 
     'output_error' also the band, every layer's residual-stream energy and every site's band, steps and fraction
     removed."""
     report = {"mode": config.allocation_criterion or "uniform", "round_to": config.round_to,
-              "min_width": config.min_width, "ordering": config.ordering, "reconstruct": config.reconstruct}
+              "min_width": config.min_width, "ordering": config.resolved_ordering, "reconstruct": config.reconstruct}
     if plan is not None:
         report.update(threshold=plan.threshold, target_params_removed=round(plan.target_params),
                       planned_params_removed=plan.removed_params,

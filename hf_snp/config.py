@@ -86,9 +86,10 @@ class PruneConfig:
     damping: float = option(1e-6, "lambda of lambda*mean(diag) added to the statistics before factoring them")
     add_bias: bool | None = option(None, "allow adding a bias to a consumer that has none (default: the method "
                                          "decides; VBP adds one for its mean shift, SNP keeps the stock architecture)")
-    ordering: str = option("zca", "SNP ablation: which units go first ('zca', 'natural', 'random', 'output_aware', "
-                                  "'obs': least added output error given the reconstruction so far)",
-                           choices=ORDERINGS)
+    ordering: str | None = option(None, "SNP: which units go first: 'obs' (the default with reconstruction: the least "
+                                        "added output error given the reconstruction so far, structured OBS), 'zca' "
+                                        "(the default without; unnormalised-ZCA pivots), 'natural', 'random', "
+                                        "'output_aware'", choices=ORDERINGS)
     reconstruct: bool = option(True, "SNP ablation: False skips the least-squares reconstruction (means only)")
     reconstruction_target: str = option(
         "pruned", "SNP: what the least-squares reconstruction fits: 'pruned' (the removed units, on the pruned "
@@ -98,10 +99,11 @@ class PruneConfig:
         "joint", "with heads and MLP pruned in one block: 'joint' takes both sites' statistics before either is cut; "
                  "'sequential' cuts the heads first and takes the MLP statistics on the cut attention's outputs "
                  "(a second statistics run)", choices=WITHIN_BLOCK)
-    ridge: str = option(
-        "fixed", "SNP: the ridge of the least-squares reconstruction: 'fixed' (`damping`) or 'heldout' (per site, the "
-                 "lambda of a grid whose map, fitted on the other folds of the calibration tokens, best predicts each "
-                 "fold's consumer output; reported as mlp_ridge / heads_ridge)", choices=RIDGES)
+    ridge: str | None = option(
+        None, "SNP: the ridge of the least-squares reconstruction: 'heldout' (the default for "
+              "reconstruction_target='pruned': per site, the lambda of a grid whose map, fitted on the other folds of "
+              "the calibration tokens, best predicts each fold's consumer output; reported as mlp_ridge / "
+              "heads_ridge) or 'fixed' (`damping`)", choices=RIDGES)
     ridge_folds: int = option(2, "folds of the calibration tokens for ridge='heldout' (2 to 4)")
     swaps: int = option(0, "SNP: after the greedy choice of each site, at most this many swaps of a removed unit (or "
                            "head) with a kept one of the same pool, each the one that lowers the least-squares "
@@ -181,6 +183,21 @@ class PruneConfig:
         return "cumulative_variance" if self.allocation == "global" else self.allocation
 
     @property
+    def resolved_ordering(self) -> str:
+        """SNP's order unless asked: 'obs' with reconstruction, 'zca' without (issue 15: OBS with held-out ridge gave
+        the lowest perplexity at 10-50% of SmolLM2's MLP, benchmarks/results/model_aware.md)."""
+        return self.ordering or ("obs" if self.reconstruct else "zca")
+
+    @property
+    def resolved_ridge(self) -> str:
+        """SNP's ridge unless asked: 'heldout' where it applies (SNP's reconstruction of the pruned stream), else
+        'fixed'."""
+        if self.ridge is not None:
+            return self.ridge
+        applies = self.method == "snp" and self.reconstruct and self.reconstruction_target == "pruned"
+        return "heldout" if applies else "fixed"
+
+    @property
     def unit_targets(self) -> tuple[str, ...]:
         return tuple(t for t in self.targets if t != "blocks")
 
@@ -253,7 +270,7 @@ class PruneConfig:
             value = getattr(self, spec.name)
             if value is not None and value not in allowed:
                 raise ValueError(f"unknown {spec.name} {value!r}; choose one of {list(allowed)}")
-        if self.ordering != "zca" and self.method != "snp":
+        if self.ordering not in (None, "zca") and self.method != "snp":
             raise ValueError(f"ordering={self.ordering!r} is an SNP ablation; "
                              f"it does not apply to method {self.method!r}")
         if self.reconstruction_target == "dense":

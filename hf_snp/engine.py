@@ -377,8 +377,9 @@ class StreamingEngine:
         if dense is not None:
             return dense.gather_later(block, group, inputs, cache.record)
         with self.timer("statistics" if number == 0 else "statistics_after_heads"):
+            folds = self.config.ridge_folds if self.config.resolved_ridge == "heldout" else 1
             stats = self.gather_statistics(block, group, inputs, keep_outputs=False, extra_hooks=cache.record,
-                                           folds=self.config.ridge_folds if self.config.ridge == "heldout" else 1)
+                                           folds=folds)
         return stats, [None] * len(stats)
 
     def prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],

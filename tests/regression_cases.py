@@ -47,14 +47,17 @@ class Case:
 
 
 MH = ("mlp", "heads")
+# SNP as the stored references were written: ZCA order and the fixed ridge (the defaults until issue 15 made OBS
+# with a held-out ridge the default; the snp_default_* cases hold those)
+ZCA = dict(ordering="zca", ridge="fixed")
 
 CASES = [
-    Case("snp_mlp_llama", lambda: tiny_llama(3), dict(method="snp", sparsity=0.3)),
-    Case("snp_mlp_opt", lambda: tiny_opt(3), dict(method="snp", sparsity=0.3)),
-    Case("snp_mlp_heads_llama_per_group", lambda: tiny_llama(4), dict(method="snp", sparsity=0.4, targets=MH)),
+    Case("snp_mlp_llama", lambda: tiny_llama(3), dict(method="snp", **ZCA, sparsity=0.3)),
+    Case("snp_mlp_opt", lambda: tiny_opt(3), dict(method="snp", **ZCA, sparsity=0.3)),
+    Case("snp_mlp_heads_llama_per_group", lambda: tiny_llama(4), dict(method="snp", **ZCA, sparsity=0.4, targets=MH)),
     Case("snp_mlp_heads_llama_kv_groups", lambda: tiny_llama(4),
-         dict(method="snp", sparsity=0.4, targets=MH, gqa_mode="kv_groups")),
-    Case("snp_mlp_heads_opt", lambda: tiny_opt(4), dict(method="snp", sparsity=0.4, targets=MH)),
+         dict(method="snp", **ZCA, sparsity=0.4, targets=MH, gqa_mode="kv_groups")),
+    Case("snp_mlp_heads_opt", lambda: tiny_opt(4), dict(method="snp", **ZCA, sparsity=0.4, targets=MH)),
     Case("vbp_mlp_heads_llama", lambda: tiny_llama(5), dict(method="vbp", sparsity=0.4, targets=MH)),
     Case("vbp_mlp_heads_opt", lambda: tiny_opt(5), dict(method="vbp", sparsity=0.4, targets=MH)),
     Case("flap_mlp_heads_llama", lambda: tiny_llama(6), dict(method="flap", sparsity=0.4, targets=MH)),
@@ -63,23 +66,26 @@ CASES = [
     Case("wanda_sp_mlp_heads_opt", lambda: tiny_opt(7), dict(method="wanda_sp", sparsity=0.4, targets=MH)),
     Case("magnitude_mlp_heads_opt", lambda: tiny_opt(7), dict(method="magnitude", sparsity=0.3, targets=MH)),
     Case("snp_global_mlp_heads_llama", lambda: tiny_llama(8),
-         dict(method="snp", sparsity=0.35, targets=MH, allocation="global")),
+         dict(method="snp", **ZCA, sparsity=0.35, targets=MH, allocation="global")),
     Case("snp_global_mlp_heads_opt", lambda: tiny_opt(8),
-         dict(method="snp", sparsity=0.35, targets=MH, allocation="global")),
+         dict(method="snp", **ZCA, sparsity=0.35, targets=MH, allocation="global")),
     Case("vbp_global_mlp_llama", lambda: tiny_llama(8), dict(method="vbp", sparsity=0.35, allocation="global")),
-    Case("blocks_llama", lambda: tiny_llama(9), dict(method="snp", sparsity=0.3, targets=("blocks",))),
-    Case("blocks_mlp_llama", lambda: tiny_llama(9), dict(method="snp", sparsity=0.3, targets=("blocks", "mlp"))),
+    Case("blocks_llama", lambda: tiny_llama(9), dict(method="snp", **ZCA, sparsity=0.3, targets=("blocks",))),
+    Case("blocks_mlp_llama", lambda: tiny_llama(9), dict(method="snp", **ZCA, sparsity=0.3, targets=("blocks", "mlp"),
+                                                           block_search="candidates")),
     Case("snp_round_to_min_width_llama", lambda: tiny_llama(10),
-         dict(method="snp", sparsity=0.4, round_to=8, min_width=16)),
+         dict(method="snp", **ZCA, sparsity=0.4, round_to=8, min_width=16)),
     Case("snp_global_round_to_min_width_opt", lambda: tiny_opt(10),
-         dict(method="snp", sparsity=0.4, targets=MH, allocation="global", round_to={"mlp": 8, "heads": 1},
+         dict(method="snp", **ZCA, sparsity=0.4, targets=MH, allocation="global", round_to={"mlp": 8, "heads": 1},
               min_width={"mlp": 16, "heads": 1})),
     Case("snp_global_per_target_llama", lambda: tiny_llama(8),
-         dict(method="snp", sparsity=0.3, targets=MH, allocation="global",
+         dict(method="snp", **ZCA, sparsity=0.3, targets=MH, allocation="global",
               sparsity_per_target={"mlp": 0.4, "heads": 0.25})),
     Case("snp_layer_sparsity_llama", lambda: tiny_llama(11),
-         dict(method="snp", sparsity=0.3, layer_sparsity={0: 0.1, 2: 0.6})),
-    Case("snp_mlp_heads_deit", lambda: tiny_deit(12), dict(method="snp", sparsity=0.4, targets=MH), image=True),
+         dict(method="snp", **ZCA, sparsity=0.3, layer_sparsity={0: 0.1, 2: 0.6})),
+    Case("snp_default_mlp_heads_llama", lambda: tiny_llama(13), dict(method="snp", sparsity=0.4, targets=MH)),
+    Case("snp_default_mlp_opt", lambda: tiny_opt(13), dict(method="snp", sparsity=0.3)),
+    Case("snp_mlp_heads_deit", lambda: tiny_deit(12), dict(method="snp", **ZCA, sparsity=0.4, targets=MH), image=True),
 ]
 
 BY_NAME = {case.name: case for case in CASES}

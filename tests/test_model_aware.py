@@ -121,7 +121,7 @@ def test_dense_target_brings_a_later_consumer_closer_to_the_dense_model(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_target_equals_todays_map_while_nothing_upstream_is_cut(family):
     dense = FAMILIES[family]()
-    options = dict(targets=("mlp", "heads"), sparsity=0.0, layer_sparsity={3: 0.4})
+    options = dict(targets=("mlp", "heads"), sparsity=0.0, ridge="fixed", layer_sparsity={3: 0.4})
     pruned = prune_quiet(copy.deepcopy(dense), reconstruction_target="pruned", **options).model
     assert_same_weights(prune_quiet(copy.deepcopy(dense), reconstruction_target="dense", **options).model, pruned)
 
@@ -131,7 +131,7 @@ def test_paired_statistics_of_equal_streams_give_todays_map(family, monkeypatch)
     """Pairing the dense and pruned units even while the streams are equal (token masks included) reproduces §3.6's
     map up to float32 accumulation: the dense-target maths reduces to it."""
     dense = FAMILIES[family]()
-    options = dict(targets=("mlp", "heads"), sparsity=0.0, layer_sparsity={0: 0.4, 3: 0.4},
+    options = dict(targets=("mlp", "heads"), sparsity=0.0, ridge="fixed", layer_sparsity={0: 0.4, 3: 0.4},
                    calibration=padded_calibration())
     pruned = weights_of(prune_quiet(copy.deepcopy(dense), **options).model)
     monkeypatch.setattr(DenseStream, "always_pair", True)

@@ -343,4 +343,6 @@ def test_bad_combinations_are_refused(options, message):
 
 def test_obs_and_heldout_together_are_accepted():
     PruneConfig(ordering="obs", ridge="heldout", ridge_folds=4).validate()
-    assert PruneConfig().ridge == "fixed" and PruneConfig().ordering == "zca"
+    assert PruneConfig().resolved_ridge == "heldout" and PruneConfig().resolved_ordering == "obs"
+    assert PruneConfig(method="vbp").resolved_ridge == "fixed"
+    assert PruneConfig(reconstruct=False).resolved_ordering == "zca"

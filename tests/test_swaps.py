@@ -110,13 +110,13 @@ def test_planted_case_swaps_find_the_exact_optimum():
     optimum = min(errors, key=errors.get)
     assert optimum == (3, 4, 5) and errors[optimum] == pytest.approx(15, rel=1e-4)
     snp = get_method("snp")
-    greedy = snp.decide(site, PruneConfig())
+    greedy = snp.decide(site, PruneConfig(ordering="zca", ridge="fixed"))
     assert greedy.drop.tolist() == [0, 1, 2] and greedy.swaps is None  # ZCA: the least variance goes
-    decision = snp.decide(site, PruneConfig(swaps=8))
+    decision = snp.decide(site, PruneConfig(ordering="zca", ridge="fixed", swaps=8))
     assert decision.drop.tolist() == [3, 4, 5]
     assert decision.swaps == 3  # each swap trades the worst removed unit for the cheapest kept one
     assert decision.swap_errors == pytest.approx((errors[(0, 1, 2)], errors[optimum]), rel=1e-9)
-    capped = snp.decide(site, PruneConfig(swaps=2))
+    capped = snp.decide(site, PruneConfig(ordering="zca", ridge="fixed", swaps=2))
     assert capped.swaps == 2 and capped.drop.tolist() == [0, 3, 4]
     assert decision.coef is not None and decision.coef.shape == (3, 5)  # reconstructed from the new kept set
 
@@ -217,7 +217,8 @@ def test_end_to_end_llama_swaps_lower_the_first_layers_output_error():
     the consumer's actual output error (its reconstructed weights against the dense ones) follows."""
     dense = TINY["llama"]()
     ids = calibration_ids()
-    runs = {swaps: prune_quiet(copy.deepcopy(dense), sparsity=0.3, targets=("mlp", "heads"), swaps=swaps)
+    runs = {swaps: prune_quiet(copy.deepcopy(dense), sparsity=0.3, targets=("mlp", "heads"), swaps=swaps,
+                                     ordering="zca", ridge="fixed")
             for swaps in (0, 4)}
     assert runs[4].report["params_after"] == runs[0].report["params_after"]
     assert runs[4].report["swaps"] == 4

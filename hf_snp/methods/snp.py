@@ -38,17 +38,17 @@ class SNP(PruningMethod):
     def order(self, site: SiteInputs, config: PruneConfig) -> tuple[list[int], list[float]]:
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
-        if config.ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
+        if config.resolved_ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
             if plan.group_size == 1 and len(plan.pools) == 1:
                 return greedy_obs_elimination(moment, site.consumer_weight, plan.rounds, config.damping)
             return greedy_group_elimination(moment, plan, config.damping, site.consumer_weight, update_weight=True)
-        if config.ordering in ("zca", "output_aware"):
-            weight = site.consumer_weight if config.ordering == "output_aware" else None
+        if config.resolved_ordering in ("zca", "output_aware"):
+            weight = site.consumer_weight if config.resolved_ordering == "output_aware" else None
             if plan.group_size == 1 and len(plan.pools) == 1:
                 energy = None if weight is None else weight.to(moment).pow(2).sum(0)
                 return greedy_zca_elimination(moment, plan.rounds, config.damping, energy)
             return greedy_group_elimination(moment, plan, config.damping, weight)
-        if config.ordering == "natural":  # keep the first units: remove from the end
+        if config.resolved_ordering == "natural":  # keep the first units: remove from the end
             scores = -torch.arange(plan.num_groups, dtype=torch.float64)
         else:  # random
             scores = torch.rand(plan.num_groups,
@@ -65,7 +65,7 @@ class SNP(PruningMethod):
         its own step costs; other orderings: the same quantity along their order); with reconstruct=False, what
         each removal adds to the error tr(W_P M_PP W_P^T) of the unreconstructed units."""
         removed, costs = self.order(site, config)
-        if config.ordering == "obs" and config.reconstruct:
+        if config.resolved_ordering == "obs" and config.reconstruct:
             return costs
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
@@ -101,7 +101,7 @@ class SNP(PruningMethod):
                 decision.shift = mu_dense - decision.mix @ mu[decision.keep]
         elif len(decision.drop) and len(decision.keep):
             ridge = config.damping
-            if config.ridge == "heldout":  # the λ that predicts held-out tokens best (docs/design.md §3.8)
+            if config.resolved_ridge == "heldout":  # the λ that predicts held-out tokens best (docs/design.md §3.8)
                 ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.consumer_weight,
                                                       decision.keep, decision.drop, config.damping)
             decision.coef = least_squares_map(moment, decision.keep, decision.drop, ridge)

@@ -15,6 +15,8 @@ Regenerated on purpose, with the code of the commit that changed them:
   curves priced step s as s heads instead of s x (KV groups) heads (fixed in SiteCurve.from_site).
 * flap_mlp_heads_llama, flap_mlp_heads_opt: FLAP's head score became the reference code's (CASIA-IVA-Lab/FLAP
   prune_flap: the o_proj metric squared, standardised within the layer, averaged per head; issue 15 item 7).
+Added with the code that made them the defaults (issue 15: ordering='obs', ridge='heldout'):
+* snp_default_mlp_heads_llama, snp_default_mlp_opt (the older SNP cases pin ordering='zca', ridge='fixed').
 Usage: generate.py [CASE ...]  (default: every case).
 """
 
