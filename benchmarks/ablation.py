@@ -23,8 +23,12 @@ import hf_snp
 from hf_snp.evaluation import perplexity
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-ROWS = {  # label -> prune() options on top of method="snp", targets=("mlp", "heads")
-    "zca, uniform (default)": {},
+# every row is one change from the paper's SNP (ZCA order, fixed ridge, uniform allocation), hf_snp's default before
+# issue 15 made OBS with the held-out ridge the default (its own row)
+PAPER = {"ordering": "zca", "ridge": "fixed"}
+ROWS = {  # label -> prune() options on top of method="snp", targets=("mlp", "heads") and PAPER
+    "zca, uniform (the paper's; default before issue 15)": {},
+    "OBS order + held-out ridge (default since issue 15)": {"ordering": "obs", "ridge": "heldout"},
     "natural order": {"ordering": "natural"},
     "random order": {"ordering": "random"},
     "output-aware order": {"ordering": "output_aware"},
@@ -35,7 +39,7 @@ ROWS = {  # label -> prune() options on top of method="snp", targets=("mlp", "he
     "dense target, heads first": {"reconstruction_target": "dense", "within_block": "sequential"},
     "ridge chosen on held-out tokens": {"ridge": "heldout"},
     "global allocation": {"allocation": "global"},
-    "with blocks (candidate search)": {"targets": ("mlp", "heads", "blocks")},
+    "with blocks (candidate search)": {"targets": ("mlp", "heads", "blocks"), "block_search": "candidates"},
 }
 
 
@@ -62,7 +66,7 @@ def main() -> None:
                 table.setdefault(label, {})[sparsity] = (done["ppl"], done["params"], done["seconds"])
                 print(f"{label:>32} {sparsity:.0%}: perplexity {done['ppl']:9.2f}  (earlier run)", flush=True)
                 continue
-            kwargs = {"targets": ("mlp", "heads"), **options}
+            kwargs = {"targets": ("mlp", "heads"), **PAPER, **options}
             start = time.perf_counter()
             result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", sparsity=sparsity, calibration=calib,
                                   progress=False, **kwargs)
