@@ -112,7 +112,8 @@ def write(args, table, dense_ppl, dense_params, sparsities) -> None:
         "",
         f"Budget: the sparsity of all decoder-layer parameters. Calibration: first {args.windows} x {args.seq_len} "
         f"tokens of the validation text; evaluation: first {args.windows} x {args.seq_len} tokens of the test text; "
-        f"dense {dense_ppl:.2f} ({dense_params:,} parameters). SNP, uniform allocation, GQA per_group, CPU, fp32. "
+        f"dense {dense_ppl:.2f} ({dense_params:,} parameters). SNP at its defaults (OBS order, held-out ridge), "
+        "uniform allocation, GQA per_group, CPU, fp32. "
         "The iterative search holds out one calibration window in four for its CKA and fits on the others.",
         "",
         f"Regenerate: `python benchmarks/joint.py --sparsities {args.sparsities} --windows {args.windows} "
