@@ -18,7 +18,7 @@ import copy
 import os
 import time
 
-from measure import code_commit, save_line_plot, smollm2_protocol
+from measure import RssPeak, code_commit, model_bytes, save_line_plot, smollm2_protocol
 from row_cache import RowCache
 
 import hf_snp
@@ -89,13 +89,16 @@ def main() -> None:
                     kwargs["sparsity"] = unit_sparsity(dense, kwargs["targets"], sparsity)
                 else:
                     kwargs["sparsity"] = sparsity
+                before = RssPeak.now()
                 start = time.perf_counter()
-                result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", calibration=calib,
-                                      progress=False, **kwargs)
+                with RssPeak() as rss:  # the copy of the dense model pruned in place counts: one model
+                    result = hf_snp.prune(copy.deepcopy(dense), tokenizer, method="snp", calibration=calib,
+                                          progress=False, **kwargs)
                 seconds = time.perf_counter() - start
                 row = {"ppl": perplexity(result.model, tokenizer, **eval_args),
                        "params": result.report["params_after"], "seconds": seconds,
-                       "summary": summary(result.report), "commit": code_commit()}
+                       "summary": summary(result.report), "commit": code_commit(),
+                       "peak_models": (rss.peak - before) / model_bytes(dense)}
                 cache.put(key, row)
                 del result
             table.setdefault(label, {})[sparsity] = row
@@ -126,12 +129,17 @@ def write(args, table, dense_ppl, dense_params, sparsities) -> None:
     for label, row in table.items():
         cells = [f"**{row[s]['ppl']:.2f}**" if row[s]["ppl"] == best[s] else f"{row[s]['ppl']:.2f}" for s in sparsities]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "What each run removed (B: a block round, U: a unit round), parameters after, pruning seconds:", "",
+    lines += ["", "What each run removed (B: a block round, U: a unit round), parameters after, pruning seconds, peak "
+              "memory:", "",
               f"| setting | {header} |", rule]
     for label, row in table.items():
         lines.append(f"| {label} | " + " | ".join(
-            f"{row[s]['summary'] or '-'}; {row[s]['params']:,}; {row[s]['seconds']:.0f} s" for s in sparsities) + " |")
-    lines += ["", "Pruning seconds depend on the machine's load at the time (commit of each row in joint.jsonl)."]
+            f"{row[s]['summary'] or '-'}; {row[s]['params']:,}; {row[s]['seconds']:.0f} s"
+            + (f"; peak {row[s]['peak_models']:.2f} models" if "peak_models" in row[s] else "") for s in sparsities) + " |")
+    lines += ["", "Pruning seconds depend on the machine's load at the time (commit of each row in joint.jsonl). Peak: "
+              "the process's peak resident memory while pruning above its memory before copying the dense model, in "
+              "dense-model sizes (the pruned copy itself is one); one process runs every row, so the allocator's "
+              "cached pages carry over between rows."]
     with open(os.path.join(RESULTS, "joint.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     save_line_plot(os.path.join(RESULTS, "joint.png"),
