@@ -133,9 +133,10 @@ def write(args, table, dense_ppl, dense_params, sparsities) -> None:
               "memory:", "",
               f"| setting | {header} |", rule]
     for label, row in table.items():
-        lines.append(f"| {label} | " + " | ".join(
-            f"{row[s]['summary'] or '-'}; {row[s]['params']:,}; {row[s]['seconds']:.0f} s"
-            + (f"; peak {row[s]['peak_models']:.2f} models" if "peak_models" in row[s] else "") for s in sparsities) + " |")
+        cells = [f"{row[s]['summary'] or '-'}; {row[s]['params']:,}; {row[s]['seconds']:.0f} s"
+                 + (f"; peak {row[s]['peak_models']:.2f} models" if "peak_models" in row[s] else "")
+                 for s in sparsities]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Pruning seconds depend on the machine's load at the time (commit of each row in joint.jsonl). Peak: "
               "the process's peak resident memory while pruning above its memory before copying the dense model, in "
               "dense-model sizes (the pruned copy itself is one); one process runs every row, so the allocator's "
