@@ -140,6 +140,24 @@ def residual_energy(inputs: list[BlockInput], device: torch.device) -> float:
     return max(total / max(count, 1), torch.finfo(torch.float32).tiny)
 
 
+class MeanCosine:
+    """A ``run_block`` observer: the mean, over non-padding tokens, of the cosine between a block's input and output
+    hidden states (the block score of docs/design.md §7.1)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, item: BlockInput, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        values = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1).flatten()
+        if item.token_mask is not None:
+            values = values[item.token_mask.to(values.device)]
+        self.total, self.count = self.total + float(values.sum()), self.count + values.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+
 @dataclass
 class BlockVisit:
     """One block on the execution device. A pass sets ``record`` to have it checkpointed."""
@@ -254,18 +272,10 @@ class StreamingEngine:
         stream = BlockStream(self, calib, "Scoring blocks (dense)")
         similarity = []
         for visit in stream:
-            total, count = 0.0, 0
-
-            def cosine(item: BlockInput, hidden: torch.Tensor, out: torch.Tensor) -> None:
-                nonlocal total, count
-                values = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1).flatten()
-                if item.token_mask is not None:
-                    values = values[item.token_mask.to(values.device)]
-                total, count = total + float(values.sum()), count + values.numel()
-
+            cosine = MeanCosine()
             with self.timer("block_scores"):
                 self.run_block(visit.block, stream.inputs, keep_outputs=True, observe=cosine)
-            similarity.append(total / max(count, 1))
+            similarity.append(cosine.mean)
         return similarity, stream.final_hidden()
 
     @torch.no_grad()

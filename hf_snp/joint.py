@@ -25,7 +25,15 @@ from .adapters import ModelAdapter
 from .allocation import WidthRules, allocate_per_budget, budget_scale, site_budget
 from .blocks import linear_cka, remove_blocks, token_sample
 from .config import PruneConfig
-from .engine import BlockInput, BlockVisit, Calibration, PhaseTimer, StreamingEngine, capture_block_inputs
+from .engine import (
+    BlockInput,
+    BlockVisit,
+    Calibration,
+    MeanCosine,
+    PhaseTimer,
+    StreamingEngine,
+    capture_block_inputs,
+)
 from .placement import BlockPlacement, move
 from .removal import Decision
 from .sites import Site, count_parameters
@@ -104,8 +112,8 @@ class IterativeSearch:
         rounds, reuse, reference = [], None, None
         for number in range(MAX_ROUNDS_PER_LAYER * len(self.source)):
             start = time.perf_counter()
-            remaining = self.budget - (self.layer_params - sum(count_parameters(layer) for layer in self.layers))
             params = [count_parameters(layer) for layer in self.layers]
+            remaining = self.budget - (self.layer_params - sum(params))
             eligible = [j for j, p in enumerate(params) if p <= remaining] if len(params) > 1 else []
             with self.timer("block_scan"):
                 scan = self._scan(eligible, reuse)
@@ -142,14 +150,14 @@ class IterativeSearch:
         hidden = hidden or [item.hidden for item in origin]
         return [BlockInput(h, item.layer_kwargs, item.token_mask) for h, item in zip(hidden, origin)]
 
-    def _run(self, index: int, items: list[BlockInput], block: nn.Module | None = None, observe=None) -> None:
-        """Run layer ``index`` (or ``block`` in its place) on ``items``, keeping the outputs."""
+    def _run(self, index: int, items: list[BlockInput], observe=None) -> None:
+        """Run layer ``index`` on ``items``, keeping the outputs."""
         layer = self.layers[index]
         placement = BlockPlacement.bring(layer, self.device)
         try:
             for item in items:
                 item.enter(index)
-            self.engine.run_block(block or layer, items, keep_outputs=True, observe=observe)
+            self.engine.run_block(layer, items, keep_outputs=True, observe=observe)
         finally:
             placement.send_back(layer)
 
@@ -172,16 +180,9 @@ class IterativeSearch:
         items = self._fresh(self.origin_held, reuse.snapshots[start] if reuse is not None else None)
         scan.snapshots.pop(start, None)
         for index in range(start, len(self.layers)):
-            inputs, total = [item.hidden for item in items], [0.0, 0]
-
-            def cosine(item, hidden, out):
-                values = nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1).flatten()
-                if item.token_mask is not None:
-                    values = values[item.token_mask.to(values.device)]
-                total[0], total[1] = total[0] + float(values.sum()), total[1] + values.numel()
-
+            inputs, cosine = [item.hidden for item in items], MeanCosine()
             self._run(index, items, observe=cosine)
-            scan.cosines.append(total[0] / max(total[1], 1))
+            scan.cosines.append(cosine.mean)
             if index in _best(scan.cosines, eligible):
                 scan.snapshots[index] = inputs
             scan.snapshots = {i: s for i, s in scan.snapshots.items() if i in _best(scan.cosines, eligible)}
