@@ -18,7 +18,8 @@ import copy
 import os
 import time
 
-from measure import RssPeak, code_commit, model_bytes, save_line_plot, smollm2_protocol
+import torch
+from measure import RssPeak, code_commit, dense_forward_seconds, model_bytes, save_line_plot, smollm2_protocol
 from row_cache import RowCache
 
 import hf_snp
@@ -72,7 +73,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer, dense, calib, eval_args, dense_ppl = smollm2_protocol(args.windows, args.seq_len)
-    print(f"dense: perplexity {dense_ppl:.2f}", flush=True)
+    forward = dense_forward_seconds(dense, calib, 8, torch.device("cpu"))
+    print(f"dense: perplexity {dense_ppl:.2f}; a forward pass over the calibration tokens {forward:.2f} s", flush=True)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     cache_path = os.path.join(RESULTS, "joint.jsonl")
     if args.fresh and os.path.exists(cache_path):
@@ -98,16 +100,27 @@ def main() -> None:
                 row = {"ppl": perplexity(result.model, tokenizer, **eval_args),
                        "params": result.report["params_after"], "seconds": seconds,
                        "summary": summary(result.report), "commit": code_commit(),
+                       "round_seconds": [r["seconds"] for r in result.report.get("blocks", {}).get("rounds", [])],
                        "peak_models": (rss.peak - before) / model_bytes(dense)}
                 cache.put(key, row)
                 del result
             table.setdefault(label, {})[sparsity] = row
             print(f"{label:>44} {sparsity:.0%}: perplexity {row['ppl']:9.2f}  params {row['params']:,}  "
                   f"{row['seconds']:.0f} s  {row['summary']}", flush=True)
-    write(args, table, dense_ppl, count_parameters(dense), sparsities)
+    write(args, table, dense_ppl, count_parameters(dense), sparsities, forward)
 
 
-def write(args, table, dense_ppl, dense_params, sparsities) -> None:
+def per_round(row: dict, forward: float) -> str:
+    """An iterative row's mean seconds per round, in dense forward passes over the calibration tokens (rows
+    cached before round times were kept: their seconds over their rounds)."""
+    rounds = row.get("round_seconds") or []
+    count = len(rounds) or len(row["summary"].split("rounds ")[-1]) if "rounds" in row["summary"] else 0
+    if not count:
+        return ""
+    return f"; {(sum(rounds) or row['seconds']) / count / forward:.0f} dense forwards per round"
+
+
+def write(args, table, dense_ppl, dense_params, sparsities, forward) -> None:
     header = " | ".join(f"{s:.0%}" for s in sparsities)
     rule = "| --- | " + " | ".join("---:" for _ in sparsities) + " |"
     lines = [
@@ -135,12 +148,14 @@ def write(args, table, dense_ppl, dense_params, sparsities) -> None:
     for label, row in table.items():
         cells = [f"{row[s]['summary'] or '-'}; {row[s]['params']:,}; {row[s]['seconds']:.0f} s"
                  + (f"; peak {row[s]['peak_models']:.2f} models" if "peak_models" in row[s] else "")
+                 + per_round(row[s], forward)
                  for s in sparsities]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Pruning seconds depend on the machine's load at the time (commit of each row in joint.jsonl). Peak: "
               "the process's peak resident memory while pruning above its memory before copying the dense model, in "
               "dense-model sizes (the pruned copy itself is one); one process runs every row, so the allocator's "
-              "cached pages carry over between rows."]
+              f"cached pages carry over between rows. Dense forwards: seconds over one dense forward pass over the "
+              f"{args.windows} x {args.seq_len} calibration tokens ({forward:.2f} s when the table was written)."]
     with open(os.path.join(RESULTS, "joint.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     save_line_plot(os.path.join(RESULTS, "joint.png"),

@@ -6,6 +6,16 @@ import json
 import os
 from typing import Any
 
+DENSE_TOLERANCE = 0.005  # the dense perplexity of a protocol drifts in its 4th decimal with float summation order
+
+
+def same_protocol(saved: dict[str, Any], protocol: dict[str, Any]) -> bool:
+    """Equal settings; the dense perplexity (a check that model and tokens are the same) within DENSE_TOLERANCE."""
+    if saved.keys() != protocol.keys():
+        return False
+    return all(abs(value - protocol[key]) <= DENSE_TOLERANCE if key == "dense" else value == protocol[key]
+               for key, value in saved.items())
+
 
 class RowCache:
     """Rows keyed by their settings; ``get`` returns a finished row, ``put`` appends one at once."""
@@ -16,7 +26,7 @@ class RowCache:
             with open(path) as handle:
                 for line in handle:
                     record = json.loads(line)
-                    if record.get("protocol") == protocol:
+                    if same_protocol(record.get("protocol") or {}, protocol):
                         self.rows[self._key(record["key"])] = record["row"]
 
     @staticmethod
