@@ -113,11 +113,11 @@ def main() -> None:
 def per_round(row: dict, forward: float) -> str:
     """An iterative row's mean seconds per round, in dense forward passes over the calibration tokens (rows
     cached before round times were kept: their seconds over their rounds)."""
-    rounds = row.get("round_seconds") or []
-    count = len(rounds) or len(row["summary"].split("rounds ")[-1]) if "rounds" in row["summary"] else 0
-    if not count:
+    kept = row["summary"].partition("rounds ")[2]  # one letter a round
+    if not kept:
         return ""
-    return f"; {(sum(rounds) or row['seconds']) / count / forward:.0f} dense forwards per round"
+    seconds = sum(row.get("round_seconds") or []) or row["seconds"]
+    return f"; {seconds / len(kept) / forward:.0f} dense forwards per round"
 
 
 def write(args, table, dense_ppl, dense_params, sparsities, forward) -> None:
