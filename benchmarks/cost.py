@@ -6,7 +6,8 @@
 Parts:
   ratio   SmolLM2-135M (the packaged demo model), 30% of MLP neurons with SNP, 32 x 512 calibration
           tokens: pruning seconds / seconds of one dense forward pass over the same tokens, for uniform
-          (one pass) and global (two passes) allocation, with the per-phase breakdown.
+          (one pass), output_error and cumulative-variance ('global'; both two passes) allocation, with
+          the per-phase breakdown.
   depth   Peak memory against depth: Llama-shaped models of random weights (hidden 1024, MLP 2816,
           16 heads / 4 KV heads) with 4, 8, 16, 32 blocks, each pruned in a fresh process, in memory
           and with every block offloaded to disk (accelerate ``offload_folder``).
@@ -149,7 +150,7 @@ def part_ratio(args, device) -> list[str]:
              f"{device})", "",
              f"Dense forward pass: {dense:.2f} s ({calib.num_tokens / dense:.0f} tokens/s).", "",
              "| allocation | pruning s | ratio | target | phases (s) |", "| --- | ---: | ---: | ---: | --- |"]
-    for allocation, target in (("uniform", 1.5), ("global", 2.5)):
+    for allocation, target in (("uniform", 2.0), ("output_error", 2.5), ("global", 2.5)):
         result = hf_snp.prune(copy.deepcopy(model), tokenizer, method="snp", sparsity=0.3, calibration=calib,
                               batch_size=8, device=device, allocation=allocation, progress=False)
         timings = result.report["timings_s"]
