@@ -9,8 +9,9 @@ import torch
 def damped(matrix: torch.Tensor, damping: float) -> torch.Tensor:
     """matrix + damping * mean(diag) * I (a floor keeps an all-zero matrix invertible)."""
     scale = matrix.diagonal().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return matrix + (damping * scale) * eye
+    out = matrix.clone()
+    out.diagonal().add_(damping * scale)
+    return out
 
 
 def robust_cholesky(matrix: torch.Tensor, damping: float) -> torch.Tensor:

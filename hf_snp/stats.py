@@ -85,16 +85,18 @@ class SiteStatistics:
         count = sum(self.fold_counts[f] for f in folds)
         if count == 0:
             raise RuntimeError(f"no calibration tokens reached {self.name}")
-        gram = _total(self.fold_grams, folds) / count
+        moment = _total(self.fold_grams, folds).div_(count)  # in place throughout: one n x n float64 buffer
         for a, b in self.panels:  # the lower block triangle from the upper one
-            gram[b:, a:b] = gram[a:b, b:].T
+            moment[b:, a:b] = moment[a:b, b:].T
         mean_shifted = _total(self.fold_sums, folds) / count
-        sigma = gram - torch.outer(mean_shifted, mean_shifted)
-        sigma = (sigma + sigma.T) / 2
+        moment.addr_(mean_shifted, mean_shifted, alpha=-1)  # the covariance
+        for a, b in self.panels:  # diagonal blocks were summed whole: make them exactly symmetric
+            block = moment[a:b, a:b]
+            block.copy_((block + block.T) / 2)
         mu = mean_shifted + self.shift.to(torch.float64)
         if centered:
-            return sigma, mu
-        return sigma + torch.outer(mu, mu), mu
+            return moment, mu
+        return moment.addr_(mu, mu), mu
 
 
 def _total(parts: list[torch.Tensor], folds: list[int]) -> torch.Tensor:
