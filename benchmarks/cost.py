@@ -13,10 +13,10 @@ Parts:
           and with every block offloaded to disk (accelerate ``offload_folder``).
   tokens  Seconds against calibration tokens (1k to 64k) on the 2-block model.
   width   Seconds and the decomposition's share against MLP width (1k to 8k) on a 2-block model.
-  search  Blocks with units on SmolLM2-135M (30% of decoder-layer parameters, mlp + heads + blocks, 16 x 512
+  search  Blocks with units on SmolLM2-135M (30% of decoder-layer parameters, mlp + heads + blocks, 16 x 256
           calibration tokens), each search in a fresh process: the iterative search (issue 18) against the
-          three-candidate search, peak RSS above the loaded model (in model and block sizes), seconds, and the
-          iterative search's seconds per round in dense forward passes over the same tokens.
+          three-candidate search, peak RSS and peak live heap above the loaded model (in model and block
+          sizes), seconds, and the iterative search's seconds per round in dense forward passes.
   gpu     With a GPU: OPT-1.3b- and Llama-7B-shaped models of random bf16 weights, 128 x 2048
           calibration tokens, seconds and peak GPU memory; and the Llama-7B shape again with
           ``max_memory`` below its size, so accelerate offloads blocks to the CPU.
@@ -95,8 +95,8 @@ def search_child(spec: dict) -> None:
     model = load_model(source, dtype=torch.float32)
     for param in model.parameters():  # weights mapped from the checkpoint become the process's own memory now
         param.data = param.data.clone()
-    loaded, weights = RssPeak.now(), model_bytes(model)
     dense = dense_forward_seconds(model, ids, 8, torch.device("cpu"))
+    loaded, heap_loaded, weights = RssPeak.now(), RssPeak.heap_now(), model_bytes(model)
     block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     with RssPeak() as rss:
         result = hf_snp.prune(model, tokenizer, method="snp", sparsity=spec["sparsity"], calibration=ids,
@@ -104,6 +104,7 @@ def search_child(spec: dict) -> None:
                               device="cpu", progress=False)
     blocks = result.report["blocks"]
     print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded, "model_bytes": weights,
+                      "heap_peak": rss.heap_peak - heap_loaded,
                       "block_bytes": block, "seconds": result.report["timings_s"]["total"],
                       "dense_forward": dense, "rounds": [r["seconds"] for r in blocks.get("rounds", [])],
                       "kept": [r["kept"] for r in blocks.get("rounds", [])]}))
@@ -164,19 +165,26 @@ def part_ratio(args, device) -> list[str]:
 
 def part_search(args) -> list[str]:
     """The iterative search against the three-candidate search: memory and seconds, each in a fresh process."""
-    spec = {"samples": 16, "seq_len": 512, "sparsity": 0.3}
+    spec = {"samples": 16, "seq_len": 256, "sparsity": 0.3}
     lines = ["## Blocks with units: memory and cost of the search (SmolLM2-135M, 30% of decoder-layer parameters, "
-             "mlp + heads + blocks, 16 x 512 tokens, CPU)", "",
-             "| search | peak RSS above the loaded model | in models | in blocks | seconds | dense forward s | "
-             "rounds | seconds per round (in dense forwards) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "mlp + heads + blocks, 16 x 256 tokens, CPU)", "",
+             "Each search runs in a fresh process after a dense forward pass. *Peak RSS*: the highest resident set "
+             "while pruning, above the RSS with the model loaded (the copy the search makes counts). *Live heap*: "
+             "the same for the bytes malloc has handed out and not had back (glibc's mallinfo2): what the search "
+             "holds, without freed buffers the allocator keeps resident. The iterative search fixes glibc's mmap "
+             "threshold itself (`placement.keep_freed_blocks_out_of_memory`).", "",
+             "| search | peak RSS above the loaded model | in models | in blocks | live heap peak | in models | "
+             "in blocks | seconds | dense forward s | rounds | seconds per round (in dense forwards) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for search in ("iterative", "candidates"):
         got = run_child({**spec, "search": search})
         per_round = [s / got["dense_forward"] for s in got["rounds"]]
         rounds = (f"{sum(per_round) / len(per_round):.1f} mean, {min(per_round):.1f} to {max(per_round):.1f} "
                   f"({''.join(k[0].upper() for k in got['kept'])})") if per_round else "-"
         lines.append(f"| {search} | {got['prune_peak'] / 2**20:.0f} MiB | {got['prune_peak'] / got['model_bytes']:.2f} "
-                     f"| {got['prune_peak'] / got['block_bytes']:.1f} | {got['seconds']:.0f} | "
+                     f"| {got['prune_peak'] / got['block_bytes']:.1f} | {got['heap_peak'] / 2**20:.0f} MiB | "
+                     f"{got['heap_peak'] / got['model_bytes']:.2f} | {got['heap_peak'] / got['block_bytes']:.1f} | "
+                     f"{got['seconds']:.0f} | "
                      f"{got['dense_forward']:.1f} | {len(per_round) or '-'} | {rounds} |")
         print(lines[-1], flush=True)
     return lines + ["", f"Model weights: {got['model_bytes'] / 2**20:.0f} MiB; one block: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import threading
@@ -20,13 +21,42 @@ def code_commit() -> str:
     return (head + ("+" if git("status", "--porcelain", "--", "../hf_snp") else "")) if head else "unknown"
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc_mallinfo2():
+    """glibc's ``mallinfo2`` (2.33+), or None elsewhere."""
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _glibc_mallinfo2()
+
+
 class RssPeak:
-    """Samples the resident set size in a background thread: ``peak`` (all resident pages) and
+    """Samples the resident set size in a background thread: ``peak`` (all resident pages),
     ``anon_peak`` (anonymous pages only: without file pages mapped from checkpoints or an
-    offload folder, which the kernel can drop and reread)."""
+    offload folder, which the kernel can drop and reread) and ``heap_peak`` (the bytes malloc has
+    handed out and not had back, glibc only: live buffers, without the freed ones the allocator
+    keeps resident)."""
 
     def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self.anon_peak, self._stop = interval, 0, 0, threading.Event()
+        self.interval, self.peak, self.anon_peak, self.heap_peak = interval, 0, 0, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def heap_now() -> int:
+        """Bytes in use from malloc (heap and mmapped chunks); 0 where glibc's mallinfo2 is missing."""
+        if _MALLINFO2 is None:
+            return 0
+        info = _MALLINFO2()
+        return info.uordblks + info.hblkhd
 
     @staticmethod
     def now() -> int:
@@ -40,7 +70,7 @@ class RssPeak:
         return int(line.split()[1]) * 1024
 
     def __enter__(self):
-        self.peak, self.anon_peak = self.now(), self.anon_now()
+        self.peak, self.anon_peak, self.heap_peak = self.now(), self.anon_now(), self.heap_now()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -49,6 +79,7 @@ class RssPeak:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.now())
             self.anon_peak = max(self.anon_peak, self.anon_now())
+            self.heap_peak = max(self.heap_peak, self.heap_now())
             time.sleep(self.interval)
 
     def __exit__(self, *exc):

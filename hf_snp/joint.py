@@ -34,7 +34,7 @@ from .engine import (
     StreamingEngine,
     capture_block_inputs,
 )
-from .placement import BlockPlacement, move
+from .placement import BlockPlacement, keep_freed_blocks_out_of_memory, move
 from .removal import Decision
 from .sites import Site, count_parameters
 
@@ -104,6 +104,9 @@ class IterativeSearch:
     @torch.no_grad()
     def run(self) -> tuple[list[dict], dict]:
         """Prune round by round; the layer records and the report's ``blocks`` entry."""
+        # every round frees and allocates a block copy, streams and width² float64 temporaries: without a fixed
+        # mmap threshold glibc keeps the freed ones resident, and the RSS grows well past what is live
+        keep_freed_blocks_out_of_memory()
         with self.timer("capture"):
             self.origin_fit = capture_block_inputs(self.model, self.layers, self.fit, self.config.batch_size,
                                                    self.store, self.config.progress)

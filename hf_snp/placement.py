@@ -136,7 +136,8 @@ def keep_freed_blocks_out_of_memory() -> bool:
     buffers in its heap: with every block offloaded, the process RSS then grows towards the model's
     size as blocks go by (benchmarks/cost.py: 1.4 GiB instead of 0.4 GiB at 32 blocks). Fixing
     the threshold (what ``MALLOC_MMAP_THRESHOLD_`` does) keeps it flat. Process-wide; skipped where
-    the variable is already set or the C library is not glibc."""
+    the variable is already set or the C library is not glibc. Called for offloaded models and by the
+    iterative block search (whose rounds free as much as they allocate)."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -146,5 +147,5 @@ def keep_freed_blocks_out_of_memory() -> bool:
     m_mmap_threshold = -3
     done = bool(hasattr(libc, "mallopt") and libc.mallopt(m_mmap_threshold, 128 * 1024))
     if done:
-        logger.info("offloaded model: glibc's mmap threshold fixed at 128 KiB so that freed block buffers leave memory")
+        logger.info("glibc's mmap threshold fixed at 128 KiB so that freed block buffers leave memory")
     return done
