@@ -169,7 +169,7 @@ def part_search(args) -> list[str]:
     lines = ["## Blocks with units: memory and cost of the search (SmolLM2-135M, 30% of decoder-layer parameters, "
              "mlp + heads + blocks, 16 x 256 tokens, CPU)", "",
              "Each search runs in a fresh process after a dense forward pass. *Peak RSS*: the highest resident set "
-             "while pruning, above the RSS with the model loaded (the copy the search makes counts). *Live heap*: "
+             "while pruning, above the RSS with the model loaded (prune works on that model in place). *Live heap*: "
              "the same for the bytes malloc has handed out and not had back (glibc's mallinfo2): what the search "
              "holds, without freed buffers the allocator keeps resident. The iterative search fixes glibc's mmap "
              "threshold itself (`placement.keep_freed_blocks_out_of_memory`).", "",
