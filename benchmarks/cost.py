@@ -13,6 +13,8 @@ Parts:
           and with every block offloaded to disk (accelerate ``offload_folder``).
   tokens  Seconds against calibration tokens (1k to 64k) on the 2-block model.
   width   Seconds and the decomposition's share against MLP width (1k to 8k) on a 2-block model.
+  search_depth  The iterative search on random Llama models of 4, 8 and 16 blocks (hidden 512, MLP 1536, 8 x 128
+          tokens), each in a fresh process: peak RSS and live heap above the built model, in blocks.
   search  Blocks with units on SmolLM2-135M (30% of decoder-layer parameters, mlp + heads + blocks, 16 x 256
           calibration tokens), each search in a fresh process: the iterative search (issue 18) against the
           three-candidate search, peak RSS and peak live heap above the loaded model (in model and block
@@ -77,9 +79,32 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
 
 
 def child(spec: dict) -> None:
+    if spec.get("search_depth"):
+        return search_depth_child(spec)
     if spec.get("search"):
         return search_child(spec)
     _prune_child(spec)
+
+
+SEARCH_DEPTH_SHAPE = dict(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                          num_key_value_heads=4, tie_word_embeddings=False)
+
+
+def search_depth_child(spec: dict) -> None:
+    """The iterative search on a random Llama of ``spec['search_depth']`` blocks: peaks above the built model."""
+    model = random_model("llama", num_hidden_layers=spec["search_depth"], **SEARCH_DEPTH_SHAPE)
+    ids = random_ids(SEARCH_DEPTH_SHAPE["vocab_size"], spec["samples"], spec["seq_len"])
+    dense = dense_forward_seconds(model, ids, 8, torch.device("cpu"))
+    loaded, heap_loaded, weights = RssPeak.now(), RssPeak.heap_now(), model_bytes(model)
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    with RssPeak() as rss:
+        result = hf_snp.prune(model, method="snp", sparsity=spec["sparsity"], calibration=ids,
+                              targets=("mlp", "heads", "blocks"), block_search="iterative", batch_size=8,
+                              device="cpu", progress=False)
+    rounds = result.report["blocks"]["rounds"]
+    print(json.dumps({"prune_peak": rss.peak - loaded, "heap_peak": rss.heap_peak - heap_loaded,
+                      "model_bytes": weights, "block_bytes": block, "seconds": result.report["timings_s"]["total"],
+                      "dense_forward": dense, "kept": [r["kept"] for r in rounds]}))
 
 
 def search_child(spec: dict) -> None:
@@ -189,6 +214,29 @@ def part_search(args) -> list[str]:
         print(lines[-1], flush=True)
     return lines + ["", f"Model weights: {got['model_bytes'] / 2**20:.0f} MiB; one block: "
                         f"{got['block_bytes'] / 2**20:.1f} MiB. Rounds: B a block kept, U units kept.", ""]
+
+
+def part_search_depth(args) -> list[str]:
+    """The iterative search's memory against depth: what it holds beyond the model should not grow with it."""
+    spec = {"samples": 8, "seq_len": 128, "sparsity": 0.3}
+    shape = SEARCH_DEPTH_SHAPE
+    lines = [f"## Iterative block search: memory against depth (random-weight Llama, hidden {shape['hidden_size']}, "
+             f"MLP {shape['intermediate_size']}, {shape['num_attention_heads']} heads / "
+             f"{shape['num_key_value_heads']} KV heads, 30% of decoder-layer parameters, mlp + heads + blocks, "
+             f"{spec['samples']} x {spec['seq_len']} tokens, CPU)", "",
+             "Each depth is a fresh process: it builds the model, runs one dense forward pass, then prunes with "
+             "`block_search=\"iterative\"`. Peaks are above the process with the model built (RSS; live heap: "
+             "malloc's bytes in use, glibc mallinfo2), also in blocks of this shape.", "",
+             "| blocks | model MiB | block MiB | peak RSS above the model | in blocks | live heap peak | in blocks | "
+             "seconds | rounds |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for depth in (4, 8, 16):
+        got = run_child({**spec, "search_depth": depth})
+        lines.append(f"| {depth} | {got['model_bytes'] / 2**20:.0f} | {got['block_bytes'] / 2**20:.1f} | "
+                     f"{got['prune_peak'] / 2**20:.0f} MiB | {got['prune_peak'] / got['block_bytes']:.1f} | "
+                     f"{got['heap_peak'] / 2**20:.0f} MiB | {got['heap_peak'] / got['block_bytes']:.1f} | "
+                     f"{got['seconds']:.0f} | {''.join(k[0].upper() for k in got['kept'])} |")
+        print(lines[-1], flush=True)
+    return lines + ["", "Rounds: B a block kept, U units kept.", ""]
 
 
 def part_depth(args) -> list[str]:
@@ -346,7 +394,8 @@ def main() -> None:
     for part in parts:
         runner = {"ratio": lambda: part_ratio(args, device), "depth": lambda: part_depth(args),
                   "tokens": lambda: part_tokens(args, device), "width": lambda: part_width(args, device),
-                  "search": lambda: part_search(args), "gpu": lambda: part_gpu(args, device)}.get(part)
+                  "search": lambda: part_search(args), "search_depth": lambda: part_search_depth(args),
+                  "gpu": lambda: part_gpu(args, device)}.get(part)
         if runner is None:
             raise SystemExit(f"unknown part {part!r}")
         if part == "gpu" and device.type != "cuda":
@@ -364,7 +413,7 @@ def write_part(part: str, lines: list[str], header: str, device: str) -> None:
 def assemble() -> None:
     """results/cost.md: the CPU parts' sections, each as its latest run wrote it."""
     sections = []
-    for part in ("ratio", "depth", "tokens", "width", "search"):
+    for part in ("ratio", "depth", "tokens", "width", "search", "search_depth"):
         path = os.path.join(RESULTS, f"cost_{part}.md")
         if os.path.exists(path):
             with open(path) as handle:

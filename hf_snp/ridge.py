@@ -40,25 +40,33 @@ def heldout_errors(stats: SiteStatistics, centered: bool, weight: torch.Tensor, 
         others = [f for f in range(stats.folds) if f != fold]
         if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
             continue
-        train, mu_train = stats.moments(centered, others)  # each n x n moment is sliced, then freed
-        kept, train_pk = train[keep[:, None], keep], train[drop[:, None], keep]
-        del train
-        held, mu_held = stats.moments(centered, [fold])
-        if centered:
-            held.addr_(mu_held - mu_train, mu_held - mu_train)
-        held_kk, held_pk, held_pp = held[keep[:, None], keep], held[drop[:, None], keep], held[drop[:, None], drop]
-        del held
-        values, vectors = torch.linalg.eigh(kept)
-        fitted = factor @ train_pk @ vectors  # F M^{-f}_PK V: W_P B = fitted diag(d) V^T
-        seen = factor @ held_pk @ vectors
-        quadratic = (fitted.T @ fitted).mul_(vectors.T @ held_kk @ vectors)
-        linear = (fitted * seen).sum(0)
-        constant = (factor @ held_pp * factor).sum()
-        scale = kept.diagonal().mean().clamp_min(torch.finfo(kept.dtype).tiny)
-        d = 1.0 / (values.clamp_min(0)[None, :] + ridges[:, None] * scale).clamp_min(torch.finfo(kept.dtype).tiny)
-        fold_error = constant - 2 * d @ linear + ((d @ quadratic) * d).sum(1)
-        errors += stats.fold_counts[fold] / stats.count * fold_error
+        errors += stats.fold_counts[fold] / stats.count * _fold_errors(stats, centered, factor, keep, drop, ridges,
+                                                                       fold, others)
     return errors
+
+
+def _fold_errors(stats: SiteStatistics, centered: bool, factor: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor,
+                 ridges: torch.Tensor, fold: int, others: list[int]) -> torch.Tensor:
+    """Fold ``fold``'s term of :func:`heldout_errors`, per λ (a function of its own, so that one fold's n x n
+    and K x K buffers are freed before the next fold's are built)."""
+    train, mu_train = stats.moments(centered, others)  # each n x n moment is sliced, then freed
+    kept, train_pk = train[keep[:, None], keep], train[drop[:, None], keep]
+    del train
+    held, mu_held = stats.moments(centered, [fold])
+    if centered:
+        held.addr_(mu_held - mu_train, mu_held - mu_train)
+    held_kk, held_pk, held_pp = held[keep[:, None], keep], held[drop[:, None], keep], held[drop[:, None], drop]
+    del held
+    values, vectors = torch.linalg.eigh(kept)
+    fitted = factor @ train_pk @ vectors  # F M^{-f}_PK V: W_P B = fitted diag(d) V^T
+    del train_pk
+    seen = factor @ held_pk @ vectors
+    quadratic = (fitted.T @ fitted).mul_(vectors.T @ held_kk @ vectors)
+    linear = (fitted * seen).sum(0)
+    constant = (factor @ held_pp * factor).sum()
+    scale = kept.diagonal().mean().clamp_min(torch.finfo(kept.dtype).tiny)
+    d = 1.0 / (values.clamp_min(0)[None, :] + ridges[:, None] * scale).clamp_min(torch.finfo(kept.dtype).tiny)
+    return constant - 2 * d @ linear + ((d @ quadratic) * d).sum(1)
 
 
 def choose_ridge(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,

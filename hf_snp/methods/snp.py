@@ -93,6 +93,11 @@ class SNP(PruningMethod):
     def compensate(self, site: SiteInputs, decision: Decision, config: PruneConfig) -> None:
         if not config.reconstruct:
             return super().compensate(site, decision, config)
+        ridge = config.damping
+        if site.cross is None and len(decision.drop) and len(decision.keep) and config.resolved_ridge == "heldout":
+            # the λ that predicts held-out tokens best (docs/design.md §3.8), before M is built (one n x n less)
+            ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.consumer_weight,
+                                                  decision.keep, decision.drop, config.damping)
         moment, mu = site.stats.moments(centered=site.bias_available)
         if site.cross is not None:  # the dense model's consumer output on the kept units (docs/design.md §3.7)
             cross, mu_dense = site.cross.moments(centered=site.bias_available)
@@ -100,10 +105,6 @@ class SNP(PruningMethod):
             if site.bias_available:
                 decision.shift = mu_dense - decision.mix @ mu[decision.keep]
         elif len(decision.drop) and len(decision.keep):
-            ridge = config.damping
-            if config.resolved_ridge == "heldout":  # the λ that predicts held-out tokens best (docs/design.md §3.8)
-                ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.consumer_weight,
-                                                      decision.keep, decision.drop, config.damping)
             decision.coef = least_squares_map(moment, decision.keep, decision.drop, ridge)
             if site.bias_available:
                 decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep]
