@@ -97,11 +97,11 @@ def search_depth_child(spec: dict) -> None:
     dense = dense_forward_seconds(model, ids, 8, torch.device("cpu"))
     loaded, heap_loaded, weights = RssPeak.now(), RssPeak.heap_now(), model_bytes(model)
     block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    targets = ("mlp", "heads") if spec.get("units_only") else ("mlp", "heads", "blocks")
     with RssPeak() as rss:
-        result = hf_snp.prune(model, method="snp", sparsity=spec["sparsity"], calibration=ids,
-                              targets=("mlp", "heads", "blocks"), block_search="iterative", batch_size=8,
-                              device="cpu", progress=False)
-    rounds = result.report["blocks"]["rounds"]
+        result = hf_snp.prune(model, method="snp", sparsity=spec["sparsity"], calibration=ids, targets=targets,
+                              block_search="iterative", batch_size=8, device="cpu", progress=False)
+    rounds = result.report.get("blocks", {}).get("rounds", [])
     print(json.dumps({"prune_peak": rss.peak - loaded, "heap_peak": rss.heap_peak - heap_loaded,
                       "model_bytes": weights, "block_bytes": block, "seconds": result.report["timings_s"]["total"],
                       "dense_forward": dense, "kept": [r["kept"] for r in rounds]}))
@@ -224,17 +224,21 @@ def part_search_depth(args) -> list[str]:
              f"MLP {shape['intermediate_size']}, {shape['num_attention_heads']} heads / "
              f"{shape['num_key_value_heads']} KV heads, 30% of decoder-layer parameters, mlp + heads + blocks, "
              f"{spec['samples']} x {spec['seq_len']} tokens, CPU)", "",
-             "Each depth is a fresh process: it builds the model, runs one dense forward pass, then prunes with "
-             "`block_search=\"iterative\"`. Peaks are above the process with the model built (RSS; live heap: "
-             "malloc's bytes in use, glibc mallinfo2), also in blocks of this shape.", "",
-             "| blocks | model MiB | block MiB | peak RSS above the model | in blocks | live heap peak | in blocks | "
-             "seconds | rounds |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for depth in (4, 8, 16):
-        got = run_child({**spec, "search_depth": depth})
-        lines.append(f"| {depth} | {got['model_bytes'] / 2**20:.0f} | {got['block_bytes'] / 2**20:.1f} | "
+             "Each run is a fresh process: it builds the model, runs one dense forward pass, then prunes with "
+             "`block_search=\"iterative\"` (or, for comparison, the same budget of units alone with "
+             "`targets=(\"mlp\", \"heads\")`: one streaming pass, no search). Peaks are above the process with "
+             "the model built (RSS, and the live heap: malloc's bytes in use, glibc mallinfo2; plain unit pruning "
+             "leaves glibc's mmap threshold as it is, so its RSS may hold freed buffers), also in blocks of this "
+             "shape.", "",
+             "| pruning | blocks | model MiB | block MiB | peak RSS above the model | in blocks | live heap peak | "
+             "in blocks | seconds | rounds |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for units_only, depth in [(False, 4), (False, 8), (False, 16), (True, 4), (True, 16)]:
+        got = run_child({**spec, "search_depth": depth, "units_only": units_only})
+        lines.append(f"| {'units only' if units_only else 'iterative search'} | {depth} | "
+                     f"{got['model_bytes'] / 2**20:.0f} | {got['block_bytes'] / 2**20:.1f} | "
                      f"{got['prune_peak'] / 2**20:.0f} MiB | {got['prune_peak'] / got['block_bytes']:.1f} | "
                      f"{got['heap_peak'] / 2**20:.0f} MiB | {got['heap_peak'] / got['block_bytes']:.1f} | "
-                     f"{got['seconds']:.0f} | {''.join(k[0].upper() for k in got['kept'])} |")
+                     f"{got['seconds']:.0f} | {''.join(k[0].upper() for k in got['kept']) or '-'} |")
         print(lines[-1], flush=True)
     return lines + ["", "Rounds: B a block kept, U units kept.", ""]
 
