@@ -90,25 +90,35 @@ SEARCH_DEPTH_SHAPE = dict(vocab_size=2048, hidden_size=512, intermediate_size=15
                           num_key_value_heads=4, tie_word_embeddings=False)
 
 
-def search_depth_child(spec: dict) -> None:
-    """The iterative search on a random Llama of ``spec['search_depth']`` blocks: peaks above the built model."""
-    model = random_model("llama", num_hidden_layers=spec["search_depth"], **SEARCH_DEPTH_SHAPE)
-    ids = random_ids(SEARCH_DEPTH_SHAPE["vocab_size"], spec["samples"], spec["seq_len"])
+def measured_prune(model, ids: torch.Tensor, tokenizer=None, **options) -> dict:
+    """One dense forward pass, then SNP on ``ids`` (CPU, batches of 8): peak RSS and live heap above the process
+    as it was before pruning, the model's and one block's bytes, seconds, and the block search's rounds."""
     dense = dense_forward_seconds(model, ids, 8, torch.device("cpu"))
     loaded, heap_loaded, weights = RssPeak.now(), RssPeak.heap_now(), model_bytes(model)
     block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    targets = ("mlp", "heads") if spec.get("units_only") else ("mlp", "heads", "blocks")
     with RssPeak() as rss:
-        result = hf_snp.prune(model, method="snp", sparsity=spec["sparsity"], calibration=ids, targets=targets,
-                              block_search="iterative", batch_size=8, device="cpu", progress=False)
+        result = hf_snp.prune(model, tokenizer, method="snp", calibration=ids, batch_size=8, device="cpu",
+                              progress=False, **options)
     rounds = result.report.get("blocks", {}).get("rounds", [])
-    print(json.dumps({"prune_peak": rss.peak - loaded, "heap_peak": rss.heap_peak - heap_loaded,
-                      "model_bytes": weights, "block_bytes": block, "seconds": result.report["timings_s"]["total"],
-                      "dense_forward": dense, "kept": [r["kept"] for r in rounds]}))
+    return {"prune_peak": rss.peak - loaded, "heap_peak": rss.heap_peak - heap_loaded, "model_bytes": weights,
+            "block_bytes": block, "seconds": result.report["timings_s"]["total"], "dense_forward": dense,
+            "rounds": [r["seconds"] for r in rounds], "kept": [r["kept"] for r in rounds]}
+
+
+def search_depth_child(spec: dict) -> None:
+    """The iterative search (or units alone) on a random Llama of ``spec['search_depth']`` blocks."""
+    model = random_model("llama", num_hidden_layers=spec["search_depth"], **SEARCH_DEPTH_SHAPE)
+    ids = random_ids(SEARCH_DEPTH_SHAPE["vocab_size"], spec["samples"], spec["seq_len"])
+    if spec.get("units_only"):
+        got = measured_prune(model, ids, sparsity=spec["sparsity"], targets=("mlp", "heads"))
+    else:
+        got = measured_prune(model, ids, sparsity=spec["sparsity"], targets=("mlp", "heads", "blocks"),
+                             block_search="iterative")
+    print(json.dumps(got))
 
 
 def search_child(spec: dict) -> None:
-    """SmolLM2 pruned with blocks and units by ``spec['search']``: peak RSS above the loaded model, seconds."""
+    """SmolLM2 pruned with blocks and units by ``spec['search']``: peaks above the loaded model, seconds."""
     from hf_snp.calibration import packaged_text
     from hf_snp.loading import demo_model_source, load_model, load_tokenizer
 
@@ -116,23 +126,11 @@ def search_child(spec: dict) -> None:
     source = demo_model_source()
     tokenizer = load_tokenizer(source)
     ids = first_windows(tokenizer, packaged_text("wikitext2-local"), spec["samples"], spec["seq_len"])
-    before_load = RssPeak.now()
     model = load_model(source, dtype=torch.float32)
     for param in model.parameters():  # weights mapped from the checkpoint become the process's own memory now
         param.data = param.data.clone()
-    dense = dense_forward_seconds(model, ids, 8, torch.device("cpu"))
-    loaded, heap_loaded, weights = RssPeak.now(), RssPeak.heap_now(), model_bytes(model)
-    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    with RssPeak() as rss:
-        result = hf_snp.prune(model, tokenizer, method="snp", sparsity=spec["sparsity"], calibration=ids,
-                              targets=("mlp", "heads", "blocks"), block_search=spec["search"], batch_size=8,
-                              device="cpu", progress=False)
-    blocks = result.report["blocks"]
-    print(json.dumps({"loaded_rss": loaded - before_load, "prune_peak": rss.peak - loaded, "model_bytes": weights,
-                      "heap_peak": rss.heap_peak - heap_loaded,
-                      "block_bytes": block, "seconds": result.report["timings_s"]["total"],
-                      "dense_forward": dense, "rounds": [r["seconds"] for r in blocks.get("rounds", [])],
-                      "kept": [r["kept"] for r in blocks.get("rounds", [])]}))
+    print(json.dumps(measured_prune(model, ids, tokenizer, sparsity=spec["sparsity"],
+                                    targets=("mlp", "heads", "blocks"), block_search=spec["search"])))
 
 
 def _prune_child(spec: dict) -> None:
