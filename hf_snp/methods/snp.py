@@ -93,8 +93,9 @@ class SNP(PruningMethod):
     def compensate(self, site: SiteInputs, decision: Decision, config: PruneConfig) -> None:
         if not config.reconstruct:
             return super().compensate(site, decision, config)
+        least_squares = site.cross is None and len(decision.drop) and len(decision.keep)
         ridge = config.damping
-        if site.cross is None and len(decision.drop) and len(decision.keep) and config.resolved_ridge == "heldout":
+        if least_squares and config.resolved_ridge == "heldout":
             # the λ that predicts held-out tokens best (docs/design.md §3.8), before M is built (one n x n less)
             ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.consumer_weight,
                                                   decision.keep, decision.drop, config.damping)
@@ -104,7 +105,7 @@ class SNP(PruningMethod):
             decision.mix = dense_target_map(moment, cross, decision.keep, config.damping)
             if site.bias_available:
                 decision.shift = mu_dense - decision.mix @ mu[decision.keep]
-        elif len(decision.drop) and len(decision.keep):
+        elif least_squares:
             decision.coef = least_squares_map(moment, decision.keep, decision.drop, ridge)
             if site.bias_available:
                 decision.shift = mu[decision.drop] - decision.coef @ mu[decision.keep]
