@@ -20,7 +20,7 @@ from measure import save_line_plot, smollm2_protocol
 from row_cache import RowCache
 
 import hf_snp
-from hf_snp.evaluation import perplexity
+from hf_snp.evaluation.perplexity import perplexity
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # every row is one change from the paper's SNP (ZCA order, fixed ridge, uniform allocation), hf_snp's default before

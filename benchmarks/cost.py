@@ -119,8 +119,8 @@ def search_depth_child(spec: dict) -> None:
 
 def search_child(spec: dict) -> None:
     """SmolLM2 pruned with blocks and units by ``spec['search']``: peaks above the loaded model, seconds."""
-    from hf_snp.calibration import packaged_text
-    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+    from hf_snp.setup.calibration import packaged_text
+    from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     source = demo_model_source()
@@ -162,8 +162,8 @@ def _prune_child(spec: dict) -> None:
 
 
 def part_ratio(args, device) -> list[str]:
-    from hf_snp.calibration import load_calibration
-    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+    from hf_snp.setup.calibration import load_calibration
+    from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
     source = demo_model_source()
     tokenizer = load_tokenizer(source)

@@ -1,7 +1,7 @@
 """Inference speed of pruned models against the dense one, loaded the way users load them.
 
 Every variant is pruned, saved and reloaded with ``AutoModelForCausalLM.from_pretrained`` (stock class or the
-hf_snp type), then measured with ``hf_snp.speed`` (prefill tokens/s at batch 1 and 8, time to first token,
+hf_snp type), then measured with ``hf_snp.deliver.speed`` (prefill tokens/s at batch 1 and 8, time to first token,
 decode tokens/s with the KV cache, KV-cache bytes per token), all variants interleaved, medians of the repeats.
 
     python benchmarks/inference.py --shapes smollm2 --dtypes float32,bfloat16 --repeats 3
@@ -26,10 +26,10 @@ from measure import code_commit, first_windows, save_line_plot
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import hf_snp
-from hf_snp.calibration import packaged_text
-from hf_snp.evaluation import perplexity
-from hf_snp.loading import demo_model_source, load_model, load_tokenizer
-from hf_snp.speed import SpeedProbe, compare_speed
+from hf_snp.deliver.speed import SpeedProbe, compare_speed
+from hf_snp.evaluation.perplexity import perplexity
+from hf_snp.setup.calibration import packaged_text
+from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CACHE = os.path.join(os.path.dirname(__file__), ".cache", "inference")

@@ -24,8 +24,8 @@ from row_cache import RowCache
 
 import hf_snp
 from hf_snp.adapters import get_adapter
-from hf_snp.evaluation import perplexity
-from hf_snp.sites import count_parameters
+from hf_snp.evaluation.perplexity import perplexity
+from hf_snp.units.sites import count_parameters
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

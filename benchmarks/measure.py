@@ -145,9 +145,9 @@ def smollm2_protocol(windows: int, seq_len: int):
     """The ablation protocol on the packaged SmolLM2-135M (fp32): (tokenizer, dense model, calibration ids: the first
     ``windows`` x ``seq_len`` tokens of the WikiText-2 validation text, perplexity() arguments for as many tokens of
     the test text, dense perplexity)."""
-    from hf_snp.calibration import packaged_text
-    from hf_snp.evaluation import perplexity
-    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+    from hf_snp.evaluation.perplexity import perplexity
+    from hf_snp.setup.calibration import packaged_text
+    from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
     source = demo_model_source()
     tokenizer = load_tokenizer(source)

@@ -27,10 +27,10 @@ from measure import code_commit, first_windows
 from row_cache import RowCache
 
 import hf_snp
-from hf_snp.calibration import packaged_text
-from hf_snp.engine import StreamingEngine
-from hf_snp.evaluation import perplexity
-from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+from hf_snp.evaluation.perplexity import perplexity
+from hf_snp.passes.engine import StreamingEngine
+from hf_snp.setup.calibration import packaged_text
+from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

@@ -5,7 +5,7 @@ the way users load them, compared on size on disk, perplexity and speed.
 
 The pruned + quantized model is made by the one call a user makes: ``hf_snp.prune(..., quantize=scheme)``; the dense
 model is quantized by ``from_pretrained(dense_dir, quantization_config=TorchAoConfig(...))``. Perplexity: WikiText-2
-test, 512-token windows; speed: ``hf_snp.speed.compare_speed`` (all models interleaved, medians). Writes
+test, 512-token windows; speed: ``hf_snp.deliver.speed.compare_speed`` (all models interleaved, medians). Writes
 results/quantize_cpu.md and .jsonl.
 """
 
@@ -22,11 +22,11 @@ from measure import code_commit, first_windows
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import hf_snp
-from hf_snp.calibration import packaged_text
-from hf_snp.evaluation import perplexity
-from hf_snp.loading import demo_model_source, load_model, load_tokenizer
-from hf_snp.quantize import torchao_config
-from hf_snp.speed import SpeedProbe, compare_speed, weight_bytes
+from hf_snp.deliver.quantize import torchao_config
+from hf_snp.deliver.speed import SpeedProbe, compare_speed, weight_bytes
+from hf_snp.evaluation.perplexity import perplexity
+from hf_snp.setup.calibration import packaged_text
+from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CACHE = os.path.join(os.path.dirname(__file__), ".cache", "quantize")

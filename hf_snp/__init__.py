@@ -1,20 +1,19 @@
 """hf_snp: one-shot structured pruning of Hugging Face models (SNP and VBP)."""
 
-__version__ = "0.1.0"
-
-from . import models  # noqa: E402,F401  (the variable-width type; the adapters register it per family)
-from .accuracy import evaluate_accuracy  # noqa: E402
-from .adapters import ModelAdapter, get_adapter, register_adapter, supported_families  # noqa: E402
-from .api import PruneResult, prune  # noqa: E402
-from .calibration import CalibrationData, load_calibration  # noqa: E402
-from .config import PruneConfig  # noqa: E402
-from .evaluation import perplexity  # noqa: E402
-from .harness import lm_eval  # noqa: E402
-from .images import ImageCalibrationData  # noqa: E402
-from .methods import register_method  # noqa: E402
-from .models.modeling_hf_snp import AttentionLayout, MlpLayout  # noqa: E402
-from .report import PruneReport  # noqa: E402
-from .sites import count_parameters  # noqa: E402
+from . import models  # noqa: F401  (the variable-width type; the adapters register it per family)
+from .adapters import ModelAdapter, get_adapter, register_adapter, supported_families
+from .api import PruneResult, prune
+from .config import PruneConfig
+from .deliver.report import PruneReport
+from .evaluation.accuracy import evaluate_accuracy
+from .evaluation.harness import lm_eval
+from .evaluation.perplexity import perplexity
+from .methods import register_method
+from .models.modeling_hf_snp import AttentionLayout, MlpLayout
+from .setup.calibration import CalibrationData, load_calibration
+from .setup.images import ImageCalibrationData
+from .units.sites import count_parameters
+from .version import __version__
 
 __all__ = [
     "__version__",

@@ -13,17 +13,19 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from .config import PruneConfig, with_config_options
-from .hub import push_folder
-from .loading import load_model
-from .passes import Passes, run_passes
-from .placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
-from .quantize import quantize_result
-from .recipes import accepts_recipe
-from .report import PruneReport
-from .resolve import PruneRun, resolve
-from .saving import finalize_architecture, save_pruned
-from .sites import count_parameters
-from .speed import speed_probe
+from .deliver.push import push_folder
+from .deliver.quantize import quantize_result
+from .deliver.report import PruneReport
+from .deliver.save_format import finalize_architecture
+from .deliver.saving import save_pruned
+from .deliver.speed import speed_probe
+from .passes.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
+from .passes.run import Passes, run_passes
+from .setup.loading import load_model
+from .setup.recipes import accepts_recipe
+from .setup.resolve import PruneRun, resolve
+from .units.allocation import describe_allocation
+from .units.sites import count_parameters
 
 logger = logging.getLogger("hf_snp")
 
@@ -100,7 +102,18 @@ def load(run: PruneRun) -> PreTrainedModel:
 def finalize(run: PruneRun, passes: Passes, params_before: int, seconds: float) -> PruneResult:
     """Fix the architecture to the pruned shapes and build the report."""
     save_format = finalize_architecture(passes.model, run.adapter, passes.records)
-    report = PruneReport.build(run, passes, save_format, params_before, count_parameters(passes.model), seconds)
+    config = run.config
+    base_model, model_name = run.model_names()
+    settings = config.settings()
+    timings = {**passes.timings, "dense_pass": passes.dense_pass, "cut_pass": passes.cut_pass, "total": seconds}
+    report = PruneReport.build(
+        base_model=base_model, model_name=model_name, model_type=passes.model.config.model_type,
+        save_format=save_format, settings=settings,
+        options={k: v for k, v in config.to_dict().items() if k not in settings},
+        calibration=run.calib.source, calibration_tokens=run.calib.num_tokens, device=str(run.device),
+        output_dir=config.output_dir, params_before=params_before, params_after=count_parameters(passes.model),
+        layers=passes.records, allocation=describe_allocation(config, passes.plan, passes.curves),
+        blocks=passes.blocks, timings=timings)
     logger.info("pruned %s: %d -> %d parameters", report["model_name"], report["params_before"], report["params_after"])
     return PruneResult(passes.model, report, run.tokenizer, run.image_processor)
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None, help="default: 1 window (language), 32 images")
     e.add_argument("--device", default=None)
     e.add_argument("--trust-remote-code", action="store_true")
-    e.add_argument("--speed", action="store_true", help="measure prefill and decode speed (hf_snp.speed)")
+    e.add_argument("--speed", action="store_true", help="measure prefill and decode speed (hf_snp.deliver.speed)")
     e.add_argument("--baseline", default=None,
                    help="--speed: a model (e.g. the dense one) to report speed-ups against, measured interleaved")
     e.add_argument("--save", action="store_true", help="record the results in the model's hf_snp_report.json")
@@ -150,7 +150,7 @@ def _prune(args: argparse.Namespace) -> None:
 def _image_eval(args: argparse.Namespace) -> dict:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from .accuracy import evaluate_accuracy
+    from .evaluation.accuracy import evaluate_accuracy
 
     if args.dataset is None:
         raise ValueError("--task image-classification needs --dataset (an imagefolder folder or a Hub id)")
@@ -166,7 +166,7 @@ def _image_eval(args: argparse.Namespace) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .report import REPORT_NAME, PruneReport
+    from .deliver.report import REPORT_NAME, PruneReport
 
     results: dict = {"model": args.model}
     if args.task == "image-classification":
@@ -186,7 +186,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _language_eval(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import perplexity
+    from .evaluation.perplexity import perplexity
 
     if args.ppl is None and args.tasks is None and not args.speed:
         raise ValueError("choose what to evaluate: --ppl DATASET, --tasks T1,T2 and/or --speed "
@@ -201,7 +201,7 @@ def _language_eval(args: argparse.Namespace) -> dict:
     model = load(args.model)
     results: dict = {}
     if args.speed:
-        from .speed import compare_speed
+        from .deliver.speed import compare_speed
 
         models = {"baseline": load(args.baseline), "model": model} if args.baseline else {"model": model}
         measured = compare_speed(models)
@@ -216,7 +216,7 @@ def _language_eval(args: argparse.Namespace) -> dict:
                                            progress=not args.quiet)
         results["perplexity_protocol"] = f"{args.ppl}, seq_len {args.seq_len}, windows {args.max_windows or 'all'}"
     if args.tasks is not None:
-        from .harness import lm_eval
+        from .evaluation.harness import lm_eval
 
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
         results["lm_eval"] = lm_eval(model, args.tasks.split(","), tokenizer=tokenizer, batch_size=args.batch_size or 1,
@@ -225,7 +225,7 @@ def _language_eval(args: argparse.Namespace) -> dict:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .report import PruneReport
+    from .deliver.report import PruneReport
 
     report = PruneReport.load(args.model)
     print(json.dumps(report, indent=2) if args.json else report.table())
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             _report(args)
         elif args.command == "push":
-            from .hub import push_folder
+            from .deliver.push import push_folder
 
             print(push_folder(args.model, args.repo_id, private=args.private))
     except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:

@@ -15,10 +15,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .methods import METHODS, ORDERINGS
-from .quantize import QUANTIZATIONS
-from .sites import GQA_MODES
-
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks", "experts")
 ALLOCATIONS = ("uniform", "cumulative_variance", "output_error", "global")  # "global": cumulative_variance
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,6 +22,23 @@ RECONSTRUCTION_TARGETS = ("pruned", "dense")
 WITHIN_BLOCK = ("joint", "sequential")
 BLOCK_SEARCHES = ("iterative", "candidates")
 RIDGES = ("fixed", "heldout")
+ORDERINGS = ("zca", "natural", "random", "output_aware", "obs")
+GQA_MODES = ("per_group", "kv_groups")
+QUANTIZATIONS = ("int8_weight_only", "int8_dynamic")  # int4 weight-only (tinygemm) needs CUDA and 128-wide groups
+
+# Options whose values a registry holds (users register methods): the registry hands its names to config, which
+# imports nothing of hf_snp.
+_REGISTERED: dict[str, Callable[[], Any]] = {}
+
+
+def register_choices(name: str, names: Callable[[], Any]) -> None:
+    """Let a registry supply the allowed values of option ``name`` (called when the registry is imported)."""
+    _REGISTERED[name] = names
+
+
+def registered_choices(name: str) -> tuple:
+    """The values a registry currently allows for option ``name``."""
+    return tuple(_REGISTERED[name]()) if name in _REGISTERED else ()
 
 # What a field is for. "pruning" fields decide the result (the report's top level and the checkpoint
 # fingerprint); the others say where the model comes from, where it runs and where it goes.
@@ -48,7 +61,8 @@ class PruneConfig:
     """What to prune and how, where the model comes from, where it runs and where the result goes."""
 
     method: str = option("snp", "'snp' (least-squares reconstruction), 'vbp' (variance + mean shift), or a baseline: "
-                                "'flap', 'wanda_sp', 'magnitude', 'random'", choices=lambda: sorted(METHODS))
+                                "'flap', 'wanda_sp', 'magnitude', 'random'",
+                         choices=lambda: registered_choices("method"))
     sparsity: float = option(0.3, "fraction of the targeted modules' parameters to remove, in [0, 1)")
     targets: tuple[str, ...] = option(
         ("mlp",), "what to prune, comma-separated: 'mlp' (MLP neurons; in a mixture of experts every expert's), "
@@ -134,7 +148,7 @@ class PruneConfig:
                                  "settings); the result is bit-identical to an uninterrupted run", RUNNING)
     progress: bool = option(True, "show progress bars", RUNNING)
     measure_speed: bool = option(False, "measure prefill and decode speed on the execution device before and after "
-                                        "pruning (hf_snp.speed); the report and the model card show the speed-ups",
+                                        "pruning; the report and the model card show the speed-ups",
                                  RUNNING)
     quantize: str | None = option(None, "after pruning, quantize the linear layers with torchao through transformers "
                                         "(TorchAoConfig): 'int8_weight_only' or 'int8_dynamic' (int8 weights and "

@@ -8,10 +8,10 @@ import time
 import torch
 
 from .api import prune
-from .evaluation import perplexity
-from .loading import demo_model_source, load_model, load_tokenizer
-from .saving import prepare_output_dir
-from .sites import count_parameters
+from .evaluation.perplexity import perplexity
+from .setup.loading import demo_model_source, load_model, load_tokenizer
+from .setup.output_dir import prepare_output_dir
+from .units.sites import count_parameters
 
 
 def run_demo(

@@ -200,10 +200,10 @@ def no_long_work(monkeypatch):
         raise AssertionError("long work started before the bad input was reported")
 
     import hf_snp.api
-    import hf_snp.engine
+    import hf_snp.passes.engine
 
     monkeypatch.setattr(hf_snp.api, "load_model", forbidden)
-    monkeypatch.setattr(hf_snp.engine.StreamingEngine, "run", forbidden)
+    monkeypatch.setattr(hf_snp.passes.engine.StreamingEngine, "run", forbidden)
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ def targeted_params(model, targets):
 
 def record_curves(monkeypatch) -> list:
     """Every list of curves global allocation's dense pass returns, in order."""
-    from hf_snp.engine import StreamingEngine
+    from hf_snp.passes.engine import StreamingEngine
 
     seen, original = [], StreamingEngine.collect_curves
     monkeypatch.setattr(StreamingEngine, "collect_curves",

@@ -8,7 +8,7 @@ from conftest import calibration_ids, tiny_llama
 from transformers import BloomConfig, BloomForCausalLM
 
 import hf_snp
-from hf_snp.calibration import CalibrationError
+from hf_snp.setup.calibration import CalibrationError
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan"), "0.3", True])
@@ -104,7 +104,7 @@ def test_non_finite_activations_name_the_site():
 @pytest.mark.parametrize("options", [dict(targets=("mlp", "heads")), dict(targets=("heads",), allocation="global")])
 def test_a_result_the_save_format_would_refuse_fails_before_pruning(options, no_long_work, monkeypatch):
     """The save format's config is asked about the predicted shapes in preflight, not after the work."""
-    import hf_snp.saving
+    import hf_snp.deliver.save_format
 
     asked = []
 
@@ -112,7 +112,7 @@ def test_a_result_the_save_format_would_refuse_fails_before_pruning(options, no_
         asked.append(getattr(config, "hf_snp_layers", None))
         return "ValueError: refused for the test"
 
-    monkeypatch.setattr(hf_snp.saving, "config_rejection", refuse)
+    monkeypatch.setattr(hf_snp.deliver.save_format, "config_rejection", refuse)
     with pytest.raises(ValueError, match=r"could not be saved: .* refuses it: ValueError: refused for the test"):
         hf_snp.prune(tiny_llama(), sparsity=0.5, calibration=calibration_ids(), **options)
     assert asked
@@ -120,11 +120,11 @@ def test_a_result_the_save_format_would_refuse_fails_before_pruning(options, no_
 
 def test_preflight_predicts_the_uniform_shapes(monkeypatch, no_long_work):
     """Uniform 50% of a 4-head GQA layer (2 KV groups, per_group): 2 heads and MLP 24 in every layer."""
-    import hf_snp.preflight
+    import hf_snp.setup.preflight
 
     seen = []
-    original = hf_snp.preflight.check_save_format
-    monkeypatch.setattr(hf_snp.preflight, "check_save_format",
+    original = hf_snp.setup.preflight.check_save_format
+    monkeypatch.setattr(hf_snp.setup.preflight, "check_save_format",
                         lambda adapter, config, shapes=None: seen.append(shapes) or original(adapter, config, shapes))
     with pytest.raises(AssertionError, match="long work started"):
         hf_snp.prune(tiny_llama(), sparsity=0.5, targets=("mlp", "heads"), calibration=calibration_ids())

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_snp.config import PruneConfig
 from hf_snp.methods import SiteInputs, get_method
-from hf_snp.removal import RemovalPlan
-from hf_snp.stats import SiteStatistics
+from hf_snp.units.removal import RemovalPlan
+from hf_snp.units.stats import SiteStatistics
 
 BASELINES = ["flap", "wanda_sp", "magnitude"]
 

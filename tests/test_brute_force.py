@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 
-from hf_snp.allocation import SiteCurve, allocate_global
-from hf_snp.linalg import greedy_group_elimination, greedy_zca_elimination, ordered_pivot_costs
-from hf_snp.removal import RemovalPlan
+from hf_snp.units.allocation import SiteCurve, allocate_global
+from hf_snp.units.linalg import greedy_group_elimination, greedy_zca_elimination, ordered_pivot_costs
+from hf_snp.units.removal import RemovalPlan
 
 
 def random_moment(n: int, seed: int, rank_boost: float = 0.3) -> torch.Tensor:

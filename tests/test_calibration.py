@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import hf_snp.hub
-from hf_snp.calibration import CalibrationError, load_calibration, packaged_text
+import hf_snp.setup.datasets
+from hf_snp.setup.calibration import CalibrationError, load_calibration, packaged_text
 
 WORDS = [f"w{i}" for i in range(50)]
 
@@ -65,7 +65,7 @@ def test_token_tensor_is_used_as_given():
 
 
 def test_wikitext2_falls_back_to_the_packaged_text_offline(tokenizer, monkeypatch, caplog):
-    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hf_snp.setup.datasets, "hub_reachable", lambda: False)
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="hf_snp"):
         calib = load_calibration("wikitext2", tokenizer, num_samples=2, seq_len=64)
@@ -81,7 +81,7 @@ def test_hub_dataset_path_is_used_when_the_hub_answers(tokenizer, monkeypatch):
         calls.append((path, config, split, data_files))
         return datasets.Dataset.from_dict({"text": [text(), "", text(50)]})
 
-    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hf_snp.setup.datasets, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     calib = load_calibration("c4", tokenizer, num_samples=2, seq_len=16)
     assert calls == [("allenai/c4", None, "validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})]
@@ -91,7 +91,7 @@ def test_hub_dataset_path_is_used_when_the_hub_answers(tokenizer, monkeypatch):
 
 
 def test_c4_offline_says_what_to_do(tokenizer, monkeypatch):
-    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hf_snp.setup.datasets, "hub_reachable", lambda: False)
     with pytest.raises(CalibrationError, match="Pass a local .txt/.jsonl path"):
         load_calibration("c4", tokenizer, 2, 16)
 

@@ -108,16 +108,16 @@ def test_olmo2_heads_are_refused_before_any_work(no_long_work):
 def test_second_pass_replay_matches_recomputing(family, monkeypatch):
     """The families' norms and multipliers sit outside the attention and MLP modules, so the replayed attention
     output and the MLP computed from its cached kept activations give the next blocks the same inputs."""
-    import hf_snp.replay
+    import hf_snp.passes.replay
 
     model = TINY_LLAMA_LIKE[family]()
     chosen = []
-    original = hf_snp.replay.ReplayCache.for_block.__func__
-    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+    original = hf_snp.passes.replay.ReplayCache.for_block.__func__
+    monkeypatch.setattr(hf_snp.passes.replay.ReplayCache, "for_block",
                         classmethod(lambda cls, *args: chosen.append(original(cls, *args)) or chosen[-1]))
     replayed = prune_quiet(copy.deepcopy(model), method="vbp", sparsity=0.4)
     assert len(chosen) == 3 and all(cache.mlp_site is not None and cache.attention is not None for cache in chosen)
-    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+    monkeypatch.setattr(hf_snp.passes.replay.ReplayCache, "for_block",
                         classmethod(lambda cls, adapter, block, active, tokens, size, store, device:
                                     cls(None, None, store, device)))  # nothing replayed: every block run again
     recomputed = prune_quiet(model, method="vbp", sparsity=0.4)

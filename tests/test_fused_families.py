@@ -28,8 +28,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from hf_snp.models.modeling_hf_snp import AttentionLayout, MlpLayout
-from hf_snp.removal import Decision
-from hf_snp.surgery import fold_into_consumer, keep_rows
+from hf_snp.units.removal import Decision
+from hf_snp.units.surgery import fold_into_consumer, keep_rows
 
 D = 8  # head_dim: hidden 32, 4 heads
 LAYERS = 3
@@ -208,16 +208,16 @@ def test_zero_sparsity_is_the_identity(family):
 def test_gpt_neox_replay_matches_recomputing(parallel, monkeypatch):
     """MLP-only cuts replay the attention output and the MLP's consumer: with the parallel residual the MLP reads
     the block input, and the replayed block output is still the recomputed one."""
-    import hf_snp.replay
+    import hf_snp.passes.replay
 
     model = tiny_gpt_neox(parallel=parallel)
     chosen = []
-    original = hf_snp.replay.ReplayCache.for_block.__func__
-    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+    original = hf_snp.passes.replay.ReplayCache.for_block.__func__
+    monkeypatch.setattr(hf_snp.passes.replay.ReplayCache, "for_block",
                         classmethod(lambda cls, *args: chosen.append(original(cls, *args)) or chosen[-1]))
     replayed = prune_quiet(copy.deepcopy(model), method="snp", sparsity=0.4)
     assert all(cache.mlp_site is not None and cache.attention is not None for cache in chosen) and chosen
-    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+    monkeypatch.setattr(hf_snp.passes.replay.ReplayCache, "for_block",
                         classmethod(lambda cls, adapter, block, active, tokens, size, store, device:
                                     cls(None, None, store, device)))
     recomputed = prune_quiet(model, method="snp", sparsity=0.4)

@@ -2,7 +2,7 @@
 
 transformers dequantises the GGUF weights on load (on CPU) but leaves its GGUF quantizer on the
 model, and ``save_pretrained`` then refuses it ("The model is quantized with gguf and is not
-serializable"). ``hf_snp.loading.prepare_loaded_model`` drops that state before any work.
+serializable"). ``hf_snp.setup.loading.prepare_loaded_model`` drops that state before any work.
 The fast tests write a tiny Llama GGUF file with the ``gguf`` package; the slow one loads SmolLM2.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import hf_snp
-from hf_snp.loading import packed_gguf_modules, prepare_loaded_model
+from hf_snp.setup.loading import packed_gguf_modules, prepare_loaded_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -132,14 +132,14 @@ def test_packed_gguf_weights_are_refused_before_any_work(gguf_dir, tmp_path, no_
 
 @pytest.mark.slow
 def test_user_loaded_smollm2_gguf_prunes_and_saves(tmp_path):
-    from hf_snp.loading import demo_model_source
+    from hf_snp.setup.loading import demo_model_source
 
     try:
         source = demo_model_source()
     except ModuleNotFoundError as error:
         pytest.fail(f"the SmolLM2 tests need the demo extra: {error}")
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32).eval()
-    tokenizer = hf_snp.loading.load_tokenizer(source)
+    tokenizer = hf_snp.setup.loading.load_tokenizer(source)
     out = tmp_path / "out"
     result = hf_snp.prune(model, tokenizer, method="snp", sparsity=0.3, calibration="wikitext2-local", num_samples=2,
                           seq_len=64, output_dir=str(out), progress=False)

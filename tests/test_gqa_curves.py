@@ -8,11 +8,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_snp.adapters import adapter_for_type
-from hf_snp.allocation import SiteCurve
 from hf_snp.config import PruneConfig
 from hf_snp.methods import SiteInputs, get_method
-from hf_snp.sites import HeadSite
-from hf_snp.stats import SiteStatistics
+from hf_snp.units.allocation import SiteCurve
+from hf_snp.units.sites import HeadSite
+from hf_snp.units.stats import SiteStatistics
 
 
 def head_site_with_statistics(num_heads: int, num_kv_heads: int, seed: int = 0):

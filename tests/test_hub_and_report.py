@@ -11,8 +11,8 @@ import yaml
 from conftest import TINY, prune_quiet
 
 from hf_snp.cli import main
-from hf_snp.model_card import model_card
-from hf_snp.report import PruneReport
+from hf_snp.deliver.card import model_card
+from hf_snp.deliver.report import PruneReport
 
 
 class FakeHub:
@@ -126,8 +126,8 @@ def test_the_card_never_names_a_local_path(tmp_path):
 
 
 def test_base_model_from_the_option_the_config_or_gguf_metadata(tmp_path, monkeypatch):
-    import hf_snp.loading as loading
-    from hf_snp.loading import ModelSource, model_names
+    import hf_snp.setup.loading as loading
+    from hf_snp.setup.loading import ModelSource, model_names
 
     model = TINY["llama"]()
     model.config._name_or_path = "org/tiny-llama"  # as from_pretrained("org/tiny-llama") sets it

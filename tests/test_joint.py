@@ -14,11 +14,11 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import hf_snp
-from hf_snp.allocation import WidthRules
-from hf_snp.blocks import linear_cka, token_sample
 from hf_snp.config import PruneConfig
-from hf_snp.joint import IterativeSearch, round_to_total, split_calibration
-from hf_snp.sites import count_parameters
+from hf_snp.passes.blocks import linear_cka, token_sample
+from hf_snp.passes.iterative import IterativeSearch, round_to_total, split_calibration
+from hf_snp.units.allocation import WidthRules
+from hf_snp.units.sites import count_parameters
 
 
 def iterative(model, **kwargs):
@@ -181,7 +181,7 @@ def test_vision_models_prune_blocks_and_units(family):
 
 
 def test_held_out_windows_are_every_fourth():
-    calib = hf_snp.calibration.load_calibration(calibration_ids(), None, 16, 24)
+    calib = hf_snp.setup.calibration.load_calibration(calibration_ids(), None, 16, 24)
     fit, held = split_calibration(calib)
     assert torch.equal(held.input_ids, calibration_ids()[[3, 7, 11, 15]]) and fit.num_samples == 12
 

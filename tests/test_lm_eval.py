@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import hf_snp
 from hf_snp.cli import main
-from hf_snp.harness import lm_eval, wikitext_pages
+from hf_snp.evaluation.harness import lm_eval, wikitext_pages
 
 WORDS = [f"w{i}" for i in range(VOCAB - 2)]
 
@@ -102,7 +102,7 @@ def test_wikitext_pages_are_the_test_articles():
 
 @pytest.mark.slow
 def test_real_wikitext_task_on_smollm2_offline(tmp_path):
-    from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+    from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
     source = demo_model_source()
     model, tokenizer = load_model(source, dtype=torch.float32), load_tokenizer(source)

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hf_snp.linalg import damped, greedy_zca_elimination, least_squares_map
 from hf_snp.methods import get_method
-from hf_snp.removal import Decision, split
-from hf_snp.stats import NonFiniteActivationError, SiteStatistics
-from hf_snp.surgery import fold_into_consumer
+from hf_snp.units.linalg import damped, greedy_zca_elimination, least_squares_map
+from hf_snp.units.removal import Decision, split
+from hf_snp.units.stats import NonFiniteActivationError, SiteStatistics
+from hf_snp.units.surgery import fold_into_consumer
 
 F64 = dict(dtype=torch.float64)
 
@@ -190,7 +190,7 @@ def test_statistics_accumulated_by_blocks_equal_the_covariance(n):
 @settings(max_examples=60, deadline=None)
 def test_select_by_score_removes_the_lowest_alive_group_of_each_pool_at_each_step(num_pools, per_pool, one_pool, data):
     """The ranked-cursor selection equals the definition: per scheduled step, min over the pool's alive groups."""
-    from hf_snp.removal import RemovalPlan, select_by_score
+    from hf_snp.units.removal import RemovalPlan, select_by_score
 
     n = num_pools * per_pool
     pools = [list(range(n))] if one_pool else [list(range(i * per_pool, (i + 1) * per_pool)) for i in range(num_pools)]

@@ -187,17 +187,17 @@ def test_other_llama_family_members_save_and_reload_in_both_formats(family, tmp_
 @pytest.mark.parametrize("method", ["snp", "vbp"])
 def test_second_pass_from_cached_mlp_activations_matches_recomputing(family, method, monkeypatch):
     """The cut MLP replayed from its cached kept activations gives the next blocks the same inputs."""
-    import hf_snp.replay
+    import hf_snp.passes.replay
 
     model = TINY[family]()
     chosen = []
-    original = hf_snp.replay.ReplayCache.for_block.__func__
-    monkeypatch.setattr(hf_snp.replay.ReplayCache, "for_block",
+    original = hf_snp.passes.replay.ReplayCache.for_block.__func__
+    monkeypatch.setattr(hf_snp.passes.replay.ReplayCache, "for_block",
                         classmethod(lambda cls, *a: chosen.append(original(cls, *a)) or chosen[-1]))
     replayed = prune_quiet(copy.deepcopy(model), method=method, sparsity=0.4)
     assert len(chosen) == 3 and all(cache.mlp_site is not None for cache in chosen)  # every block but the last replays
     assert all(cache.attention is not None for cache in chosen)
-    monkeypatch.setattr(hf_snp.replay, "REPLAY_LIMIT_BYTES", 0)  # nothing fits: every MLP is run again
+    monkeypatch.setattr(hf_snp.passes.replay, "REPLAY_LIMIT_BYTES", 0)  # nothing fits: every MLP is run again
     recomputed = prune_quiet(copy.deepcopy(model), method=method, sparsity=0.4)
     for (name, a), (_, b) in zip(replayed.model.state_dict().items(), recomputed.model.state_dict().items()):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
@@ -209,7 +209,7 @@ def test_statistics_pass_stops_at_the_last_consumer(targets, monkeypatch):
     """A block's statistics pass ends once every consumer has its inputs: down_proj never runs there
     (only in the second pass, which the last block skips), and the result is the one of running
     every block to its end."""
-    import hf_snp.engine
+    import hf_snp.passes.engine
 
     model = tiny_llama()
     calls: dict[int, int] = {}
@@ -220,8 +220,8 @@ def test_statistics_pass_stops_at_the_last_consumer(targets, monkeypatch):
     batches = 4  # 16 windows, batch size 4; once each in the replayed MLP, or in the cut block run again
     assert [calls.get(i, 0) for i in range(4)] == [batches] * 3 + [0]
 
-    original = hf_snp.engine.StreamingEngine.run_block
-    monkeypatch.setattr(hf_snp.engine.StreamingEngine, "run_block",
+    original = hf_snp.passes.engine.StreamingEngine.run_block
+    monkeypatch.setattr(hf_snp.passes.engine.StreamingEngine, "run_block",
                         lambda self, block, inputs, stats=(), keep_outputs=True, consumers=(), observe=None:
                         original(self, block, inputs, stats, keep_outputs, observe=observe))
     full = prune_quiet(copy.deepcopy(model), targets=targets, sparsity=0.3)

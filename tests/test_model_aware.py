@@ -13,10 +13,10 @@ from conftest import calibration_ids, prune_quiet, sites_of, tiny_llama, tiny_op
 from safetensors.torch import load_file
 
 import hf_snp
-from hf_snp.dense_target import DenseStream
-from hf_snp.linalg import dense_target_map, least_squares_map
-from hf_snp.sites import MlpSite
-from hf_snp.stats import SiteStatistics
+from hf_snp.passes.dense_target import DenseStream
+from hf_snp.units.linalg import dense_target_map, least_squares_map
+from hf_snp.units.sites import MlpSite
+from hf_snp.units.stats import SiteStatistics
 
 FAMILIES = {"llama": tiny_llama, "opt": tiny_opt}
 

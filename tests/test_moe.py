@@ -23,8 +23,8 @@ from conftest import VOCAB, calibration_ids, eval_ids, logits, prune_quiet
 
 import hf_snp
 from hf_snp.adapters import get_adapter
-from hf_snp.experts import ExpertSetSite, ExpertSite, SharedExpertSite
-from hf_snp.sites import count_parameters
+from hf_snp.units.experts import ExpertSetSite, ExpertSite, SharedExpertSite
+from hf_snp.units.sites import count_parameters
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 STOCK_CLASS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -204,8 +204,8 @@ def test_qwen2_moe_dense_layers_are_pruned_as_plain_mlps():
 def test_statistics_cover_the_routed_unmasked_tokens_weighted_by_the_router():
     """The reference forward feeds expert e with w_t * h_t of its routed tokens, padding tokens left out, and
     returns what the stock experts module returns."""
-    from hf_snp.experts import ExpertEnergy, ExpertLayer
-    from hf_snp.stats import SiteStatistics
+    from hf_snp.units.experts import ExpertEnergy, ExpertLayer
+    from hf_snp.units.stats import SiteStatistics
 
     model = tiny_moe("mixtral")
     layer = model.model.layers[0]
@@ -353,7 +353,7 @@ def test_experts_of_a_dense_family_and_blocks_across_dense_layers_are_refused(no
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
-    from hf_snp.checkpoint import Checkpoint
+    from hf_snp.setup.checkpoint import Checkpoint
 
     model = tiny_moe("qwen2_moe")
     options = dict(targets=("mlp", "experts"), sparsity=0.5, layer_sparsity={1: 0.25})

@@ -11,10 +11,15 @@ from conftest import logits, make_scaled_copies, prune_quiet, sparsity_removing,
 from test_moe import EXPERTS, tiny_moe
 
 from hf_snp.config import PruneConfig
-from hf_snp.linalg import greedy_group_elimination, greedy_obs_elimination, greedy_zca_elimination, least_squares_map
-from hf_snp.removal import RemovalPlan, split
-from hf_snp.ridge import choose_ridge, heldout_errors, ridge_grid
-from hf_snp.stats import SiteStatistics
+from hf_snp.units.linalg import (
+    greedy_group_elimination,
+    greedy_obs_elimination,
+    greedy_zca_elimination,
+    least_squares_map,
+)
+from hf_snp.units.removal import RemovalPlan, split
+from hf_snp.units.ridge import choose_ridge, heldout_errors, ridge_grid
+from hf_snp.units.stats import SiteStatistics
 
 CPU = torch.device("cpu")
 

@@ -54,7 +54,7 @@ def test_disk_offloaded_run_matches_in_memory_run(tmp_path, family, method):
 
 
 def test_offloaded_models_are_detected_for_the_allocator_setting(tmp_path, monkeypatch):
-    from hf_snp.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
+    from hf_snp.passes.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
 
     TINY["llama"]().save_pretrained(tmp_path / "dense")
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map_for("llama", {1}),

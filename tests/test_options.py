@@ -14,7 +14,7 @@ import hf_snp
 import hf_snp.api
 from hf_snp.cli import build_parser, main
 from hf_snp.config import PruneConfig, field_default
-from hf_snp.recipes import load_recipe, recipe_fields
+from hf_snp.setup.recipes import load_recipe, recipe_fields
 
 # a command-line spelling of a non-default value for each field, and the value prune() must receive
 EXAMPLES = {

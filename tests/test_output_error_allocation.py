@@ -27,13 +27,14 @@ from test_save_reload import BLOCK_HF_SNP, reload_in_fresh_process
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_snp
-from hf_snp.allocation import SiteCurve, WidthRules, allocate_global, convex_scores, nearest_steps
 from hf_snp.config import PruneConfig
-from hf_snp.engine import BlockInput, StreamingEngine, residual_energy
-from hf_snp.linalg import greedy_group_elimination, greedy_obs_elimination, unreconstructed_errors
 from hf_snp.methods import SiteInputs, get_method
-from hf_snp.removal import RemovalPlan
-from hf_snp.stats import SiteStatistics
+from hf_snp.passes.block_inputs import BlockInput, residual_energy
+from hf_snp.passes.engine import StreamingEngine
+from hf_snp.units.allocation import SiteCurve, WidthRules, allocate_global, convex_scores, nearest_steps
+from hf_snp.units.linalg import greedy_group_elimination, greedy_obs_elimination, unreconstructed_errors
+from hf_snp.units.removal import RemovalPlan
+from hf_snp.units.stats import SiteStatistics
 
 MH = ("mlp", "heads")
 

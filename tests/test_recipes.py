@@ -14,7 +14,7 @@ import hf_snp
 from hf_snp.api import prune
 from hf_snp.cli import main
 from hf_snp.config import PruneConfig
-from hf_snp.recipes import RecipeError, load_recipe, recipe_fields
+from hf_snp.setup.recipes import RecipeError, load_recipe, recipe_fields
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
 CONFIG_FIELDS = set(PruneConfig.__dataclass_fields__)

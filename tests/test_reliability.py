@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, calibration_ids, logits, make_scaled_copies, prune_quiet, sparsity_removing, tiny_llama
 
-from hf_snp.preflight import RankDeficientCalibrationWarning
+from hf_snp.setup.preflight import RankDeficientCalibrationWarning
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

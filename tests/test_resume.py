@@ -14,7 +14,7 @@ from conftest import TINY, calibration_ids
 from safetensors.torch import load_file
 
 import hf_snp
-from hf_snp.checkpoint import Checkpoint
+from hf_snp.setup.checkpoint import Checkpoint
 
 
 def prune_killed_after_block(kill_after: int, model: str, **kwargs) -> int:

@@ -18,8 +18,8 @@ from test_save_reload import BLOCK_HF_SNP, reload_in_fresh_process
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_snp.adapters import get_adapter
+from hf_snp.deliver.save_format import check_save_format, choose_save_format, config_rejection, config_shapes
 from hf_snp.models.modeling_hf_snp import HfSnpLlamaConfig, LayerShape
-from hf_snp.saving import check_save_format, choose_save_format, config_rejection, config_shapes
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, eval_ids, logits, prune_quiet
 from fresh_python import fresh_python
 
-from hf_snp.report import REPORT_NAME
+from hf_snp.deliver.report import REPORT_NAME
 
 BLOCK_HF_SNP = "sys.modules['hf_snp'] = None  # import hf_snp now raises ImportError"
 

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_snp
-from hf_snp.evaluation import perplexity
-from hf_snp.loading import demo_model_source, load_model, load_tokenizer
+from hf_snp.evaluation.perplexity import perplexity
+from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 EVAL = dict(dataset="wikitext2-test-local", seq_len=512, max_windows=12, progress=False)

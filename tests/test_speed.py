@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import TINY, prune_quiet
 
-from hf_snp.model_card import model_card
-from hf_snp.report import PruneReport
-from hf_snp.speed import SpeedProbe, compare_speed, measure_once
+from hf_snp.deliver.card import model_card
+from hf_snp.deliver.report import PruneReport
+from hf_snp.deliver.speed import SpeedProbe, compare_speed, measure_once
 
 PROBE = SpeedProbe(batch_sizes=(1, 4), prompt_len=16, new_tokens=6, repeats=1)
 

@@ -12,17 +12,17 @@ from conftest import TINY, calibration_ids, prune_quiet
 from scipy.linalg import hadamard
 
 from hf_snp.config import PruneConfig
-from hf_snp.linalg import greedy_group_elimination, greedy_zca_elimination, swap_search
 from hf_snp.methods import PruningMethod, SiteInputs, get_method
-from hf_snp.removal import RemovalPlan
-from hf_snp.stats import SiteStatistics
+from hf_snp.units.linalg import greedy_group_elimination, greedy_zca_elimination, swap_search
+from hf_snp.units.removal import RemovalPlan
+from hf_snp.units.stats import SiteStatistics
 
 DAMPING = 1e-6
 
 
 def brute_error(moment, weight, plan, removed, damping=DAMPING):
     """E(P) = tr(W_P (M~_PP - M~_PK M~_KK^-1 M~_KP) W_P^T), M~ = M + damping * mean(diag M) * I, from the
-    definition (a dense solve, nothing shared with hf_snp.linalg)."""
+    definition (a dense solve, nothing shared with hf_snp.units.linalg)."""
     n = moment.shape[0]
     matrix = moment + damping * moment.diagonal().mean() * torch.eye(n, dtype=moment.dtype)
     drop = sorted(u for g in removed for u in range(g * plan.group_size, (g + 1) * plan.group_size))

@@ -29,8 +29,8 @@ from test_save_reload import BLOCK_HF_SNP  # the checkpoint's own code must do: 
 from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 import hf_snp
-from hf_snp.calibration import CalibrationError
-from hf_snp.images import load_image_calibration
+from hf_snp.setup.calibration import CalibrationError
+from hf_snp.setup.images import load_image_calibration
 
 FAMILIES = list(TINY_VISION)
 
@@ -229,7 +229,7 @@ def test_prune_from_a_directory_loads_the_image_processor_and_counts_every_token
 
 @pytest.mark.parametrize("family, tokens", [("vit", 16 + 1), ("deit", 16 + 2)])
 def test_statistics_cover_every_token_including_cls_and_distillation(family, tokens):
-    from hf_snp.engine import capture_block_inputs
+    from hf_snp.passes.block_inputs import capture_block_inputs
 
     model = TINY_VISION[family]()
     adapter = hf_snp.get_adapter(model.config)
@@ -312,7 +312,7 @@ def test_a_hub_image_dataset_is_streamed_and_sampled_with_the_seed(monkeypatch):
     """The Hub boundary replaced: ``datasets.load_dataset(name, split=..., streaming=True)``."""
     import datasets
 
-    import hf_snp.hub
+    import hf_snp.setup.datasets
 
     images = pil_images(12)
     calls = []
@@ -321,7 +321,7 @@ def test_a_hub_image_dataset_is_streamed_and_sampled_with_the_seed(monkeypatch):
         calls.append((path, split, streaming))
         return datasets.IterableDataset.from_generator(lambda: ({"image": image, "label": 0} for image in images))
 
-    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hf_snp.setup.datasets, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     a = load_image_calibration("user/images:train", processor(), num_samples=5, seed=0, tokens_per_sample=17)
     b = load_image_calibration("user/images:train", processor(), num_samples=5, seed=0, tokens_per_sample=17)
@@ -330,9 +330,9 @@ def test_a_hub_image_dataset_is_streamed_and_sampled_with_the_seed(monkeypatch):
 
 
 def test_a_hub_image_dataset_offline_fails_with_what_to_do_instead(monkeypatch):
-    import hf_snp.hub
+    import hf_snp.setup.datasets
 
-    monkeypatch.setattr(hf_snp.hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hf_snp.setup.datasets, "hub_reachable", lambda: False)
     with pytest.raises(CalibrationError, match="not reachable; give a local folder of images"):
         load_image_calibration("user/images", processor(), num_samples=5, seed=0, tokens_per_sample=17)
 

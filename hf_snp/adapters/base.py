@@ -11,8 +11,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..models import head_dim_of, register_variable_width_types
-from ..models.modeling_hf_snp import AttentionLayout, MlpLayout
-from ..sites import HeadSite, MlpSite, Site
+from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, AttentionLayout, MlpLayout
+from ..units.sites import HeadSite, MlpSite, Site
 
 
 class ModelAdapter:
@@ -27,7 +27,7 @@ class ModelAdapter:
     attention_layout: AttentionLayout
     mlp_width_field: str = ""  # config field holding the (uniform) MLP width
     stock_head_pruning: bool = False  # can the stock config express fewer (uniform) heads?
-    # what the second pass may replay (hf_snp.replay): the attention returns (output, weights) and the
+    # what the second pass may replay (hf_snp.passes.replay): the attention returns (output, weights) and the
     # block reads nothing else of it; the MLP is a module whose output is its consumer's output
     attention_returns_pair: bool = True
     mlp_is_consumer_output: bool = True
@@ -116,6 +116,18 @@ class ModelAdapter:
 
 
 _REGISTRY: dict[str, ModelAdapter] = {}
+
+
+class LlamaFamilyAdapter(ModelAdapter):
+    """Llama-like decoders (adapters/llama.py lists them); the base of the MoE and vision-language adapters."""
+
+    family = "Llama family"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3")
+    layers_path = "model.layers"
+    mlp = LLAMA_MLP
+    attention_layout = LLAMA_ATTENTION
+    mlp_width_field = "intermediate_size"
+    stock_head_pruning = True  # num_attention_heads / num_key_value_heads with an explicit head_dim
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:

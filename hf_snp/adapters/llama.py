@@ -14,20 +14,8 @@ MLP is pruned like Llama's, its heads are refused (``OLMo2Adapter``).
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP
-from ..sites import Site
-from .base import ModelAdapter, register_adapter
-
-
-class LlamaFamilyAdapter(ModelAdapter):
-    family = "Llama family"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3")
-    layers_path = "model.layers"
-    mlp = LLAMA_MLP
-    attention_layout = LLAMA_ATTENTION
-    mlp_width_field = "intermediate_size"
-    stock_head_pruning = True  # num_attention_heads / num_key_value_heads with an explicit head_dim
-
+from ..units.sites import Site
+from .base import LlamaFamilyAdapter, register_adapter
 
 OLMO2_HEADS_REFUSED = (
     "hf_snp cannot prune OLMo 2 attention heads: its q_norm/k_norm normalise each token's query and key over all "

@@ -26,11 +26,10 @@ import dataclasses
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..experts import moe_sites, shared_layout
 from ..models.modeling_hf_snp import ExpertsLayout, LayerShape
-from ..sites import HeadSite, MlpSite, Site
-from .base import register_adapter
-from .llama import LlamaFamilyAdapter
+from ..units.experts import moe_sites, shared_layout
+from ..units.sites import HeadSite, MlpSite, Site
+from .base import LlamaFamilyAdapter, register_adapter
 
 EXPERT_FIELDS = ("expert_intermediate_size", "num_experts", "shared_expert_intermediate_size")
 

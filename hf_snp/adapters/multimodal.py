@@ -10,8 +10,7 @@ its config, like every other family's.
 
 from transformers import PretrainedConfig
 
-from .base import register_adapter
-from .llama import LlamaFamilyAdapter
+from .base import LlamaFamilyAdapter, register_adapter
 
 
 class VisionLanguageAdapter(LlamaFamilyAdapter):

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..removal import Decision, RemovalPlan, group_sums, select_by_score
-from ..stats import CrossMoments, SiteStatistics
+from ..config import register_choices
+from ..units.removal import Decision, RemovalPlan, group_sums, select_by_score
+from ..units.stats import CrossMoments, SiteStatistics
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
 
-ORDERINGS = ("zca", "natural", "random", "output_aware", "obs")
 
 
 @dataclass
@@ -39,6 +39,15 @@ class PruningMethod:
 
     name: ClassVar[str] = ""
     wants_added_bias: ClassVar[bool] = False  # default of add_bias=None for bias-less consumers
+
+    def bias_available(self, consumer_has_bias: bool, can_add_bias: bool, add_bias: bool | None) -> bool:
+        """Whether a site's consumer has a bias after the cut: its own, or one added where a module can hold it
+        (``add_bias`` when set, else this method's preference)."""
+        if consumer_has_bias:
+            return True
+        if not can_add_bias:  # e.g. stacked experts: no module to hold a bias
+            return False
+        return self.wants_added_bias if add_bias is None else add_bias
 
     def order(self, site: SiteInputs, config: "PruneConfig") -> tuple[list[int], list[float]]:
         raise NotImplementedError
@@ -92,6 +101,7 @@ class ScoredMethod(PruningMethod):
 
 
 METHODS: dict[str, type[PruningMethod]] = {}
+register_choices("method", lambda: sorted(METHODS))
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:

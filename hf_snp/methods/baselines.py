@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..removal import group_sums, select_by_score
+from ..units.removal import group_sums, select_by_score
 from .base import PruningMethod, ScoredMethod, SiteInputs, register_method
 
 if TYPE_CHECKING:

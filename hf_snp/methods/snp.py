@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..linalg import (
+from ..units.linalg import (
     dense_target_map,
     greedy_group_elimination,
     greedy_obs_elimination,
@@ -16,8 +16,8 @@ from ..linalg import (
     swap_search,
     unreconstructed_errors,
 )
-from ..removal import Decision, select_by_score
-from ..ridge import choose_ridge
+from ..units.removal import Decision, select_by_score
+from ..units.ridge import choose_ridge
 from .base import PruningMethod, SiteInputs, register_method
 
 if TYPE_CHECKING:
