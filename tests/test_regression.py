@@ -48,7 +48,9 @@ def test_pruned_weights_match_reference(case):
     for name, ref in reference.items():
         assert got[name].shape == ref.shape, f"{name}: shape {tuple(got[name].shape)} != {tuple(ref.shape)}"
         assert got[name].dtype == ref.dtype, name
-        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        # atol 1e-5: float32 rounding moves a folded bias by up to 1.2e-6 between CPUs and library versions
+        # (the DeiT case, with transformers 5.25 on this machine); a changed choice or formula moves it by far more
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     report = json.loads(json.dumps(report_subset(result.report)))  # the JSON round trip the reference went through
     assert report["params_after"] == ref_report["params_after"]
     assert report["layers"] == ref_report["layers"]
