@@ -12,7 +12,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..models import head_dim_of, register_variable_width_types
 from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, AttentionLayout, MlpLayout
-from ..units.sites import HeadSite, MlpSite, Site
+from ..units.protocols import Site
+from ..units.sites import HeadSite, MlpSite
 
 
 class ModelAdapter:

@@ -14,7 +14,7 @@ MLP is pruned like Llama's, its heads are refused (``OLMo2Adapter``).
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..units.sites import Site
+from ..units.protocols import Site
 from .base import LlamaFamilyAdapter, register_adapter
 
 OLMO2_HEADS_REFUSED = (

@@ -28,7 +28,8 @@ from transformers import PretrainedConfig
 
 from ..models.modeling_hf_snp import ExpertsLayout, LayerShape
 from ..units.experts import moe_sites, shared_layout
-from ..units.sites import HeadSite, MlpSite, Site
+from ..units.protocols import Site
+from ..units.sites import HeadSite, MlpSite
 from .base import LlamaFamilyAdapter, register_adapter
 
 EXPERT_FIELDS = ("expert_intermediate_size", "num_experts", "shared_expert_intermediate_size")

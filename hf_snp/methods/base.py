@@ -1,31 +1,18 @@
-"""The method registry: a method turns one site's statistics into a Decision."""
+"""The method registry: a method turns one site's statistics into a Decision (it sees the site only as
+``SiteInputs``, defined with the site interfaces in ``hf_snp.units.protocols``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..config import register_choices
-from ..units.removal import Decision, RemovalPlan, group_sums, select_by_score
-from ..units.stats import CrossMoments, SiteStatistics
+from ..units.protocols import SiteInputs
+from ..units.removal import Decision, group_sums, select_by_score
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
-
-
-
-@dataclass
-class SiteInputs:
-    """What a method may look at for one site."""
-
-    stats: SiteStatistics
-    plan: RemovalPlan
-    bias_available: bool  # the consumer has a bias, or one may be added
-    consumer_weight: torch.Tensor  # W of the consumer linear (float32/64, on the stats device)
-    key: int  # a stable id of the site, for seeding
-    cross: CrossMoments | None = None  # dense-target reconstruction where the streams differ (docs/design.md §3.7)
 
 
 class PruningMethod:

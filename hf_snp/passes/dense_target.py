@@ -16,7 +16,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from ..units.sites import Site
+from ..units.protocols import Site
 from ..units.stats import CrossMoments, SiteStatistics
 from .block_inputs import BlockInput, PhaseTimer
 

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import ModelAdapter
 from ..config import PruneConfig
-from ..methods.base import PruningMethod, SiteInputs
+from ..methods.base import PruningMethod
 from ..setup.checkpoint import Checkpoint
 from ..units.allocation import SiteCurve, WidthRules
+from ..units.protocols import Site, SiteInputs
 from ..units.removal import Decision
-from ..units.sites import Site
 from ..units.stats import CrossMoments, SiteStatistics
 from .block_inputs import (
     BlockInput,

@@ -25,8 +25,9 @@ from ..adapters.base import ModelAdapter
 from ..config import PruneConfig
 from ..methods.base import PruningMethod
 from ..units.allocation import WidthRules, allocate_per_budget, budget_scale, site_budget
+from ..units.protocols import Site, SiteUnits
 from ..units.removal import Decision
-from ..units.sites import Site, count_parameters
+from ..units.sites import count_parameters
 from .block_inputs import BlockInput, Calibration, MeanCosine, PhaseTimer, capture_block_inputs
 from .blocks import linear_cka, remove_blocks, token_sample
 from .engine import BlockVisit, StreamingEngine
@@ -283,7 +284,7 @@ class IterativeSearch:
                 merged[key] = (merged.get(key) or value) if isinstance(value, bool) else value
 
 
-def round_to_total(sites: dict, targets: dict, total: float, rules: WidthRules) -> dict:
+def round_to_total(sites: dict[tuple, SiteUnits], targets: dict, total: float, rules: WidthRules) -> dict:
     """Allowed step counts near each site's target parameters whose sum comes nearest ``total``: every site starts
     at the most steps within its target, then sites move up to their next allowed count in order of how far their
     target reaches into that step (largest remainder) while that brings the sum nearer ``total``. Rounding each site

@@ -14,7 +14,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from ..units.sites import Site
+from ..units.protocols import Site
+from ..units.sites import MlpSite
 from .block_inputs import replay_outputs
 
 REPLAY_LIMIT_BYTES = 2 * 2**30  # cache the MLP consumer's inputs for the second pass when they fit in this
@@ -26,7 +27,8 @@ class ReplayCache:
     are cut, or the family's attention does not return ``(output, weights)``); ``mlp_site`` None: the
     MLP is run again."""
 
-    def __init__(self, attention: nn.Module | None, mlp_site: Site | None, store: torch.device, device: torch.device):
+    def __init__(self, attention: nn.Module | None, mlp_site: MlpSite | None, store: torch.device,
+                 device: torch.device):
         self.attention, self.mlp_site, self.store, self.device = attention, mlp_site, store, device
         self.attention_outputs: list[torch.Tensor] = []
         self.mlp_inputs: list[torch.Tensor] = []
@@ -35,12 +37,12 @@ class ReplayCache:
     def for_block(cls, adapter, block: nn.Module, active: list[Site], num_tokens: int, element_size: int,
                   store: torch.device, device: torch.device) -> "ReplayCache":
         """What may be replayed when ``active`` sites are cut: only MLP cuts leave the attention as it was,
-        and the MLP is replayed from its consumer when its inputs fit in REPLAY_LIMIT_BYTES."""
+        and an ``MlpSite`` is replayed from its consumer when its inputs fit in REPLAY_LIMIT_BYTES."""
         if any(site.kind == "heads" for site in active):
             return cls(None, None, store, device)
         attention = adapter.attention(block) if adapter.attention_returns_pair else None
         mlp = next((site for site in active if site.kind == "mlp"), None)
-        fits = mlp is not None and num_tokens * mlp.num_units * element_size <= REPLAY_LIMIT_BYTES
+        fits = isinstance(mlp, MlpSite) and num_tokens * mlp.num_units * element_size <= REPLAY_LIMIT_BYTES
         return cls(attention, mlp if fits and adapter.mlp_is_consumer_output else None, store, device)
 
     def record(self) -> list:

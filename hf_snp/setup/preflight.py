@@ -15,7 +15,7 @@ from ..deliver.save_format import check_save_format, config_shapes
 from ..methods.base import PruningMethod
 from ..models.modeling_hf_snp import LayerShape
 from ..units.allocation import WidthRules, allocate_steps, nearest_steps
-from ..units.sites import Site
+from ..units.protocols import SiteUnits
 
 logger = logging.getLogger("hf_snp")
 
@@ -59,7 +59,7 @@ def preflight(adapter: ModelAdapter, shapes: PreTrainedModel, config: PruneConfi
         check_save_format(adapter, shapes.config, predicted)
 
 
-def _predicted_shapes(model_config, num_layers: int, sites: list[Site], config: PruneConfig, method: PruningMethod,
+def _predicted_shapes(model_config, num_layers: int, sites: list[SiteUnits], config: PruneConfig, method: PruningMethod,
                       rules: WidthRules) -> list[LayerShape] | None:
     """Each layer's shape after uniform allocation (an added bias wherever the method may add one);
     None under global allocation, whose widths are known only after its dense pass."""
@@ -75,7 +75,7 @@ def _predicted_shapes(model_config, num_layers: int, sites: list[Site], config: 
     return predicted
 
 
-def _warnings(sites: list[Site], config: PruneConfig, rules: WidthRules, num_tokens: int) -> None:
+def _warnings(sites: list[SiteUnits], config: PruneConfig, rules: WidthRules, num_tokens: int) -> None:
     widest = max(sites, key=lambda site: site.num_units)
     if num_tokens < widest.num_units:
         _warn(RankDeficientCalibrationWarning,

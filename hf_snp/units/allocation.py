@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from .sites import Site
+from .protocols import SiteUnits
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -56,28 +56,28 @@ class WidthRules:
 
         return cls(per_target(round_to), per_target(min_width))
 
-    def allowed(self, site: Site, steps: int) -> bool:
+    def allowed(self, site: SiteUnits, steps: int) -> bool:
         if steps == 0:
             return True
         width = site.width_after(steps)
         multiple = math.lcm(self.multiple(site), site.width_multiple)
         return width >= self.min_width.get(site.kind, 0) and width % multiple == 0
 
-    def multiple(self, site: Site) -> int:
+    def multiple(self, site: SiteUnits) -> int:
         """The ``round_to`` of the site's target, else the default (MLP neurons: ``default_multiple``; heads: 1)."""
         if site.kind in self.round_to:
             return self.round_to[site.kind]
         return default_multiple(site.num_units) if site.kind == "mlp" else 1
 
-    def rounds_by_default(self, site: Site) -> bool:
+    def rounds_by_default(self, site: SiteUnits) -> bool:
         """The site's widths are restricted by the default multiple, not by a ``round_to`` the user gave."""
         return site.kind not in self.round_to and self.multiple(site) > 1
 
-    def allowed_steps(self, site: Site) -> list[int]:
+    def allowed_steps(self, site: SiteUnits) -> list[int]:
         return [s for s in range(site.max_steps() + 1) if self.allowed(site, s)]
 
 
-def nearest_steps(site: Site, target_params: float, rules: WidthRules) -> int:
+def nearest_steps(site: SiteUnits, target_params: float, rules: WidthRules) -> int:
     """The allowed step count whose removed parameters come nearest the target (fewer on ties). Under the default
     multiple, the most steps that do not exceed the unrounded choice: the default rounding keeps a few more units
     rather than cutting more than asked, so it never costs quality."""
@@ -99,7 +99,7 @@ def nearest_allowed(params_removed: Sequence[int], allowed: Sequence[bool], targ
     return max(s for s, ok in enumerate(allowed) if ok and s <= limit)
 
 
-def _unrounded(site: Site, rules: WidthRules) -> list[bool] | None:
+def _unrounded(site: SiteUnits, rules: WidthRules) -> list[bool] | None:
     """The step counts allowed without the default multiple, when the default multiple restricts the site."""
     if not rules.rounds_by_default(site):
         return None
@@ -153,7 +153,7 @@ class SiteCurve:
     energy: float | None = None  # output_error: the residual-stream energy E||x||^2 that divided the costs
 
     @classmethod
-    def from_site(cls, site: Site, scores: list[float] | None, costs: list[float],
+    def from_site(cls, site: SiteUnits, scores: list[float] | None, costs: list[float],
                   rules: WidthRules | None = None, energy: float | None = None) -> "SiteCurve":
         """``scores`` and ``costs`` have one entry per group removed in the full order. A step may remove
         several groups (GQA ``per_group``: one query head from every KV group): its cost is their sum, and
@@ -270,7 +270,7 @@ def _fill(curves: list[SiteCurve], target_params: float, threshold: float | None
     return Allocation(steps, threshold, target_params, total)
 
 
-def site_budget(site: Site, config: "PruneConfig") -> float:
+def site_budget(site: SiteUnits, config: "PruneConfig") -> float:
     """Parameters a site should lose under uniform allocation (its layer's or its target's fraction)."""
     if config.layer_sparsity and site.index in config.layer_sparsity:
         return config.sparsity_of_layer(site.index) * site.num_params()
@@ -302,7 +302,7 @@ def allocate_per_budget(curves: list[SiteCurve], config: "PruneConfig", scale: f
 
 
 def allocate_steps(config: "PruneConfig", rules: WidthRules, curves: list[SiteCurve] | None = None,
-                   scale: float = 1.0) -> tuple[Callable[[Site], int], Allocation | None]:
+                   scale: float = 1.0) -> tuple[Callable[[SiteUnits], int], Allocation | None]:
     """The one allocation both the plain run and the block/unit search use: each site's step count,
     uniform (no ``curves``) or global (one threshold on ``curves``), for ``scale`` times the budgets
     that ``config`` sets (sparsity, sparsity_per_target, layer_sparsity)."""
@@ -312,7 +312,7 @@ def allocate_steps(config: "PruneConfig", rules: WidthRules, curves: list[SiteCu
     return (lambda site: plan.steps[(site.index, site.kind)]), plan
 
 
-def budget_scale(sites: list[Site], config: "PruneConfig", params: float) -> float:
+def budget_scale(sites: list[SiteUnits], config: "PruneConfig", params: float) -> float:
     """The factor on ``config``'s budgets that makes ``sites`` lose ``params`` parameters in all."""
     planned = sum(site_budget(site, config) for site in sites)
     return params / planned if planned > 0 else 0.0

@@ -34,13 +34,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.modeling_hf_snp import ExpertsLayout, LayerShape, MlpLayout
+from .protocols import Decides, Site, SiteInputs
 from .removal import Decision, RemovalPlan, select_by_score, split
-from .sites import MlpSite, Site
+from .sites import ConsumerSite, MlpSite
 from .stats import SiteStatistics
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
-    from ..methods.base import PruningMethod, SiteInputs
 
 logger = logging.getLogger("hf_snp")
 
@@ -248,7 +248,7 @@ class ExpertLayer:
                 module.num_experts = len(keep)
 
 
-class _RoutedSite(Site):
+class _RoutedSite(ConsumerSite):
     """What the sites of a layer's routed experts share: the stacked experts module is the consumer (no bias
     can be added), its outputs are the hidden size, and the observing forward's end marks the statistics done."""
 
@@ -310,7 +310,7 @@ class ExpertSite(_RoutedSite):
     def observe(self, stats: SiteStatistics) -> list:
         return [self.moe.attach(self.expert, stats)]
 
-    def decide(self, method: "PruningMethod", inputs: "SiteInputs", config: "PruneConfig") -> Decision:
+    def decide(self, method: Decides, inputs: SiteInputs, config: "PruneConfig") -> Decision:
         if inputs.stats.count == 0:
             logger.warning("no calibration token was routed to %s: its units are ranked by weight magnitude "
                            "(|gate| * |up| * |down| norms) and not reconstructed", self.name)
@@ -392,7 +392,7 @@ class ExpertSetSite(_RoutedSite):
     def observe(self, stats: ExpertEnergy) -> list:
         return [self.moe.attach(None, stats)]
 
-    def decide(self, method: "PruningMethod", inputs: "SiteInputs", config: "PruneConfig") -> Decision:
+    def decide(self, method: Decides, inputs: SiteInputs, config: "PruneConfig") -> Decision:
         """The lowest-energy experts, whatever the method (no reconstruction: the router sends their tokens to
         the next experts in its ranking)."""
         energy = inputs.stats.energy

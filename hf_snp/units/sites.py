@@ -10,15 +10,20 @@ transformers ``Conv1D`` modules with transposed weights) is the family's layout 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention, module_features
+from .protocols import Decides, SiteInputs
 from .removal import Decision, RemovalPlan, select_by_score
 from .stats import SiteStatistics
 from .surgery import fold_into_consumer, keep_rows
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
 
 
 def count_parameters(*modules: nn.Module) -> int:
@@ -39,11 +44,16 @@ def _row_params(module: nn.Module | None, rows: int, conv1d: bool = False) -> in
     return rows * (module_features(module, conv1d)[0] + (module.bias is not None))
 
 
-class Site:
-    """Base class; ``kind`` names the target ("mlp" or "heads")."""
+class ConsumerSite(ABC):
+    """A site whose units enter one consumer module (``consumer_linear``): the defaults of both sides of
+    ``Site`` (``hf_snp.units.protocols``). A site kind gives the abstract members: its consumer, removal plan,
+    costs, cut and shapes; ``kind``, ``fields`` (the LayerShape fields it owns) and its layout."""
 
     kind: ClassVar[str] = ""
     fields: ClassVar[tuple[str, ...]] = ()  # the LayerShape fields this site owns
+    can_add_bias: ClassVar[bool] = True  # may a bias be added to the consumer (a mean shift, add_bias=True)?
+    width_multiple: ClassVar[int] = 1  # the widths the site may take are multiples of this (besides round_to)
+    tied: ClassVar[bool] = False  # must every site of this kind in the layer take the same steps (stacked experts)?
     layout: MlpLayout | AttentionLayout
 
     def __init__(self, layer: nn.Module, index: int):
@@ -52,14 +62,51 @@ class Site:
         self.ridge: float | None = None  # the λ its reconstruction used, when chosen on held-out tokens (§3.8)
 
     @property
-    def ridge_key(self) -> str:
-        """The record key of the held-out ridge (docs/design.md §3.8)."""
-        return f"{self.kind}_ridge"
-
-    @property
+    @abstractmethod
     def consumer_linear(self) -> nn.Module:
         """The consumer module (``nn.Linear``, or ``Conv1D`` where the layout says so): its input is the units."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def plan(self, steps: int) -> RemovalPlan: ...
+
+    @abstractmethod
+    def max_steps(self) -> int: ...
+
+    @abstractmethod
+    def width_after(self, steps: int) -> int:
+        """Width (MLP neurons, query heads, experts) after ``steps`` removal steps."""
+
+    @abstractmethod
+    def params_per_step(self) -> int: ...
+
+    @abstractmethod
+    def num_params(self) -> int: ...
+
+    @abstractmethod
+    def apply(self, decision: Decision) -> None: ...
+
+    @abstractmethod
+    def shape(self) -> LayerShape:
+        """The site's part of its layer's shape now (biases: added by this run)."""
+
+    @abstractmethod
+    def shape_before(self) -> LayerShape:
+        """The site's widths before pruning."""
+
+    @abstractmethod
+    def shape_after(self, steps: int, bias_added: bool = False) -> LayerShape:
+        """The site's part of its layer's shape after ``steps`` removal steps (for checks before pruning)."""
+
+    @abstractmethod
+    def reshape_to(self, shape: LayerShape) -> None:
+        """Cut the site to ``shape`` (its fields for this site's target; weights to be loaded afterwards)."""
+
+    # --- the method side's defaults ---------------------------------------------------------------------
+
+    @property
+    def slot(self) -> str:
+        """What the site is within its layer (its kind; one expert of a mixture: "expert 3")."""
+        return self.kind
 
     @property
     def consumer_weight(self) -> torch.Tensor:
@@ -76,23 +123,28 @@ class Site:
         return module_features(self.consumer_linear, self.layout.conv1d)[1]
 
     @property
+    def consumer_has_bias(self) -> bool:
+        return self.consumer_linear.bias is not None
+
+    def curve_steps(self) -> int:
+        """Steps of the full order (the cost curve's normalisation includes every group)."""
+        return self.max_steps()
+
+    def params_removed(self, steps: int) -> int:
+        """Parameters that ``steps`` removal steps take out of the site."""
+        return steps * self.params_per_step()
+
+    # --- the engine side's defaults (docs/design.md §8.2): a pre-hook on the consumer sees the units, and once
+    # it has run for every site the statistics pass may stop ------------------------------------------------
+
+    @property
     def name(self) -> str:
         return f"layer {self.index} {self.slot}"
 
     @property
-    def slot(self) -> str:
-        """What the site is within its layer (its kind; one expert of a mixture: "expert 3")."""
-        return self.kind
-
-    # How the engine observes and decides a site (docs/design.md §8.2). The defaults are a consumer linear's:
-    # a pre-hook on it sees the units, and once it has run for every site the statistics pass may stop.
-    can_add_bias: ClassVar[bool] = True  # may a bias be added to the consumer (a mean shift, add_bias=True)?
-    width_multiple: ClassVar[int] = 1  # the widths the site may take are multiples of this (besides round_to)
-    tied: ClassVar[bool] = False  # must every site of this kind in the layer take the same steps (stacked experts)?
-
-    @property
-    def consumer_has_bias(self) -> bool:
-        return self.consumer_linear.bias is not None
+    def ridge_key(self) -> str:
+        """The record key of the held-out ridge (docs/design.md §3.8)."""
+        return f"{self.kind}_ridge"
 
     @property
     def stop_module(self) -> nn.Module:
@@ -108,48 +160,9 @@ class Site:
         """Hooks that feed ``stats`` with the units entering the consumer (objects with ``remove()``)."""
         return [self.consumer_linear.register_forward_pre_hook(stats.hook)]
 
-    def decide(self, method, inputs, config) -> Decision:
-        """The method's decision for this site (``inputs``: its ``SiteInputs``)."""
+    def decide(self, method: Decides, inputs: SiteInputs, config: "PruneConfig") -> Decision:
+        """The method's decision for this site."""
         return method.decide(inputs, config)
-
-    def plan(self, steps: int) -> RemovalPlan:
-        raise NotImplementedError
-
-    def max_steps(self) -> int:
-        raise NotImplementedError
-
-    def curve_steps(self) -> int:
-        """Steps of the full order (the cost curve's normalisation includes every group)."""
-        return self.max_steps()
-
-    def width_after(self, steps: int) -> int:
-        """Width (MLP neurons, or query heads) after ``steps`` removal steps."""
-        raise NotImplementedError
-
-    def params_per_step(self) -> int:
-        raise NotImplementedError
-
-    def num_params(self) -> int:
-        raise NotImplementedError
-
-    def params_removed(self, steps: int) -> int:
-        """Parameters that ``steps`` removal steps take out of the site."""
-        return steps * self.params_per_step()
-
-    def apply(self, decision: Decision) -> None:
-        raise NotImplementedError
-
-    def shape(self) -> LayerShape:
-        """The site's part of its layer's shape now (biases: added by this run)."""
-        raise NotImplementedError
-
-    def shape_before(self) -> LayerShape:
-        """The site's widths before pruning."""
-        raise NotImplementedError
-
-    def shape_after(self, steps: int, bias_added: bool = False) -> LayerShape:
-        """The site's part of its layer's shape after ``steps`` removal steps (for checks before pruning)."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         """The site's keys of the report's per-layer record (``LayerShape.to_record``, and a held-out ridge)."""
@@ -162,10 +175,6 @@ class Site:
         """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""
         self.reshape_to(LayerShape.from_record(record))
 
-    def reshape_to(self, shape: LayerShape) -> None:
-        """Cut the site to ``shape`` (its fields for this site's target; weights to be loaded afterwards)."""
-        raise NotImplementedError
-
     def _placeholder_decision(self, steps: int, bias_added: bool) -> Decision:
         plan = self.plan(steps)
         removed = select_by_score(-torch.arange(plan.num_groups, dtype=torch.float64), plan)
@@ -175,7 +184,7 @@ class Site:
         return decision
 
 
-class MlpSite(Site):
+class MlpSite(ConsumerSite):
     """MLP neurons: one unit per group, any unit may go (at least one stays)."""
 
     kind = "mlp"
@@ -235,7 +244,7 @@ class MlpSite(Site):
         self.apply(self._placeholder_decision(self.num_units - shape.intermediate_size, shape.mlp_output_bias))
 
 
-class HeadSite(Site):
+class HeadSite(ConsumerSite):
     """Attention heads: groups of ``head_dim`` units entering the output projection.
 
     Multi-head attention removes heads freely (q, k and v rows go with the head). Under GQA
