@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / "hf_snp"
 # the layers, bottom first: the model type and the options; units (sites, statistics, linear algebra, allocation);
 # methods and adapters on them; then the phases of a run, setup, passes, deliver, and evaluation; the entry points
 # (api, cli, demo, the package itself) on top
-LAYERS = (("models",), ("config", "version"), ("units",), ("methods",), ("adapters",), ("setup",), ("passes",),
+LAYERS = (("models",), ("config", "version", "parallel"), ("units",), ("methods",), ("adapters",), ("setup",), ("passes",),
           ("deliver",), ("evaluation",), ("", "api", "cli", "demo"))
 
 

@@ -1,0 +1,108 @@
+"""Several processes on torch.distributed (``torchrun`` or ``accelerate launch``): which process this is, and the
+few collectives a pruning run needs (docs/design.md §8.6).
+
+A run is data-parallel over calibration batches and site-parallel over decisions. Without a process group (no
+``WORLD_SIZE`` > 1 in the environment and none initialised by the caller) every function here is the
+single-process identity, so a plain run is unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+Item = TypeVar("Item")
+
+# a collective that waits longer than this ends the run with an error instead of a hang (a rank that failed)
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("HF_SNP_DIST_TIMEOUT", "600")))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    """The number of processes of the run (1 without a process group)."""
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def is_main() -> bool:
+    """True on the one process that writes files and pushes (rank 0)."""
+    return rank() == 0
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_from_environment(device: torch.device) -> bool:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), with the backend of ``device``. Returns whether the run is
+    distributed. A group the caller initialised is used as it is."""
+    if _distributed():
+        return world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    torch.distributed.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
+    return True
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The execution device of this rank: ``cuda:LOCAL_RANK`` when several ranks share CUDA devices and the
+    device names none, else ``device``."""
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank() % max(torch.cuda.device_count(), 1))))
+    return device
+
+
+def shard(items: Sequence[Item]) -> list[Item]:
+    """This rank's contiguous share of ``items`` (the first ranks take one more when they do not divide evenly):
+    which rank holds which item depends on the count and the world size only."""
+    size, here = world_size(), rank()
+    base, extra = divmod(len(items), size)
+    start = here * base + min(here, extra)
+    return list(items[start:start + base + (here < extra)])
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks, in place (gloo and NCCL both reduce float64)."""
+    if world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(value: Any, source: int) -> Any:
+    """``value`` as rank ``source`` holds it, on every rank (tensors travel on the CPU)."""
+    if world_size() == 1:
+        return value
+    box = [value if rank() == source else None]
+    torch.distributed.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def owner(position: int) -> int:
+    """The rank that decides item ``position`` of a block's sites (round-robin)."""
+    return position % world_size()
