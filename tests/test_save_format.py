@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_snp.adapters import get_adapter
 from hf_snp.deliver.save_format import check_save_format, choose_save_format, config_rejection, config_shapes
 from hf_snp.models.modeling_hf_snp import HfSnpLlamaConfig, LayerShape
+from hf_snp.units.records import HEAD_FIELDS, MLP_FIELDS, LayerRecord
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +30,7 @@ def _reload_processes_started():
     for block in (BLOCK_HF_SNP, "import hf_snp"):
         fresh_python(block)
 
-# --- LayerShape: one type for the hf_snp_layers entry and the report's per-layer record
+# --- LayerShape: the hf_snp_layers entry; LayerRecord: the report's per-layer record (two LayerShapes)
 
 
 def test_layer_shape_spec_round_trip_keeps_the_saved_format():
@@ -43,17 +44,41 @@ def test_layer_shape_spec_round_trip_keeps_the_saved_format():
         LayerShape.from_spec({"intermediate_size": 4, "mlp_width": 4})
 
 
-def test_layer_shape_record_keys_are_the_report_schema():
+def test_layer_record_keys_are_the_report_schema():
     before = LayerShape(intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
     after = LayerShape(intermediate_size=30, mlp_output_bias=True, num_attention_heads=2, num_key_value_heads=2)
-    record = after.to_record(before)
-    assert list(record) == ["mlp_width_before", "mlp_width", "mlp_output_bias_added", "num_heads_before", "num_heads",
-                            "num_kv_heads_before", "num_kv_heads", "attention_output_bias_added"]
-    assert record["mlp_width"] == 30 and record["mlp_output_bias_added"] is True and record["num_heads_before"] == 4
-    assert LayerShape.from_record(record) == after
-    assert LayerShape.from_record(record, before=True) == before
-    assert LayerShape(intermediate_size=5).to_record() == {"mlp_width": 5, "mlp_output_bias_added": False}
-    assert LayerShape.from_record({"layer": 0, "source_layer": 3}) == LayerShape()  # a block-removal record
+    record = LayerRecord(3, before, after, MLP_FIELDS + HEAD_FIELDS, {"mlp": 0.5})
+    data = record.to_dict()
+    assert list(data) == ["layer", "mlp_width_before", "mlp_width", "mlp_output_bias_added", "num_heads_before",
+                          "num_heads", "num_kv_heads_before", "num_kv_heads", "attention_output_bias_added",
+                          "mlp_ridge"]
+    assert data["layer"] == 3 and data["mlp_width"] == 30 and data["mlp_output_bias_added"] is True
+    assert data["num_heads_before"] == 4 and data["mlp_ridge"] == 0.5
+    assert LayerRecord.from_dict(data) == record
+    assert LayerRecord.from_dict(json.loads(json.dumps(data))) == record  # the checkpoint's and the report's JSON
+    assert record.changed and not LayerRecord(0, before, before, HEAD_FIELDS).changed
+    assert LayerRecord(0, after=LayerShape(intermediate_size=5), fields=MLP_FIELDS).to_dict() == {
+        "layer": 0, "mlp_width_before": None, "mlp_width": 5, "mlp_output_bias_added": False}
+    blocks = LayerRecord.from_dict({"layer": 0, "source_layer": 3})  # a block-removal record
+    assert blocks.after == blocks.before == LayerShape() and blocks.source_layer == 3 and not blocks.changed
+    with pytest.raises(ValueError, match="not an hf_snp layer record"):
+        LayerRecord.from_dict({"layer": 0, "mlp_neurons": 4})
+
+
+def test_layer_record_parts_and_later_cuts():
+    mlp = LayerRecord(1, LayerShape(intermediate_size=48), LayerShape(intermediate_size=40), MLP_FIELDS, {"mlp": 1.0})
+    heads = LayerRecord(1, LayerShape(num_attention_heads=4, num_key_value_heads=2),
+                        LayerShape(num_attention_heads=2, num_key_value_heads=2, attention_output_bias=True),
+                        HEAD_FIELDS)
+    layer = LayerRecord(1).with_part(heads).with_part(mlp)
+    assert layer.fields == HEAD_FIELDS + MLP_FIELDS and layer.ridges == {"mlp": 1.0}
+    assert layer.to_dict() == {"layer": 1, **heads.to_dict(), **mlp.to_dict()}  # what dict.update of the parts gave
+    later = LayerRecord(0, LayerShape(intermediate_size=40), LayerShape(intermediate_size=32, mlp_output_bias=True),
+                        MLP_FIELDS, {"mlp": 2.0})
+    cut = layer.after_cut(later)  # a later round of the iterative search: new widths, the widths before stay
+    assert cut.before == layer.before and cut.layer == 1 and cut.ridges == {"mlp": 2.0}
+    assert cut.after == LayerShape(intermediate_size=32, mlp_output_bias=True, num_attention_heads=2,
+                                   num_key_value_heads=2, attention_output_bias=True)
 
 
 def test_layer_shape_update_replaces_widths_and_accumulates_biases():
@@ -66,13 +91,17 @@ def test_layer_shape_update_replaces_widths_and_accumulates_biases():
 def test_site_describe_and_reshape_like_use_the_record_keys():
     model = tiny_llama()
     heads, mlp = sites_of(model, "heads")[0], sites_of(model, "mlp")[0]
-    assert heads.describe() == {"num_heads_before": 4, "num_heads": 4, "num_kv_heads_before": 2, "num_kv_heads": 2,
-                                "attention_output_bias_added": False}
-    assert mlp.describe() == {"mlp_width_before": 48, "mlp_width": 48, "mlp_output_bias_added": False}
-    heads.reshape_like({"num_heads": 2, "num_kv_heads": 2, "attention_output_bias_added": True})
-    mlp.reshape_like({"mlp_width": 30, "mlp_output_bias_added": False})
-    assert heads.describe()["num_heads"] == 2 and heads.consumer_linear.bias is not None
-    assert mlp.describe() == {"mlp_width_before": 48, "mlp_width": 30, "mlp_output_bias_added": False}
+    assert heads.describe().to_dict() == {"layer": 0, "num_heads_before": 4, "num_heads": 4, "num_kv_heads_before": 2,
+                                          "num_kv_heads": 2, "attention_output_bias_added": False}
+    assert mlp.describe().to_dict() == {"layer": 0, "mlp_width_before": 48, "mlp_width": 48,
+                                        "mlp_output_bias_added": False}
+    heads.reshape_like(LayerRecord.from_dict({"layer": 0, "num_heads": 2, "num_kv_heads": 2,
+                                              "attention_output_bias_added": True}))
+    mlp.reshape_like(LayerRecord.from_dict({"layer": 0, "mlp_width": 30, "mlp_output_bias_added": False}))
+    assert heads.describe().after.num_attention_heads == 2 and heads.consumer_linear.bias is not None
+    mlp.ridge = 0.25
+    assert mlp.describe().to_dict() == {"layer": 0, "mlp_width_before": 48, "mlp_width": 30,
+                                        "mlp_output_bias_added": False, "mlp_ridge": 0.25}
 
 
 @pytest.mark.parametrize("target, mode", [("mlp", "per_group"), ("heads", "per_group"), ("heads", "kv_groups"),

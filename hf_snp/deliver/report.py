@@ -3,20 +3,21 @@
 Schema (``schema_version`` 1): hf_snp_version, base_model, model_type, save_format, the
 PruneConfig fields (method, sparsity, targets, ...), calibration, calibration_tokens, device,
 output_dir,
-params_before, params_after, params_removed, layers (one dict per layer: mlp_width_before,
-mlp_width, mlp_output_bias_added, num_heads_before, num_heads, num_kv_heads_before,
-num_kv_heads, attention_output_bias_added, and in mixtures of experts expert_width(_before),
-shared_expert_width(_before), num_experts(_before), for the pruned targets), timings_s, metrics
-(e.g. perplexity_before / perplexity_after, filled by evaluation when asked).
+params_before, params_after, params_removed, layers (one dict per layer, ``LayerRecord.to_dict``: layer,
+source_layer when blocks were removed, mlp_width_before, mlp_width, mlp_output_bias_added, num_heads_before,
+num_heads, num_kv_heads_before, num_kv_heads, attention_output_bias_added, and in mixtures of experts
+expert_width(_before), shared_expert_width(_before), num_experts(_before), for the pruned targets; held-out ridges
+``<site>_ridge``), timings_s, metrics (e.g. perplexity_before / perplexity_after, filled by evaluation when asked).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..models.modeling_hf_snp import LayerShape
+from ..units.records import RECORD_KEYS, LayerRecord
 from ..version import __version__
 
 SCHEMA_VERSION = 1
@@ -33,11 +34,12 @@ class PruneReport(dict):
     @classmethod
     def build(cls, *, base_model: str | None, model_name: str, model_type: str, save_format: str,
               settings: dict[str, Any], options: dict[str, Any], calibration: Any, calibration_tokens: int,
-              device: str, output_dir: str | None, params_before: int, params_after: int, layers: list[dict],
+              device: str, output_dir: str | None, params_before: int, params_after: int,
+              layers: Sequence[LayerRecord | Mapping],
               allocation: dict[str, Any], blocks: dict | None, timings: dict[str, float]) -> "PruneReport":
         """The report of a finished run, from plain values: its settings (the fields that decide the result, at the
         top level), the parameter counts, per-layer shapes, allocation, blocks and timings; the other options
-        under ``options``."""
+        under ``options``. ``layers``: one record per layer (or its JSON form)."""
         return cls({
             "schema_version": SCHEMA_VERSION,
             "hf_snp_version": __version__,
@@ -54,7 +56,7 @@ class PruneReport(dict):
             "params_before": params_before,
             "params_after": params_after,
             "params_removed": params_before - params_after,
-            "layers": layers,
+            "layers": [dict(layer) if isinstance(layer, Mapping) else layer.to_dict() for layer in layers],
             "allocation": allocation,
             **({"blocks": blocks} if blocks else {}),
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -73,8 +75,8 @@ class PruneReport(dict):
 
     def layer_shapes(self) -> list[tuple[int, LayerShape, LayerShape]]:
         """(layer, widths before, shape after) for every per-layer record."""
-        return [(layer["layer"], LayerShape.from_record(layer, before=True), LayerShape.from_record(layer))
-                for layer in self.get("layers", [])]
+        records = [LayerRecord.from_dict(layer) for layer in self.get("layers", [])]
+        return [(record.layer, record.before, record.after) for record in records]
 
     def _width_fields(self, candidates=tuple(WIDTH_LABELS)) -> list[str]:
         """The width fields that some layer record holds (its pruned targets)."""
@@ -95,7 +97,7 @@ class PruneReport(dict):
             lines.append(f"{name:<12} {value:.4g}" if isinstance(value, float) else f"{name:<12} {value}")
         columns = self._width_fields()
         if columns:
-            lines += ["", "layer  " + "  ".join(f"{LayerShape.RECORD_KEYS[c]:>16}" for c in columns)]
+            lines += ["", "layer  " + "  ".join(f"{RECORD_KEYS[c]:>16}" for c in columns)]
             for index, before, after in self.layer_shapes():
                 cells = [f"{getattr(before, c) if getattr(before, c) is not None else getattr(after, c)} -> "
                          f"{getattr(after, c)}" for c in columns]

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..adapters.base import ModelAdapter
 from ..models import variable_width_config_class, variable_width_model_class
 from ..models.modeling_hf_snp import LayerShape
+from ..units.records import LayerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +20,9 @@ def base_model_type(model_type: str) -> str:
     return model_type.removeprefix("hf_snp_")
 
 
-def layer_shapes(records: list[dict], previous: list[LayerShape]) -> list[LayerShape]:
+def layer_shapes(records: list[LayerRecord], previous: list[LayerShape]) -> list[LayerShape]:
     """Every layer's shape after pruning: its previous shape updated with the record's new shapes and biases."""
-    return [old.updated(LayerShape.from_record(record)) for record, old in zip(records, previous)]
+    return [old.updated(record.after) for record, old in zip(records, previous)]
 
 
 def config_shapes(config: PretrainedConfig, num_layers: int) -> list[LayerShape]:
@@ -140,7 +141,7 @@ def check_save_format(adapter: ModelAdapter, config: PretrainedConfig, shapes: l
     return save_format
 
 
-def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records: list[dict]) -> str:
+def finalize_architecture(model: PreTrainedModel, adapter: ModelAdapter, records: list[LayerRecord]) -> str:
     """Update the config to the pruned shapes; returns "stock" or "hf_snp" (the class it now is)."""
     config = model.config
     shapes = layer_shapes(records, config_shapes(config, len(records)))

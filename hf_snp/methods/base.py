@@ -1,5 +1,5 @@
 """The method registry: a method turns one site's statistics into a Decision (it sees the site only as
-``SiteInputs``, defined with the site interfaces in ``hf_snp.units.protocols``)."""
+``SiteInputs``, ``hf_snp.units.site_inputs``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..config import register_choices
-from ..units.protocols import SiteInputs
 from ..units.removal import Decision, group_sums, select_by_score
+from ..units.site_inputs import SiteInputs
 
 if TYPE_CHECKING:
     from ..config import PruneConfig

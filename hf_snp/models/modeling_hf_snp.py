@@ -48,10 +48,8 @@ class LayerShape:
 
     The single description of a pruned layer's shape: ``to_spec``/``from_spec`` give its entry
     of ``config.hf_snp_layers`` (only the set fields are written, so the entry of an unpruned
-    layer is ``{}``), ``to_record``/``from_record`` its part of the pruning report's per-layer
-    record (``mlp_width``, ``num_heads``, ``num_kv_heads``, ``*_bias_added`` and, given the shape
-    before, the ``*_before`` widths). In a record, a bias flag means "added by this run"; in a
-    spec it means "the layer has a bias the stock module lacks".
+    layer is ``{}``); a bias flag means "the layer has a bias the stock module lacks". (hf_snp's
+    pruning report records a layer as two shapes, before and after: ``hf_snp.units.records``.)
     """
 
     intermediate_size: int | None = None
@@ -66,22 +64,6 @@ class LayerShape:
     WIDTHS: ClassVar[tuple[str, ...]] = ("intermediate_size", "num_attention_heads", "num_key_value_heads",
                                          "expert_intermediate_size", "num_experts", "shared_expert_intermediate_size")
     BIASES: ClassVar[tuple[str, ...]] = ("mlp_output_bias", "attention_output_bias")
-    # field -> key of the report's per-layer record (the widths also have a "<key>_before")
-    RECORD_KEYS: ClassVar[dict[str, str]] = {
-        "intermediate_size": "mlp_width",
-        "mlp_output_bias": "mlp_output_bias_added",
-        "num_attention_heads": "num_heads",
-        "num_key_value_heads": "num_kv_heads",
-        "attention_output_bias": "attention_output_bias_added",
-        "expert_intermediate_size": "expert_width",
-        "num_experts": "num_experts",
-        "shared_expert_intermediate_size": "shared_expert_width",
-    }
-    # which target owns a field: a record carries a target's keys only when that target was pruned
-    MLP_FIELDS: ClassVar[tuple[str, ...]] = ("intermediate_size", "mlp_output_bias")
-    HEAD_FIELDS: ClassVar[tuple[str, ...]] = ("num_attention_heads", "num_key_value_heads", "attention_output_bias")
-    MOE_FIELDS: ClassVar[tuple[str, ...]] = ("expert_intermediate_size", "num_experts",
-                                             "shared_expert_intermediate_size")
 
     @classmethod
     def from_spec(cls, spec: dict | None) -> "LayerShape":
@@ -97,29 +79,6 @@ class LayerShape:
         """The ``hf_snp_layers`` entry: the set widths and the biases that are present."""
         values = ((field.name, getattr(self, field.name)) for field in dataclasses.fields(self))
         return {key: value for key, value in values if value is not None and value is not False}
-
-    @classmethod
-    def from_record(cls, record: dict, before: bool = False) -> "LayerShape":
-        """The shape a report record gives after pruning (``before``: the widths it had before; no biases)."""
-        suffix = "_before" if before else ""
-        widths = {key: record.get(cls.RECORD_KEYS[key] + suffix) for key in cls.WIDTHS}
-        biases = {} if before else {key: bool(record.get(cls.RECORD_KEYS[key], False)) for key in cls.BIASES}
-        return cls(**widths, **biases)
-
-    def to_record(self, before: "LayerShape | None" = None, fields: tuple[str, ...] | None = None) -> dict:
-        """The report's record keys for ``fields`` (default: the targets whose width is set);
-        each width is preceded by its ``_before`` value when ``before`` is given."""
-        if fields is None:
-            fields = (self.MLP_FIELDS if self.intermediate_size is not None else ()) + (
-                self.HEAD_FIELDS if self.num_attention_heads is not None else ()) + tuple(
-                key for key in self.MOE_FIELDS if getattr(self, key) is not None)
-        record = {}
-        for key in fields:
-            name = self.RECORD_KEYS[key]
-            if before is not None and key in self.WIDTHS:
-                record[name + "_before"] = getattr(before, key)
-            record[name] = getattr(self, key)
-        return record
 
     def updated(self, change: "LayerShape") -> "LayerShape":
         """This shape with ``change`` applied: its set widths replace ours, its biases add to ours."""

@@ -19,6 +19,7 @@ from ..adapters.base import ModelAdapter
 from ..config import PruneConfig
 from ..methods.base import PruningMethod
 from ..units.allocation import WidthRules, allocate_steps, budget_scale
+from ..units.records import LayerRecord
 from ..units.sites import count_parameters
 from .block_inputs import Calibration, PhaseTimer
 from .blocks import choose_blocks, linear_cka, remove_blocks, token_sample
@@ -30,7 +31,7 @@ class Candidate:
     name: str
     blocks: list[int]
     model: nn.Module
-    records: list[dict] = field(default_factory=list)
+    records: list[LayerRecord] = field(default_factory=list)
     cka: float = 0.0
     params_removed: int = 0
 
@@ -62,7 +63,7 @@ def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, calib: Cali
         engine = StreamingEngine(candidate.model, adapter, _after_blocks(config, kept), method, device, store)
         engine.timer = timer
         result = _prune_units(engine, calib, rules, remaining)
-        candidate.records = [{**r, "source_layer": kept[r["layer"]]} for r in result.records]
+        candidate.records = [dataclasses.replace(r, source_layer=kept[r.layer]) for r in result.records]
         candidate.cka = linear_cka(reference, token_sample(*zip(*result.final_hidden)))
         candidate.params_removed = dense_count - count_parameters(candidate.model)
         candidates.append(candidate)

@@ -23,8 +23,10 @@ from ..config import PruneConfig
 from ..methods.base import PruningMethod
 from ..setup.checkpoint import Checkpoint
 from ..units.allocation import SiteCurve, WidthRules
-from ..units.protocols import Site, SiteInputs
+from ..units.protocols import Site
+from ..units.records import LayerRecord
 from ..units.removal import Decision
+from ..units.site_inputs import SiteInputs
 from ..units.stats import CrossMoments, SiteStatistics
 from .block_inputs import (
     BlockInput,
@@ -52,14 +54,14 @@ class BlockVisit:
     index: int
     block: nn.Module
     is_last: bool
-    record: dict | None = None
+    record: LayerRecord | None = None
 
 
 @dataclass
 class PassResult:
     """What the cutting pass produced: one record per layer, and the final hidden states when asked."""
 
-    records: list[dict]
+    records: list[LayerRecord]
     final_hidden: FinalHidden | None = None
 
 
@@ -74,7 +76,7 @@ class BlockStream:
     checkpoint: Checkpoint | None = None
     dense: DenseStream | None = None
     inputs: list[BlockInput] = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)
+    records: list[LayerRecord] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[BlockVisit]:
         engine = self.engine
@@ -109,15 +111,14 @@ class BlockStream:
     def final_hidden(self) -> FinalHidden:
         return [(item.hidden, item.token_mask) for item in self.inputs]
 
-    def _restore(self, block: nn.Module, index: int, record: dict) -> None:
+    def _restore(self, block: nn.Module, index: int, record: LayerRecord) -> None:
         """Re-cut a checkpointed block to its saved shapes, load its weights, and advance the inputs."""
         engine = self.engine
         placement = BlockPlacement.bring(block, engine.device)
         for item in self.inputs:
             item.enter(index)
         if self.dense is not None:
-            self.dense.restored(block, self.inputs, any(key.endswith("_before") and record[key] != record[key[:-7]]
-                                                        for key in record))
+            self.dense.restored(block, self.inputs, record.changed)
         for site in engine.sites(block, index):
             site.reshape_like(record)
         block.load_state_dict(self.checkpoint.load_block(index), strict=True)
@@ -277,7 +278,7 @@ class StreamingEngine:
         return stats, [None] * len(stats)
 
     def prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],
-                    need_outputs: bool, dense: DenseStream | None = None) -> dict:
+                    need_outputs: bool, dense: DenseStream | None = None) -> LayerRecord:
         """Decide, cut and reconstruct every site of ``visit.block``; recompute its outputs into ``inputs`` when
         ``need_outputs``. Each decision is also appended to ``self.decisions`` when that is a list (the iterative
         search replays a trial copy's decisions on the model's own block). Returns the layer's record."""
@@ -312,7 +313,7 @@ class StreamingEngine:
             if need_outputs:
                 with self.timer("recompute"), cache.replaying(keep):
                     self.run_block(visit.block, inputs, keep_outputs=True)
-        record = {"layer": visit.index}
+        record = LayerRecord(visit.index)
         for site in sites:
-            record.update(site.describe())
+            record = record.with_part(site.describe())
         return record

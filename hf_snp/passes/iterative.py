@@ -26,6 +26,7 @@ from ..config import PruneConfig
 from ..methods.base import PruningMethod
 from ..units.allocation import WidthRules, allocate_per_budget, budget_scale, site_budget
 from ..units.protocols import Site, SiteUnits
+from ..units.records import LayerRecord
 from ..units.removal import Decision
 from ..units.sites import count_parameters
 from .block_inputs import BlockInput, Calibration, MeanCosine, PhaseTimer, capture_block_inputs
@@ -54,7 +55,7 @@ class UnitTrial:
     its pass, the parameters it removes and the CKA of its final states."""
 
     decisions: list[tuple[int, int, Decision]]
-    records: list[dict]
+    records: list[LayerRecord]
     params: int
     cka: float
 
@@ -84,9 +85,9 @@ class IterativeSearch:
         sites = self._sites()
         self.weight = {(s.index, s.slot): site_budget(s, self.config) for s in sites}  # by dense layer
         self.dense_params = {(s.index, s.slot): s.num_params() for s in sites}
-        self.records = {i: {"layer": i, "source_layer": i} for i in self.source}
+        self.records = {i: LayerRecord(i, source_layer=i) for i in self.source}
         for site in sites:
-            self.records[site.index].update(site.describe())
+            self.records[site.index] = self.records[site.index].with_part(site.describe())
         self.layer_params = sum(count_parameters(layer) for layer in self.layers)
         self.budget = config.sparsity * self.layer_params
 
@@ -98,7 +99,7 @@ class IterativeSearch:
         return [site for i, layer in enumerate(self.layers) for site in self.engine.sites(layer, i)]
 
     @torch.no_grad()
-    def run(self) -> tuple[list[dict], dict]:
+    def run(self) -> tuple[list[LayerRecord], dict]:
         """Prune round by round; the layer records and the report's ``blocks`` entry."""
         # every round frees and allocates a block copy, streams and width² float64 temporaries: without a fixed
         # mmap threshold glibc keeps the freed ones resident, and the RSS grows well past what is live
@@ -137,7 +138,7 @@ class IterativeSearch:
             entry["seconds"] = round(time.perf_counter() - start, 3)
             rounds.append(entry)
         removed = sorted(set(range(len(self.records))) - set(self.source))
-        records = [{**self.records[old], "layer": new} for new, old in enumerate(self.source)]
+        records = [dataclasses.replace(self.records[old], layer=new) for new, old in enumerate(self.source)]
         return records, {"search": "iterative", "budget_params": round(self.budget), "removed": removed,
                          "similarity": [round(v, 6) for v in dense_cosines],
                          "heldout_windows": self.held.num_samples, "rounds": rounds}
@@ -277,11 +278,8 @@ class IterativeSearch:
             finally:
                 placement.send_back(layer)
         for record in trial.records:
-            merged = self.records[self.source[record["layer"]]]
-            for key, value in record.items():
-                if key == "layer" or key.endswith("_before"):
-                    continue
-                merged[key] = (merged.get(key) or value) if isinstance(value, bool) else value
+            source = self.source[record.layer]
+            self.records[source] = self.records[source].after_cut(record)
 
 
 def round_to_total(sites: dict[tuple, SiteUnits], targets: dict, total: float, rules: WidthRules) -> dict:

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from ..setup.prune_run import PruneRun
 from ..units.allocation import Allocation, SiteCurve, allocate_steps
+from ..units.records import LayerRecord
 from ..units.sites import count_parameters
 from .blocks import choose_blocks, remove_blocks
 from .candidates import search_blocks_and_units
@@ -23,7 +24,7 @@ class Passes:
     global allocation's statistics, the candidate search); ``cut_pass``: seconds of the cutting pass."""
 
     model: PreTrainedModel
-    records: list[dict]
+    records: list[LayerRecord]
     timings: dict[str, float]
     dense_pass: float = 0.0
     cut_pass: float = 0.0
@@ -63,6 +64,6 @@ def _remove_blocks(run: PruneRun, engine: StreamingEngine, model: PreTrainedMode
     removed = choose_blocks(similarity, params, run.config.sparsity * sum(params))
     remove_blocks(model, run.adapter, removed)
     kept = [i for i in range(len(params)) if i not in set(removed)]
-    records = [{"layer": new, "source_layer": old} for new, old in enumerate(kept)]
+    records = [LayerRecord(new, source_layer=old) for new, old in enumerate(kept)]
     return Passes(model, records, engine.timer.seconds, dense_pass=time.perf_counter() - start,
                   blocks={"similarity": [round(v, 6) for v in similarity], "removed": removed})

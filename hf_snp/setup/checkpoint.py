@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..units.records import LayerRecord
+
 STATE = "state.json"
 
 
@@ -46,7 +48,7 @@ def _atomic_write(path: str, write) -> None:
 class Checkpoint:
     """The run's progress in ``directory``: blocks done, their records and pruned weights."""
 
-    def __init__(self, directory: str, digest: str, completed: int = 0, records: list | None = None):
+    def __init__(self, directory: str, digest: str, completed: int = 0, records: list[LayerRecord] | None = None):
         self.directory, self.digest, self.completed, self.records = directory, digest, completed, records or []
 
     @classmethod
@@ -68,17 +70,18 @@ class Checkpoint:
                 f"the checkpoint in {directory!r} was made with another model, calibration or settings; "
                 "resume with the same arguments, or use a new checkpoint_dir"
             )
-        return cls(directory, digest, state["completed"], state["records"])
+        return cls(directory, digest, state["completed"], [LayerRecord.from_dict(r) for r in state["records"]])
 
     def block_path(self, index: int) -> str:
         return os.path.join(self.directory, f"block_{index:05d}.safetensors")
 
-    def save(self, index: int, block: nn.Module, records: list[dict]) -> None:
+    def save(self, index: int, block: nn.Module, records: list[LayerRecord]) -> None:
         """Persist block ``index`` (already pruned, still on the execution device) and the records so far."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
         _atomic_write(self.block_path(index), lambda path: save_file(state, path))
         self.completed, self.records = index + 1, list(records)
-        payload = {"fingerprint": self.digest, "completed": self.completed, "records": self.records}
+        payload = {"fingerprint": self.digest, "completed": self.completed,
+                   "records": [record.to_dict() for record in self.records]}
         _atomic_write(os.path.join(self.directory, STATE), lambda path: _dump(payload, path))
 
     def load_block(self, index: int) -> dict[str, torch.Tensor]:

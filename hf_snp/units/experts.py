@@ -34,8 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.modeling_hf_snp import ExpertsLayout, LayerShape, MlpLayout
-from .protocols import Decides, Site, SiteInputs
+from .protocols import Site
 from .removal import Decision, RemovalPlan, select_by_score, split
+from .site_inputs import Decides, SiteInputs
 from .sites import ConsumerSite, MlpSite
 from .stats import SiteStatistics
 
@@ -304,8 +305,8 @@ class ExpertSite(_RoutedSite):
                               device, folds)
 
     @property
-    def ridge_key(self) -> str:
-        return f"expert_{self.expert}_ridge"
+    def ridge_name(self) -> str:
+        return f"expert_{self.expert}"
 
     def observe(self, stats: SiteStatistics) -> list:
         return [self.moe.attach(self.expert, stats)]
@@ -449,8 +450,8 @@ class SharedExpertSite(MlpSite):
         return "shared expert"
 
     @property
-    def ridge_key(self) -> str:
-        return "shared_expert_ridge"
+    def ridge_name(self) -> str:
+        return "shared_expert"
 
     def shape(self) -> LayerShape:
         return LayerShape(shared_expert_intermediate_size=self.num_units)

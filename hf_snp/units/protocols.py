@@ -2,48 +2,30 @@
 
 * :class:`SiteUnits`, the method side: what the units are (how many, how they group into a
   :class:`RemovalPlan`), what removing them costs in parameters and widths, the consumer's weight and
-  bias facts. Allocation, preflight and the method's :class:`SiteInputs` read only this.
+  bias facts. Allocation, preflight and the method's ``SiteInputs`` read only this.
 * :class:`SiteCut`, the engine side: how the engine observes the units (statistics, hooks, where the
   statistics forward may stop), asks for a decision, cuts, describes the layer record and, on resume,
   re-cuts to a recorded shape.
 
 A :class:`Site` is both; ``hf_snp.units.sites.ConsumerSite`` implements most of them for a site whose
-units enter one consumer module. A method reaches a site only through :class:`SiteInputs`; a site calls
-the method through the one-member :class:`Decides`.
+units enter one consumer module. A method reaches a site only through ``SiteInputs``; a site calls
+the method through the one-member ``Decides`` (both in ``hf_snp.units.site_inputs``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .removal import Decision, RemovalPlan
-from .stats import CrossMoments, SiteStatistics
+from .site_inputs import Decides, SiteInputs
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
     from ..models.modeling_hf_snp import LayerShape
-
-
-@dataclass
-class SiteInputs:
-    """What a method may look at for one site."""
-
-    stats: SiteStatistics
-    plan: RemovalPlan
-    bias_available: bool  # the consumer has a bias, or one may be added
-    consumer_weight: torch.Tensor  # W of the consumer linear (float32/64, on the stats device)
-    key: int  # a stable id of the site, for seeding
-    cross: CrossMoments | None = None  # dense-target reconstruction where the streams differ (docs/design.md §3.7)
-
-
-class Decides(Protocol):
-    """The part of a pruning method a site calls (``hf_snp.methods.base.PruningMethod``)."""
-
-    def decide(self, site: SiteInputs, config: "PruneConfig") -> Decision: ...
+    from .records import LayerRecord
 
 
 @runtime_checkable
@@ -118,10 +100,10 @@ class SiteCut(Protocol):
 
     def apply(self, decision: Decision) -> None: ...
 
-    def describe(self) -> dict:
-        """The site's keys of its layer's record."""
+    def describe(self) -> "LayerRecord":
+        """The site's part of its layer's record."""
 
-    def reshape_like(self, record: dict) -> None:
+    def reshape_like(self, record: "LayerRecord") -> None:
         """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""
 
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, make_empty_attention, module_features
-from .protocols import Decides, SiteInputs
+from .records import HEAD_FIELDS, MLP_FIELDS, LayerRecord
 from .removal import Decision, RemovalPlan, select_by_score
+from .site_inputs import Decides, SiteInputs
 from .stats import SiteStatistics
 from .surgery import fold_into_consumer, keep_rows
 
@@ -142,9 +143,9 @@ class ConsumerSite(ABC):
         return f"layer {self.index} {self.slot}"
 
     @property
-    def ridge_key(self) -> str:
-        """The record key of the held-out ridge (docs/design.md §3.8)."""
-        return f"{self.kind}_ridge"
+    def ridge_name(self) -> str:
+        """Whose held-out ridge the layer record shows (``<ridge_name>_ridge``, docs/design.md §3.8)."""
+        return self.kind
 
     @property
     def stop_module(self) -> nn.Module:
@@ -164,16 +165,14 @@ class ConsumerSite(ABC):
         """The method's decision for this site."""
         return method.decide(inputs, config)
 
-    def describe(self) -> dict:
-        """The site's keys of the report's per-layer record (``LayerShape.to_record``, and a held-out ridge)."""
-        record = self.shape().to_record(self.shape_before(), self.fields)
-        if self.ridge is not None:
-            record[self.ridge_key] = self.ridge
-        return record
+    def describe(self) -> LayerRecord:
+        """The site's part of its layer's record: its fields' widths before and shape now, its held-out ridge."""
+        ridges = {} if self.ridge is None else {self.ridge_name: self.ridge}
+        return LayerRecord(self.index, self.shape_before(), self.shape(), self.fields, ridges)
 
-    def reshape_like(self, record: dict) -> None:
+    def reshape_like(self, record: LayerRecord) -> None:
         """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""
-        self.reshape_to(LayerShape.from_record(record))
+        self.reshape_to(record.after)
 
     def _placeholder_decision(self, steps: int, bias_added: bool) -> Decision:
         plan = self.plan(steps)
@@ -188,7 +187,7 @@ class MlpSite(ConsumerSite):
     """MLP neurons: one unit per group, any unit may go (at least one stays)."""
 
     kind = "mlp"
-    fields = LayerShape.MLP_FIELDS
+    fields = MLP_FIELDS
 
     def __init__(self, layer: nn.Module, index: int, layout: MlpLayout):
         super().__init__(layer, index)
@@ -254,7 +253,7 @@ class HeadSite(ConsumerSite):
     """
 
     kind = "heads"
-    fields = LayerShape.HEAD_FIELDS
+    fields = HEAD_FIELDS
 
     def __init__(self, layer: nn.Module, index: int, layout: AttentionLayout, head_dim: int, gqa_mode: str):
         super().__init__(layer, index)
