@@ -252,7 +252,7 @@ def test_conv1d_cuts_match_the_linear_cuts():
 def test_layouts_round_trip_and_old_layouts_load():
     """config.hf_snp_layout holds the layouts as dicts (dataclasses.asdict); fields missing from a layout saved
     before the vocabulary existed take their defaults."""
-    from hf_snp.adapters.fused import GPT2_ATTENTION, GPT2_MLP, PHI3_ATTENTION, PHI3_MLP
+    from hf_snp.models.layouts import GPT2_ATTENTION, GPT2_MLP, PHI3_ATTENTION, PHI3_MLP
 
     for layout in (PHI3_MLP, GPT2_MLP):
         assert MlpLayout.from_dict(json.loads(json.dumps(dataclasses.asdict(layout)))) == layout

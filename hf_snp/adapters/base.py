@@ -11,7 +11,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..models import head_dim_of, register_variable_width_types
-from ..models.modeling_hf_snp import LLAMA_ATTENTION, LLAMA_MLP, AttentionLayout, MlpLayout
+from ..models.layouts import LLAMA_ATTENTION, LLAMA_MLP
+from ..models.modeling_hf_snp import AttentionLayout, MlpLayout
 from ..units.protocols import Site
 from ..units.sites import HeadSite, MlpSite
 

@@ -1,5 +1,6 @@
 """Families with fused projections or transposed weights, described by the layout vocabulary
-(``MlpLayout.producer_blocks`` / ``conv1d``, ``AttentionLayout.qkv`` / ``conv1d`` / ``config_heads``).
+(``MlpLayout.producer_blocks`` / ``conv1d``, ``AttentionLayout.qkv`` / ``conv1d`` / ``config_heads``; the layouts
+themselves are declared in ``hf_snp.models.layouts``).
 
 * Phi-3 (``modeling_phi3``): ``self_attn.qkv_proj`` holds every query head's rows, then every key head's, then every
   value head's (``qkv[..., :num_heads * head_dim]`` / next ``num_kv_heads * head_dim`` / the rest), GQA allowed;
@@ -24,17 +25,16 @@ In all three the block reads only the first element of the attention's ``(output
 returns its consumer's output (GPT-2's ``resid_dropout`` / MLP ``dropout`` are identities in eval mode).
 """
 
-from ..models.modeling_hf_snp import AttentionLayout, MlpLayout, head_dim_of
+from ..models.layouts import (
+    GPT2_ATTENTION,
+    GPT2_MLP,
+    GPT_NEOX_ATTENTION,
+    GPT_NEOX_MLP,
+    PHI3_ATTENTION,
+    PHI3_MLP,
+)
+from ..models.modeling_hf_snp import head_dim_of
 from .base import ModelAdapter, register_adapter
-
-PHI3_MLP = MlpLayout("mlp", ("gate_up_proj",), "down_proj", producer_blocks=2)
-PHI3_ATTENTION = AttentionLayout("self_attn", "qkv_proj", "qkv_proj", "qkv_proj", "o_proj", qkv="blocks",
-                                 config_heads=True)
-GPT_NEOX_MLP = MlpLayout("mlp", ("dense_h_to_4h",), "dense_4h_to_h")
-GPT_NEOX_ATTENTION = AttentionLayout("attention", "query_key_value", "query_key_value", "query_key_value", "dense",
-                                     qkv="per_head")
-GPT2_MLP = MlpLayout("mlp", ("c_fc",), "c_proj", conv1d=True)
-GPT2_ATTENTION = AttentionLayout("attn", "c_attn", "c_attn", "c_attn", "c_proj", qkv="blocks", conv1d=True)
 
 
 class Phi3Adapter(ModelAdapter):

@@ -26,8 +26,9 @@ import dataclasses
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..models.layouts import MOE_EXPERTS, QWEN2_MOE_EXPERTS
 from ..models.modeling_hf_snp import ExpertsLayout, LayerShape
-from ..units.experts import moe_sites, shared_layout
+from ..units.experts import moe_sites
 from ..units.protocols import Site
 from ..units.sites import HeadSite, MlpSite
 from .base import LlamaFamilyAdapter, register_adapter
@@ -41,7 +42,7 @@ class MoEAdapter(LlamaFamilyAdapter):
     family = "Mixture of experts"
     supported_targets = ("mlp", "heads", "blocks", "experts")
     mlp_is_consumer_output = False  # the MoE block sums several experts (and a shared expert)
-    experts_layout = ExpertsLayout()
+    experts_layout: ExpertsLayout = MOE_EXPERTS
     expert_width_field = "moe_intermediate_size"
     shared_width_field: str | None = None
     has_dense_layers = True  # mlp_only_layers / decoder_sparse_step (the Qwen families)
@@ -152,7 +153,7 @@ class MixtralAdapter(MoEAdapter):
 class Qwen2MoEAdapter(MoEAdapter):
     family = "Qwen2-MoE"
     model_types = ("qwen2_moe",)
-    experts_layout = ExpertsLayout(shared=shared_layout("mlp.shared_expert"))
+    experts_layout = QWEN2_MOE_EXPERTS
     shared_width_field = "shared_expert_intermediate_size"
 
 

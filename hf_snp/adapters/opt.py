@@ -1,6 +1,6 @@
 """OPT: fc1/fc2 with biases, ReLU, LayerNorm, learned positions; multi-head attention."""
 
-from ..models.modeling_hf_snp import OPT_ATTENTION, OPT_MLP
+from ..models.layouts import OPT_ATTENTION, OPT_MLP
 from .base import ModelAdapter, register_adapter
 
 

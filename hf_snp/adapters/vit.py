@@ -2,7 +2,8 @@
 ``mlp.fc1`` / ``mlp.fc2`` with GELU, multi-head ``attention.q_proj/k_proj/v_proj/o_proj``; a CLS token
 (and DeiT's distillation token) in front of the patch tokens. Statistics cover every token."""
 
-from ..models.modeling_hf_snp import VIT_ATTENTION, VIT_MLP, head_dim_of
+from ..models.layouts import VIT_ATTENTION, VIT_MLP
+from ..models.modeling_hf_snp import head_dim_of
 from .base import ModelAdapter, register_adapter
 
 

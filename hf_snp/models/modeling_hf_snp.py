@@ -240,14 +240,6 @@ class AttentionLayout:
             attention.config = LayerConfig(shared, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
 
 
-LLAMA_MLP = MlpLayout("mlp", ("gate_proj", "up_proj"), "down_proj")
-OPT_MLP = MlpLayout("", ("fc1",), "fc2")
-VIT_MLP = MlpLayout("mlp", ("fc1",), "fc2")
-LLAMA_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
-OPT_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj")
-VIT_ATTENTION = AttentionLayout("attention", "q_proj", "k_proj", "v_proj", "o_proj")
-
-
 class EmptyAttention(nn.Module):
     """An attention block whose every head was pruned: it adds its output bias (or nothing).
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.modeling_hf_snp import ExpertsLayout, LayerShape, MlpLayout
+from ..models.modeling_hf_snp import ExpertsLayout, LayerShape
 from .protocols import Site
 from .removal import Decision, RemovalPlan, select_by_score, split
 from .site_inputs import Decides, SiteInputs
@@ -480,7 +480,3 @@ def moe_sites(layer: nn.Module, index: int, layout: ExpertsLayout, targets: tupl
         sites.append(ExpertSetSite(layer, index, moe))
     return sites
 
-
-def shared_layout(parent: str) -> MlpLayout:
-    """A Llama-style gated shared expert under ``parent``."""
-    return MlpLayout(parent, ("gate_proj", "up_proj"), "down_proj")
