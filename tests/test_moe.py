@@ -204,7 +204,7 @@ def test_qwen2_moe_dense_layers_are_pruned_as_plain_mlps():
 def test_statistics_cover_the_routed_unmasked_tokens_weighted_by_the_router():
     """The reference forward feeds expert e with w_t * h_t of its routed tokens, padding tokens left out, and
     returns what the stock experts module returns."""
-    from hf_snp.units.experts import ExpertEnergy, ExpertLayer
+    from hf_snp.units.expert_layer import ExpertEnergy, ExpertLayer
     from hf_snp.units.stats import SiteStatistics
 
     model = tiny_moe("mixtral")
