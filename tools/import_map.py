@@ -8,6 +8,7 @@ back up when it goes from a phase package to a package of an earlier phase (``PH
 
     python tools/import_map.py            # summary
     python tools/import_map.py --arrows   # every arrow, floor by floor
+    python tools/import_map.py some/pkg   # another package folder (tests/test_layout.py checks the checker)
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ ROOT = Path(__file__).resolve().parents[1] / "hf_snp"
 # the layers, bottom first: the model type and the options; units (sites, statistics, linear algebra, allocation);
 # methods and adapters on them; then the phases of a run, setup, passes, deliver, and evaluation; the entry points
 # (api, cli, demo, the package itself) on top
-LAYERS = (("models",), ("config", "version", "parallel"), ("units",), ("methods",), ("adapters",), ("setup",), ("passes",),
-          ("deliver",), ("evaluation",), ("", "api", "cli", "demo"))
+LAYERS = (("models",), ("config", "version", "parallel"), ("units",), ("methods",), ("adapters",), ("setup",),
+          ("passes",), ("deliver",), ("evaluation",), ("", "api", "cli", "demo"))
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """The dotted name of the module at ``path`` in the package folder ``root``."""
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(ROOT.rglob("*.py")) if "data" not in p.relative_to(ROOT).parts}
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the package folder ``root`` (its ``data`` folders left out), by dotted name."""
+    return {module_name(p, root): p for p in sorted(root.rglob("*.py")) if "data" not in p.relative_to(root).parts}
 
 
 def _resolve(importer: str, is_package: bool, node: ast.ImportFrom | ast.Import, known: set[str]) -> set[str]:
@@ -46,7 +49,7 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom | ast.Import,
         prefix = ".".join(base + ([node.module] if node.module else []))
     else:
         prefix = node.module or ""
-    if not prefix.startswith("hf_snp"):
+    if prefix.split(".")[0] != importer.split(".")[0]:  # another package
         return set()
     found = set()
     for alias in node.names:
@@ -58,9 +61,9 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom | ast.Import,
     return found
 
 
-def arrows() -> dict[str, set[str]]:
-    """Each hf_snp module and the hf_snp modules it imports (itself excluded)."""
-    mods = modules()
+def arrows(root: Path = ROOT) -> dict[str, set[str]]:
+    """Each module of the package and the modules of the package it imports (itself excluded)."""
+    mods = modules(root)
     known = set(mods)
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
@@ -122,16 +125,18 @@ def floors(graph: dict[str, set[str]]) -> dict[str, int]:
     return {v: floor(v) for v in graph}
 
 
-def layer(module: str) -> int:
-    """The layer of a module: that of its package below hf_snp, or of its own name when it sits in hf_snp/."""
+def layer(module: str) -> int | None:
+    """The layer of a module: that of its package below hf_snp, or of its own name when it sits in hf_snp/
+    (None when ``LAYERS`` does not name it)."""
     parts = module.split(".")
     name = parts[1] if len(parts) > 1 else ""
-    return next(i for i, names in enumerate(LAYERS) if name in names)
+    return next((i for i, names in enumerate(LAYERS) if name in names), None)
 
 
 def back_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    """Arrows from a module to a module of a higher layer."""
-    return sorted((a, b) for a, targets in graph.items() for b in targets if layer(b) > layer(a))
+    """Arrows from a module to a module of a higher layer (modules without a layer left out)."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if None not in (layer(a), layer(b)) and layer(b) > layer(a))
 
 
 @dataclass
@@ -141,20 +146,26 @@ class ImportMap:
     circles: list[list[str]]
     floors: int
     back: list[tuple[str, str]]
+    unplaced: list[str]  # modules whose package LAYERS does not name
 
 
-def import_map() -> ImportMap:
-    graph = arrows()
+def import_map(root: Path = ROOT) -> ImportMap:
+    """The summary of the package folder ``root``: modules, arrows, circles, floors, arrows back up."""
+    graph = arrows(root)
     return ImportMap(len(graph), sum(map(len, graph.values())), circles(graph),
-                     max(floors(graph).values()), back_arrows(graph))
+                     max(floors(graph).values(), default=0), back_arrows(graph),
+                     sorted(m for m in graph if layer(m) is None))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", type=Path, default=ROOT, help="the package folder (default: hf_snp)")
     parser.add_argument("--arrows", action="store_true", help="print every module with its floor and arrows")
     args = parser.parse_args()
-    graph = arrows()
-    result = import_map()
+    if not (args.root / "__init__.py").is_file():
+        parser.error(f"{args.root} is not a package folder (no __init__.py); give the folder of a Python package")
+    graph = arrows(args.root)
+    result = import_map(args.root)
     if args.arrows:
         levels = floors(graph)
         for name in sorted(graph, key=lambda m: (levels[m], m)):
@@ -165,6 +176,9 @@ def main() -> None:
         print("circle:", " <-> ".join(c))
     for a, b in result.back:
         print("back up:", a, "->", b)
+    if args.root == ROOT:
+        for module in result.unplaced:
+            print("no layer (add its package to LAYERS):", module)
 
 
 if __name__ == "__main__":
