@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -80,6 +80,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each of ``values`` summed over the ranks (float64)."""
+    if world_size() == 1:
+        return values
+    return tuple(all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist())
+
+
 def broadcast_object(value: Any, source: int) -> Any:
     """``value`` as rank ``source`` holds it, on every rank (tensors travel on the CPU)."""
     if world_size() == 1:
@@ -106,3 +113,26 @@ def barrier() -> None:
 def owner(position: int) -> int:
     """The rank that decides item ``position`` of a block's sites (round-robin)."""
     return position % world_size()
+
+
+def spread(function: Callable[[Item], Any], items: Sequence[Item]) -> list[Any]:
+    """``function(item)`` for every item, each computed on one rank (``owner``) and broadcast to all, in order.
+    Results must pickle, with their tensors on the CPU (a rank unpickles them on its own device)."""
+    if world_size() == 1:
+        return [function(item) for item in items]
+    mine = {position: function(item) for position, item in enumerate(items) if owner(position) == rank()}
+    return [broadcast_object(mine.get(position), owner(position)) for position in range(len(items))]
+
+
+def raise_if_any_failed(error: BaseException | None) -> None:
+    """Exchange every rank's outcome; raise on all ranks when one failed, naming the rank and its error
+    (a collective: every rank calls it, failed or not)."""
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    outcomes = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(index, message) for index, message in enumerate(outcomes) if message is not None]
+    if failed:
+        index, message = failed[0]
+        raise RuntimeError(f"rank {index} of {world_size()} failed: {message}") from error

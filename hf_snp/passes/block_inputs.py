@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import parallel
 from .placement import input_device, move
 
 
@@ -118,7 +119,7 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, calib: Calibra
                 stack.enter_context(replay_outputs(layer, lambda *args, **kwargs: args[0] if args
                                                    else kwargs["hidden_states"], passes_inputs=True))
         device = input_device(model)
-        batches = list(calib.model_batches(batch_size))
+        batches = parallel.shard(list(calib.model_batches(batch_size)))  # this rank's share (docs/design.md §8.6)
         for inputs, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):
             batch.clear()
             try:
@@ -141,6 +142,7 @@ def residual_energy(inputs: list[BlockInput], device: torch.device) -> float:
         if item.token_mask is not None:
             squared = squared[item.token_mask.to(squared.device)]
         total, count = total + float(squared.double().sum()), count + squared.numel()
+    total, count = parallel.sum_over_ranks(total, count)
     return max(total / max(count, 1), torch.finfo(torch.float32).tiny)
 
 
@@ -159,4 +161,6 @@ class MeanCosine:
 
     @property
     def mean(self) -> float:
-        return self.total / max(self.count, 1)
+        """Over every rank's tokens (a collective when the run is distributed: every rank reads it)."""
+        total, count = parallel.sum_over_ranks(self.total, self.count)
+        return total / max(count, 1)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .. import parallel
 from ..adapters.base import ModelAdapter
 
 
@@ -59,12 +60,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def token_sample(hidden: list[torch.Tensor], masks: list[torch.Tensor | None], limit: int = 8192) -> torch.Tensor:
-    """The final hidden states of the non-padding tokens, at most ``limit`` of them, evenly spaced."""
+    """The final hidden states of the non-padding tokens, at most ``limit`` of them, evenly spaced; with several
+    ranks, evenly spaced over all ranks' tokens in rank order (each rank sends only the sampled rows)."""
     rows = []
     for states, mask in zip(hidden, masks):
         flat = states.reshape(-1, states.shape[-1]).float().cpu()
         rows.append(flat if mask is None else flat[mask.cpu()])
     tokens = torch.cat(rows)
-    if len(tokens) > limit:
-        tokens = tokens[torch.linspace(0, len(tokens) - 1, limit).long()]
-    return tokens
+    counts = [int(c) for c in parallel.all_gather_objects(len(tokens))]
+    total, start = sum(counts), sum(counts[:parallel.rank()])
+    if total > limit:
+        picked = torch.linspace(0, total - 1, limit).long()
+        tokens = tokens[picked[(picked >= start) & (picked < start + len(tokens))] - start]
+    return torch.cat(parallel.all_gather_objects(tokens)) if parallel.world_size() > 1 else tokens

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..units.protocols import Site
+from ..units.reduction import all_reduce_cross, all_reduce_statistics
 from ..units.stats import CrossMoments, SiteStatistics
 from .block_inputs import BlockInput, PhaseTimer
 
@@ -131,7 +132,7 @@ class DenseStream:
                                      observe=keep_outputs if keep_dense else None)
                 later_units = [recorded[i] for i in range(len(later))]
             self.recorded.append([u.to(self.store) for u in later_units])
-        return stats, (cross if paired else [None] * len(group))
+        return _reduced(stats, cross if paired else [None] * len(group))
 
     def gather_later(self, block: nn.Module, group: list[Site], inputs: list[BlockInput],
                      extra_hooks: Callable[[], list] = list) -> tuple[list[SiteStatistics], list[CrossMoments]]:
@@ -147,4 +148,10 @@ class DenseStream:
                     + self._pairing(group, cross, units) + extra_hooks()):
                 self.run_block(block, [item], stats + cross, keep_outputs=False, consumers=stops)
         self.later, self.recorded = [], []
-        return stats, cross
+        return _reduced(stats, cross)
+
+
+def _reduced(stats: list[SiteStatistics], cross: list[CrossMoments | None]
+             ) -> tuple[list[SiteStatistics], list[CrossMoments | None]]:
+    """Both moments summed over the ranks' batches (docs/design.md §8.6)."""
+    return [all_reduce_statistics(s) for s in stats], [None if c is None else all_reduce_cross(c) for c in cross]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import parallel
 from ..adapters.base import ModelAdapter
 from ..config import PruneConfig
 from ..methods.base import PruningMethod
@@ -25,6 +26,7 @@ from ..setup.checkpoint import Checkpoint
 from ..units.allocation import SiteCurve, WidthRules
 from ..units.protocols import Site
 from ..units.records import LayerRecord
+from ..units.reduction import all_reduce
 from ..units.removal import Decision
 from ..units.site_inputs import SiteInputs
 from ..units.stats import CrossMoments, SiteStatistics
@@ -102,7 +104,7 @@ class BlockStream:
             yield visit
             if visit.record is not None:
                 self.records.append(visit.record)
-                if self.checkpoint is not None:
+                if self.checkpoint is not None and parallel.is_main():
                     with engine.timer("checkpoint"):
                         self.checkpoint.save(index, block, self.records)
             with engine.timer("move"):
@@ -173,16 +175,19 @@ class StreamingEngine:
             energy = residual_energy(stream.inputs, self.device) if output_error else None
             with self.timer("curves_statistics"):
                 stats = self.gather_statistics(visit.block, sites, stream.inputs, keep_outputs=not visit.is_last)
-            for site, site_stats in zip(sites, stats):
-                inputs = self.site_inputs(site, site_stats, site.curve_steps())
-                with self.timer("curves_order"):
-                    if output_error:  # scores: the per-parameter slopes (allocation.convex_scores)
-                        costs, scores = [cost / energy for cost in self.method.output_errors(inputs, self.config)], None
-                    else:
-                        _, costs = self.method.order(inputs, self.config)
-                        scores = self.method.global_scores(costs)
-                curves.append(SiteCurve.from_site(site, scores, costs, rules, energy))
+            with self.timer("curves_order"):
+                found = parallel.spread(lambda i: self._curve(sites[i], stats[i], energy), range(len(sites)))
+            curves += [SiteCurve.from_site(site, scores, costs, rules, energy)
+                       for site, (costs, scores) in zip(sites, found)]
         return curves
+
+    def _curve(self, site: Site, stats: SiteStatistics, energy: float | None) -> tuple[list[float], list | None]:
+        """One site's (costs, scores) along its full order; ``energy``: the output_error criterion's divisor."""
+        inputs = self.site_inputs(site, stats, site.curve_steps())
+        if energy is not None:  # scores: the per-parameter slopes (allocation.convex_scores)
+            return [cost / energy for cost in self.method.output_errors(inputs, self.config)], None
+        _, costs = self.method.order(inputs, self.config)
+        return costs, self.method.global_scores(costs)
 
     @torch.no_grad()
     def run(self, calib: Calibration, steps_for: Callable[[Site], int], keep_final: bool = False) -> PassResult:
@@ -210,7 +215,7 @@ class StreamingEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        return stats
+        return [all_reduce(s) for s in stats]  # every rank's batches (docs/design.md §8.6)
 
     def run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics] = (),
                   keep_outputs: bool = True, consumers: tuple[nn.Module, ...] = (),
@@ -277,6 +282,17 @@ class StreamingEngine:
                                            folds=folds)
         return stats, [None] * len(stats)
 
+    def _decide(self, group: list[tuple[Site, int]], stats: list[SiteStatistics],
+                cross: list[CrossMoments | None]) -> list[Decision]:
+        """Each site's decision; with several ranks each site is decided on one rank and broadcast (§8.6)."""
+        def decide(position: int) -> Decision:
+            (site, steps), site_stats, site_cross = group[position], stats[position], cross[position]
+            decision = site.decide(self.method, self.site_inputs(site, site_stats, steps, site_cross), self.config)
+            return decision if parallel.world_size() == 1 else decision.to(torch.device("cpu"))
+
+        decisions = parallel.spread(decide, range(len(group)))
+        return decisions if parallel.world_size() == 1 else [d.to(self.device) for d in decisions]
+
     def prune_block(self, visit: BlockVisit, inputs: list[BlockInput], steps_for: Callable[[Site], int],
                     need_outputs: bool, dense: DenseStream | None = None) -> LayerRecord:
         """Decide, cut and reconstruct every site of ``visit.block``; recompute its outputs into ``inputs`` when
@@ -297,10 +313,9 @@ class StreamingEngine:
             for number, group in enumerate(groups):
                 stats, cross = self._group_statistics(visit.block, [[site for site, _ in g] for g in groups], number,
                                                       inputs, cache, dense, keep_dense)
-                for (site, steps), site_stats, site_cross in zip(group, stats, cross):
-                    with self.timer("decide"):
-                        decision = site.decide(self.method, self.site_inputs(site, site_stats, steps, site_cross),
-                                               self.config)
+                with self.timer("decide"):
+                    decisions = self._decide(group, stats, cross)
+                for (site, steps), decision in zip(group, decisions):
                     site.ridge = decision.ridge
                     if self.decisions is not None:
                         self.decisions.append((visit.index, sites.index(site), decision))

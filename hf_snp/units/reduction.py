@@ -10,7 +10,18 @@ from __future__ import annotations
 import torch
 
 from .. import parallel
+from .expert_layer import ExpertEnergy
 from .stats import CrossMoments, SiteStatistics
+
+
+def all_reduce(stats: SiteStatistics | ExpertEnergy) -> SiteStatistics | ExpertEnergy:
+    """Sum one site's statistics over the ranks, in place, whatever their kind."""
+    if isinstance(stats, ExpertEnergy):
+        if parallel.world_size() > 1:
+            parallel.all_reduce_sum(stats.energy)
+            parallel.all_reduce_sum(stats.tokens)
+        return stats
+    return all_reduce_statistics(stats)
 
 
 def _common(shift: torch.Tensor | None) -> torch.Tensor | None:

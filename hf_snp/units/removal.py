@@ -6,6 +6,7 @@ statistics into a :class:`Decision` that the site applies (docs/design.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,12 @@ class Decision:
     ridge: float | None = None  # the λ chosen on held-out tokens (ridge="heldout", docs/design.md §3.8)
     swaps: int | None = None  # swaps the local search made (swaps > 0, docs/design.md §3.9)
     swap_errors: tuple[float, float] | None = None  # the output error E(P) before and after them
+
+    def to(self, device: torch.device) -> "Decision":
+        """The same decision with its tensors on ``device`` (decisions travel between ranks on the CPU)."""
+        moved = {name: getattr(self, name).to(device) for name in ("keep", "drop", "coef", "shift", "mix")
+                 if getattr(self, name) is not None}
+        return dataclasses.replace(self, **moved)
 
     def fold(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The consumer's new kept columns and its bias change (None: no change), from its weight W [out, N]."""
