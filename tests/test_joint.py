@@ -33,7 +33,7 @@ def layer_params(model) -> int:
 def heldout_final_states(model) -> torch.Tensor:
     """The final-norm states of the held-out calibration windows, computed by the model's own forward."""
     held = calibration_ids()[[i for i in range(16) if i % 4 == 3]]
-    return token_sample([model(held, output_hidden_states=True).hidden_states[-1]], [None])
+    return token_sample([(model(held, output_hidden_states=True).hidden_states[-1], None)])
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -59,17 +59,20 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()).clamp_min(1e-300))
 
 
-def token_sample(hidden: list[torch.Tensor], masks: list[torch.Tensor | None], limit: int = 8192) -> torch.Tensor:
-    """The final hidden states of the non-padding tokens, at most ``limit`` of them, evenly spaced; with several
-    ranks, evenly spaced over all ranks' tokens in rank order (each rank sends only the sampled rows)."""
+def token_sample(states: list[tuple[torch.Tensor, torch.Tensor | None]], limit: int = 8192) -> torch.Tensor:
+    """The final hidden states of the non-padding tokens of ``states`` ((hidden, token mask) per batch), at most
+    ``limit`` of them, evenly spaced; with several ranks, evenly spaced over all ranks' tokens in rank order (each
+    rank sends only its sampled rows; a rank may hold no batch)."""
     rows = []
-    for states, mask in zip(hidden, masks):
-        flat = states.reshape(-1, states.shape[-1]).float().cpu()
+    for hidden, mask in states:
+        flat = hidden.reshape(-1, hidden.shape[-1]).float().cpu()
         rows.append(flat if mask is None else flat[mask.cpu()])
-    tokens = torch.cat(rows)
-    counts = [int(c) for c in parallel.all_gather_objects(len(tokens))]
+    tokens = torch.cat(rows) if rows else None
+    counts = parallel.all_gather_objects(0 if tokens is None else len(tokens))
     total, start = sum(counts), sum(counts[:parallel.rank()])
-    if total > limit:
+    if tokens is not None and total > limit:
         picked = torch.linspace(0, total - 1, limit).long()
         tokens = tokens[picked[(picked >= start) & (picked < start + len(tokens))] - start]
-    return torch.cat(parallel.all_gather_objects(tokens)) if parallel.world_size() > 1 else tokens
+    if parallel.world_size() == 1:
+        return tokens
+    return torch.cat([part for part in parallel.all_gather_objects(tokens) if part is not None])

@@ -47,7 +47,7 @@ def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, calib: Cali
     dense = StreamingEngine(model, adapter, config, method, device, store)
     dense.timer = timer
     similarity, final_hidden = dense.score_blocks(calib)
-    reference = token_sample(*zip(*final_hidden))
+    reference = token_sample(final_hidden)
     params = [count_parameters(layer) for layer in adapter.layers(model)]
     budget = config.sparsity * sum(params)
     dense_count = count_parameters(model)
@@ -64,7 +64,7 @@ def search_blocks_and_units(model: nn.Module, adapter: ModelAdapter, calib: Cali
         engine.timer = timer
         result = _prune_units(engine, calib, rules, remaining)
         candidate.records = [dataclasses.replace(r, source_layer=kept[r.layer]) for r in result.records]
-        candidate.cka = linear_cka(reference, token_sample(*zip(*result.final_hidden)))
+        candidate.cka = linear_cka(reference, token_sample(result.final_hidden))
         candidate.params_removed = dense_count - count_parameters(candidate.model)
         candidates.append(candidate)
     best = max(candidates, key=lambda c: c.cka)

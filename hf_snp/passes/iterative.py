@@ -167,7 +167,7 @@ class IterativeSearch:
         device = next(norm.parameters(), torch.empty(0, device=self.device)).device
         device = self.device if device.type == "meta" else device  # offloaded: its hook brings the weights
         states = [(norm(move(item.hidden, device)), item.token_mask) for item in items]
-        return token_sample(*zip(*states))
+        return token_sample(states)
 
     def _scan(self, eligible: list[int], reuse: BlockScan | None) -> BlockScan:
         """Stream the held-out windows, scoring each block by the mean cosine of its input and output; keep the
