@@ -1,5 +1,5 @@
 """Several processes on torch.distributed (``torchrun`` or ``accelerate launch``): which process this is, and the
-few collectives a pruning run needs (docs/design.md §8.6).
+few collectives a pruning run needs (docs/design.md §8.7).
 
 A run is data-parallel over calibration batches and site-parallel over decisions. Without a process group (no
 ``WORLD_SIZE`` > 1 in the environment and none initialised by the caller) every function here is the

@@ -119,7 +119,7 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, calib: Calibra
                 stack.enter_context(replay_outputs(layer, lambda *args, **kwargs: args[0] if args
                                                    else kwargs["hidden_states"], passes_inputs=True))
         device = input_device(model)
-        batches = parallel.shard(list(calib.model_batches(batch_size)))  # this rank's share (docs/design.md §8.6)
+        batches = parallel.shard(list(calib.model_batches(batch_size)))  # this rank's share (docs/design.md §8.7)
         for inputs, mask in tqdm(batches, desc="Capturing calibration inputs", disable=not progress, leave=False):
             batch.clear()
             try:

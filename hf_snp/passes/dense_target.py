@@ -153,5 +153,5 @@ class DenseStream:
 
 def _reduced(stats: list[SiteStatistics], cross: list[CrossMoments | None]
              ) -> tuple[list[SiteStatistics], list[CrossMoments | None]]:
-    """Both moments summed over the ranks' batches (docs/design.md §8.6)."""
+    """Both moments summed over the ranks' batches (docs/design.md §8.7)."""
     return [all_reduce_statistics(s) for s in stats], [None if c is None else all_reduce_cross(c) for c in cross]

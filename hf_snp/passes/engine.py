@@ -215,7 +215,7 @@ class StreamingEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        return [all_reduce(s) for s in stats]  # every rank's batches (docs/design.md §8.6)
+        return [all_reduce(s) for s in stats]  # every rank's batches (docs/design.md §8.7)
 
     def run_block(self, block: nn.Module, inputs: list[BlockInput], stats: list[SiteStatistics] = (),
                   keep_outputs: bool = True, consumers: tuple[nn.Module, ...] = (),
@@ -284,7 +284,7 @@ class StreamingEngine:
 
     def _decide(self, group: list[tuple[Site, int]], stats: list[SiteStatistics],
                 cross: list[CrossMoments | None]) -> list[Decision]:
-        """Each site's decision; with several ranks each site is decided on one rank and broadcast (§8.6)."""
+        """Each site's decision; with several ranks each site is decided on one rank and broadcast (§8.7)."""
         def decide(position: int) -> Decision:
             (site, steps), site_stats, site_cross = group[position], stats[position], cross[position]
             decision = site.decide(self.method, self.site_inputs(site, site_stats, steps, site_cross), self.config)

@@ -1,4 +1,4 @@
-"""Statistics summed over the ranks of a distributed run (docs/design.md §8.6).
+"""Statistics summed over the ranks of a distributed run (docs/design.md §8.7).
 
 Each rank accumulates its own calibration batches around its own shift (its first batch's mean). Before any
 decision, every rank's sums are moved to one common shift, exactly, in float64, and added up: the result is the
