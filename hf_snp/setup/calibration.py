@@ -3,21 +3,29 @@
 Text sources are joined, tokenized once, and N windows of L tokens are drawn at seeded random
 offsets (the GPTQ / Wanda protocol). Hub names go through ``datasets``; where the Hub cannot be
 reached, ``wikitext2`` falls back to the WikiText-2 validation text packaged with hf_snp.
+Conversations are rendered with the tokenizer's chat template and packed (windows start at
+conversation starts) or padded (one conversation per window, the mask marks real tokens);
+``"self"`` is text the model writes itself (it needs the loaded model); a dict ``{source: share}``
+or a list of source names mixes sources, each giving its share of the windows.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Sequence
 
 import torch
 
+from .calibration_data import CalibrationData, CalibrationError, concatenate
+from .conversations import PACKAGED_CHAT, conversations_from, render
 from .datasets import load_hub_dataset
+from .self_calibration import self_calibration
+
+__all__ = ["CalibrationData", "CalibrationError", "load_calibration", "needs_model", "packaged_text",
+           "self_calibration"]
 
 logger = logging.getLogger("hf_snp")
 
@@ -27,41 +35,8 @@ HUB_DATASETS = {
     "c4": ("allenai/c4", None, "validation", "text", {"validation": "en/c4-validation.00000-of-00008.json.gz"}),
 }
 PACKAGED = {"wikitext2-local": "wiki.valid.tokens", "wikitext2-test-local": "wiki.test.raw"}
-
-
-class CalibrationError(ValueError):
-    """The calibration data cannot give the requested samples."""
-
-
-@dataclass
-class CalibrationData:
-    """Token windows for calibration; ``attention_mask`` marks real (non-padding) tokens."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    source: str
-
-    @property
-    def num_samples(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def model_batches(self, batch_size: int):
-        """(forward kwargs, token mask) per batch; the mask is None when no token is padding."""
-        for start in range(0, self.num_samples, batch_size):
-            ids, mask = self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
-            yield ({"input_ids": ids, "attention_mask": mask, "use_cache": False},
-                   None if bool(mask.all()) else mask.bool().flatten())
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.attention_mask
-
-    def select(self, indices: list[int]) -> "CalibrationData":
-        """These windows only (a held-out split)."""
-        return dataclasses.replace(self, input_ids=self.input_ids[indices], attention_mask=self.attention_mask[indices])
+SELF = "self"
+SOURCE_NAMES = (*HUB_DATASETS, *PACKAGED, *PACKAGED_CHAT, SELF)
 
 
 def packaged_text(name: str = "wikitext2-local") -> str:
@@ -151,8 +126,53 @@ def is_text_calibration(spec: Any) -> bool:
     return not (isinstance(spec, (torch.Tensor, CalibrationData)) or (isinstance(spec, dict) and "input_ids" in spec))
 
 
-def load_calibration(spec: Any, tokenizer, num_samples: int, seq_len: int, seed: int = 0) -> CalibrationData:
-    """Turn ``spec`` into ``num_samples`` windows of ``seq_len`` tokens (token tensors are used as given)."""
+def mixture_parts(spec: Any) -> list[tuple[Any, float]] | None:
+    """(source, share) pairs for a mixture (a dict of shares, or a list of source names), else None."""
+    if isinstance(spec, dict) and "input_ids" not in spec:
+        parts = list(spec.items())
+    elif (isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec)
+          and all(s in SOURCE_NAMES for s in spec)):
+        parts = [(name, 1.0) for name in spec]
+    else:
+        return None
+    if not parts or any(not isinstance(share, (int, float)) or share <= 0 for _, share in parts):
+        raise CalibrationError(f"a calibration mixture needs positive shares, got {spec!r}: e.g. "
+                               "{'self': 0.5, 'wikitext2-local': 0.5}")
+    total = sum(share for _, share in parts)
+    return [(source, share / total) for source, share in parts]
+
+
+def needs_model(spec: Any) -> bool:
+    """True when the calibration is written by the model itself (``"self"``, alone or in a mixture): it can only
+    be made after the weights load, with ``load_calibration(..., model=model)``."""
+    if isinstance(spec, str):
+        return spec == SELF
+    parts = mixture_parts(spec) if isinstance(spec, (dict, list, tuple)) else None
+    return parts is not None and any(needs_model(source) for source, _ in parts)
+
+
+def window_counts(shares: list[float], num_samples: int) -> list[int]:
+    """Windows per source: ``num_samples`` split by the shares (largest remainders), at least one each."""
+    if num_samples < len(shares):
+        raise CalibrationError(f"a mixture of {len(shares)} sources needs num_samples >= {len(shares)}")
+    raw = [share * num_samples for share in shares]
+    counts = [max(1, int(r)) for r in raw]
+    for index in sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True):
+        if sum(counts) >= num_samples:
+            break
+        counts[index] += 1
+    while sum(counts) > num_samples:
+        counts[counts.index(max(counts))] -= 1
+    return counts
+
+
+def load_calibration(spec: Any, tokenizer, num_samples: int, seq_len: int, seed: int = 0, *, model: Any = None,
+                     batch_size: int = 8, progress: bool = False, pad_conversations: bool = False) -> CalibrationData:
+    """Turn ``spec`` into ``num_samples`` windows of ``seq_len`` tokens (token tensors are used as given).
+
+    ``model``: the loaded dense model, needed by ``"self"`` (see :func:`needs_model`), which generates on its
+    device in batches of ``batch_size``; ``pad_conversations``: one conversation per window, padded, instead of
+    packing them."""
     if isinstance(spec, CalibrationData):
         return spec
     if isinstance(spec, torch.Tensor):
@@ -160,12 +180,32 @@ def load_calibration(spec: Any, tokenizer, num_samples: int, seq_len: int, seed:
     if isinstance(spec, dict) and "input_ids" in spec:
         return _from_tensor(torch.as_tensor(spec["input_ids"]),
                             None if spec.get("attention_mask") is None else torch.as_tensor(spec["attention_mask"]))
+    if spec == SELF:
+        if model is None:
+            raise CalibrationError("calibration='self' is written by the model itself: it is made after the weights "
+                                   "load (load_calibration(..., model=model))")
+        return self_calibration(model, tokenizer, num_samples, seq_len, seed, batch_size, progress)
+    parts = mixture_parts(spec)
+    if parts is not None:
+        counts = window_counts([share for _, share in parts], num_samples)
+        loaded = [load_calibration(source, tokenizer, count, seq_len, seed, model=model, batch_size=batch_size,
+                                   progress=progress, pad_conversations=pad_conversations)
+                  for (source, _), count in zip(parts, counts)]
+        return concatenate(loaded, "mixture of " + " + ".join(part.source for part in loaded), seed)
+    if tokenizer is None:
+        raise CalibrationError("text calibration needs a tokenizer; pass tokenizer=... or a token tensor")
+    found = conversations_from(spec)
+    if found is not None:
+        return conversation_windows(render(found[0], tokenizer), found[1], num_samples, seq_len, seed,
+                                    _pad_id(tokenizer) if pad_conversations else None)
+    return _text_windows(spec, tokenizer, num_samples, seq_len, seed)
+
+
+def _text_windows(spec: Any, tokenizer, num_samples: int, seq_len: int, seed: int) -> CalibrationData:
     texts, source = resolve_texts(spec)
     text = "\n\n".join(t for t in texts if t and t.strip())
     if not text:
         raise CalibrationError(f"calibration data {source!r} is empty")
-    if tokenizer is None:
-        raise CalibrationError("text calibration needs a tokenizer; pass tokenizer=... or a token tensor")
     stream = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
     if len(stream) < seq_len:
         raise CalibrationError(
@@ -176,3 +216,46 @@ def load_calibration(spec: Any, tokenizer, num_samples: int, seq_len: int, seed:
     starts = torch.randint(0, len(stream) - seq_len + 1, (num_samples,), generator=generator)
     ids = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
     return CalibrationData(ids, torch.ones_like(ids), f"{source}: {num_samples} x {seq_len} tokens, seed {seed}")
+
+
+def _pad_id(tokenizer) -> int:
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    return 0
+
+
+def conversation_windows(conversations: list[list[int]], source: str, num_samples: int, seq_len: int, seed: int,
+                         pad_id: int | None = None) -> CalibrationData:
+    """Windows of rendered conversations in a seeded order. Packed (``pad_id`` None): the conversations are joined
+    into one stream (wrapping around) and each window starts at a conversation's start (at seeded offsets once
+    every start is used). Padded: one conversation per window, cut at ``seq_len``, padded with ``pad_id`` after
+    its end (the attention mask marks the real tokens)."""
+    conversations = [c for c in conversations if c]
+    if not conversations:
+        raise CalibrationError(f"calibration conversations {source!r} are empty")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(conversations), generator=generator).tolist()
+    if pad_id is not None:
+        if len(conversations) < num_samples:
+            raise CalibrationError(f"{source}: {len(conversations)} conversations for num_samples={num_samples} "
+                                   "padded windows; give more conversations, a smaller num_samples, or pack them")
+        ids = torch.full((num_samples, seq_len), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, index in enumerate(order[:num_samples]):
+            tokens = conversations[index][:seq_len]
+            ids[row, : len(tokens)], mask[row, : len(tokens)] = torch.tensor(tokens), 1
+        return CalibrationData(ids, mask, f"{source} (chat template, padded): {num_samples} x {seq_len}, seed {seed}")
+    stream, starts = [], []
+    for index in order:
+        starts.append(len(stream))
+        stream += conversations[index]
+    if len(stream) < seq_len:
+        raise CalibrationError(f"calibration conversations {source!r} have {len(stream)} tokens, fewer than "
+                               f"seq_len={seq_len}: give more conversations or a smaller seq_len")
+    if num_samples > len(starts):
+        starts += torch.randint(0, len(stream), (num_samples - len(starts),), generator=generator).tolist()
+    wrapped = torch.tensor(stream + stream[:seq_len], dtype=torch.long)
+    ids = torch.stack([wrapped[s : s + seq_len] for s in starts[:num_samples]])
+    return CalibrationData(ids, torch.ones_like(ids), f"{source} (chat template, packed): {num_samples} x {seq_len} "
+                           f"tokens, seed {seed}")
