@@ -57,9 +57,11 @@ def test_model_card_metadata_and_summary():
     meta = front_matter(card)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["library_name"] == "transformers"
     assert {"hf_snp", "pruning", "snp"} <= set(meta["tags"])
-    assert "# user/smol-pruned" in card and "134,515,008 -> 110,616,768" in card
+    assert meta["base_model_relation"] == "pruned" and "license" not in meta  # no license known: none claimed
+    assert "# SmolLM2-135M, 30% of MLP neurons and attention heads removed with SNP\n" in card
+    assert "repo = 'user/smol-pruned'" in card and "134,515,008 -> 110,616,768" in card
     assert "| MLP width | 1075, 900 |" in card and "| query heads | 6 in every layer |" in card
-    assert "| perplexity after | 61.66 |" in card
+    assert "| perplexity, dense -> pruned | 33.92 -> 61.66 |" in card
     assert "trust_remote_code=True" in card  # hf_snp format
     stock = model_card(PruneReport({**report, "save_format": "stock", "base_model": "/local/dir"}))
     assert "trust_remote_code" not in stock and "base_model" not in front_matter(stock)
@@ -73,7 +75,7 @@ def test_prune_push_to_hub_uploads_a_complete_checkpoint(fake_hub):
     assert repo == "user/tiny-pruned" and message.startswith("hf_snp: snp 25% of mlp")
     for name in ("config.json", "model.safetensors", "modeling_hf_snp.py", "hf_snp_report.json", "README.md"):
         assert name in files
-    assert "# user/tiny-pruned" in card and result.report["save_format"] == "hf_snp"
+    assert "repo = 'user/tiny-pruned'\n" in card and result.report["save_format"] == "hf_snp"
 
 
 def test_cli_push_of_a_saved_folder(fake_hub, tmp_path, capsys):
@@ -120,9 +122,9 @@ def test_the_card_never_names_a_local_path(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert str(tmp_path) not in card and "base_model" not in front_matter(card)
     assert result.report["base_model"] is None and result.report["model_name"] == "llama"
-    assert "# llama pruned with hf_snp" in card
+    assert "# llama, 25% of MLP neurons removed with SNP\n" in card and "repo = 'out'  # this folder" in card
     pushed = model_card(result.report, "user/x")
-    assert "# user/x" in pushed and "repo = 'user/x'" in pushed
+    assert "repo = 'user/x'\n" in pushed
 
 
 def test_base_model_from_the_option_the_config_or_gguf_metadata(tmp_path, monkeypatch):
