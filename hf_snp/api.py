@@ -1,5 +1,6 @@
 """The public entry point, hf_snp.prune, as the table of contents of a pruning run:
-resolve (everything before weights load), load, run the passes, finalize, deliver."""
+resolve (everything before weights load), load, run the passes, finalize, deliver; and the demo (run_demo),
+the same phases on the packaged SmolLM2 with perplexity measured before and after."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from .deliver.report import PruneReport
 from .deliver.save_format import finalize_architecture
 from .deliver.saving import save_pruned
 from .deliver.speed import speed_probe
+from .demo import DEMO_MODEL, EVAL_DATASET, EVAL_WINDOWS, demo_settings, print_summary
 from .passes.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
 from .passes.run import Passes, run_passes
-from .setup.loading import load_model
+from .setup.loading import load_model, model_license
 from .setup.recipes import accepts_recipe
 from .setup.resolve import PruneRun, resolve
-from .units.allocation import describe_allocation
+from .units.allocation import default_multiple, describe_allocation
 from .units.sites import count_parameters
 
 logger = logging.getLogger("hf_snp")
@@ -73,7 +75,14 @@ def prune(model: str | PreTrainedModel, tokenizer: Any = None, *, image_processo
     """
     start = time.perf_counter()
     run = resolve(model, tokenizer, image_processor, PruneConfig.from_options(options))
-    model = load(run)
+    result = prune_loaded(run, load(run), start)
+    deliver(run.config, result)
+    return result
+
+
+def prune_loaded(run: PruneRun, model: PreTrainedModel, start: float) -> PruneResult:
+    """The work after loading: the passes, the report, and quantization and speed probes when asked (nothing is
+    saved: :func:`deliver` does that)."""
     params_before = count_parameters(model)
     dense_speed = speed_probe(model) if run.config.measure_speed else None
     passes = run_passes(run, model)
@@ -82,7 +91,6 @@ def prune(model: str | PreTrainedModel, tokenizer: Any = None, *, image_processo
         quantize_result(result, run.config.quantize)
     if dense_speed is not None:
         result.report["speed"] = speed_probe(result.model, baseline=dense_speed)
-    deliver(run.config, result)
     return result
 
 
@@ -114,8 +122,31 @@ def finalize(run: PruneRun, passes: Passes, params_before: int, seconds: float) 
         output_dir=config.output_dir, params_before=params_before, params_after=count_parameters(passes.model),
         layers=passes.records, allocation=describe_allocation(config, passes.plan, passes.curves),
         blocks=passes.blocks, timings=timings)
+    report.update(resolved_settings(config, report["layers"]), license=model_license(run.source))
     logger.info("pruned %s: %d -> %d parameters", report["model_name"], report["params_before"], report["params_after"])
     return PruneResult(passes.model, report, run.tokenizer, run.image_processor)
+
+
+def resolved_settings(config: PruneConfig, layers: list[dict]) -> dict:
+    """The settings as the run used them, for the report's top level (beside the calibration source and the
+    allocation mode): the SNP ordering and ridge that applied, and each target's width multiple (``round_to``;
+    the default multiple of MLP widths from units.allocation where none was given)."""
+    snp = config.method == "snp"
+    given = config.round_to if isinstance(config.round_to, dict) else \
+        ({} if config.round_to is None else {"mlp": config.round_to})
+    round_to = {}
+    for target in config.unit_targets:
+        if target in given:
+            round_to[target] = given[target]
+        elif target == "mlp":
+            widths = {r.get("mlp_width_before") or r.get("expert_width_before") for r in layers} - {None}
+            multiples = sorted({default_multiple(width) for width in widths})
+            round_to[target] = multiples[0] if len(multiples) == 1 else multiples
+        else:
+            round_to[target] = 1
+    return {"ordering": config.resolved_ordering if snp else config.ordering,
+            "ridge": config.resolved_ridge if snp and config.reconstruct else config.ridge,
+            "round_to": round_to or config.round_to}
 
 
 def deliver(config: PruneConfig, result: PruneResult) -> None:
@@ -124,3 +155,29 @@ def deliver(config: PruneConfig, result: PruneResult) -> None:
         result.save(config.output_dir, overwrite=config.overwrite)
     if config.push_to_hub is not None:
         result.push_to_hub(config.push_to_hub, private=config.private, folder=config.output_dir)
+
+
+def run_demo(eval_windows: int = EVAL_WINDOWS, **options: Any) -> dict:
+    """Prune the packaged SmolLM2 on packaged WikiText-2 text with ``options`` (PruneConfig fields, over
+    ``hf_snp.demo.DEMO_OVERRIDES``), print perplexity before and after, save the result; returns the numbers."""
+    from .evaluation.perplexity import perplexity
+
+    run = resolve(DEMO_MODEL, None, None, PruneConfig.from_options(demo_settings(options, eval_windows)))
+    config = run.config  # every refusal is behind us, and no weights have loaded
+    print(f"Loading SmolLM2-135M-Instruct from {os.path.join(run.source.path, run.source.gguf_file)} "
+          f"(dequantised to {config.dtype})")
+    model = load(run)
+    measure = dict(dataset=EVAL_DATASET, seq_len=config.seq_len, max_windows=eval_windows, progress=config.progress)
+    ppl_before = perplexity(model, run.tokenizer, **measure)
+    print(f"Dense perplexity on {eval_windows} x {config.seq_len} WikiText-2 test tokens: {ppl_before:.2f}")
+    start = time.perf_counter()
+    result = prune_loaded(run, model, start)
+    seconds = time.perf_counter() - start
+    ppl_after = perplexity(result.model, run.tokenizer, **measure)
+    result.report["metrics"].update(perplexity_before=ppl_before, perplexity_after=ppl_after,
+                                    perplexity_protocol=f"WikiText-2 test, the first {eval_windows} windows of "
+                                                        f"{config.seq_len} tokens")
+    deliver(config, result)
+    result.report.plot(os.path.join(config.output_dir, "hf_snp_report.png"))
+    print_summary(result.report, ppl_before, ppl_after, seconds)
+    return {"ppl_before": ppl_before, "ppl_after": ppl_after, "seconds": seconds, "report": result.report}

