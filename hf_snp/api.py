@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from . import parallel
 from .config import PruneConfig, with_config_options
 from .deliver.push import push_folder
 from .deliver.quantize import quantize_result
@@ -74,10 +75,18 @@ def prune(model: str | PreTrainedModel, tokenizer: Any = None, *, image_processo
         options: the fields of :class:`hf_snp.PruneConfig`, listed below.
     """
     start = time.perf_counter()
-    run = resolve(model, tokenizer, image_processor, PruneConfig.from_options(options))
+    run = join_ranks(resolve(model, tokenizer, image_processor, PruneConfig.from_options(options)))
     result = prune_loaded(run, load(run), start)
     deliver(run.config, result)
     return result
+
+
+def join_ranks(run: PruneRun) -> PruneRun:
+    """Under torchrun / accelerate launch: join the process group, each rank on its own device (docs/design.md
+    §8.7). A run without a process group is returned unchanged."""
+    if parallel.init_from_environment(run.device):
+        run.device, run.store = parallel.local_device(run.device), parallel.local_device(run.store)
+    return run
 
 
 def prune_loaded(run: PruneRun, model: PreTrainedModel, start: float) -> PruneResult:
@@ -123,6 +132,9 @@ def finalize(run: PruneRun, passes: Passes, params_before: int, seconds: float) 
         layers=passes.records, allocation=describe_allocation(config, passes.plan, passes.curves),
         blocks=passes.blocks, timings=timings)
     report.update(resolved_settings(config, report["layers"]), license=model_license(run.source))
+    if parallel.world_size() > 1:  # each phase's seconds on every rank
+        per_rank = parallel.all_gather_objects({k: round(v, 4) for k, v in passes.timings.items()})
+        report.update(world_size=parallel.world_size(), timings_per_rank_s=per_rank)
     logger.info("pruned %s: %d -> %d parameters", report["model_name"], report["params_before"], report["params_after"])
     return PruneResult(passes.model, report, run.tokenizer, run.image_processor)
 
@@ -150,11 +162,18 @@ def resolved_settings(config: PruneConfig, layers: list[dict]) -> dict:
 
 
 def deliver(config: PruneConfig, result: PruneResult) -> None:
-    """Save to ``output_dir`` and push to the Hub, as asked."""
-    if config.output_dir is not None:
-        result.save(config.output_dir, overwrite=config.overwrite)
-    if config.push_to_hub is not None:
-        result.push_to_hub(config.push_to_hub, private=config.private, folder=config.output_dir)
+    """Save to ``output_dir`` and push to the Hub, as asked: on rank 0 only when several processes run, the others
+    waiting for its outcome (an error there is raised on every rank)."""
+    error = None
+    if parallel.is_main():
+        try:
+            if config.output_dir is not None:
+                result.save(config.output_dir, overwrite=config.overwrite)
+            if config.push_to_hub is not None:
+                result.push_to_hub(config.push_to_hub, private=config.private, folder=config.output_dir)
+        except Exception as failure:  # noqa: BLE001  (handed to every rank)
+            error = failure
+    parallel.raise_if_any_failed(error)
 
 
 def run_demo(eval_windows: int = EVAL_WINDOWS, **options: Any) -> dict:

@@ -246,6 +246,10 @@ def _prune(args: argparse.Namespace) -> None:
         raise ValueError("give --out DIR (or --push-to-hub user/name)")
     options.setdefault("progress", not args.quiet)
     result = prune(recipe=getattr(args, "recipe", None), **options)
+    from . import parallel
+
+    if not parallel.is_main():  # under torchrun: rank 0 saved the model and prints the summary
+        return
     output_dir = options.get("output_dir") or result.report.get("output_dir")
     if args.plots and output_dir:
         result.report.plot(os.path.join(output_dir, "hf_snp_report.png"))
@@ -369,9 +373,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__  # one line; --debug shows the traceback
-        print(f"hf-snp: error: {message}", file=sys.stderr)
+        print(f"hf-snp: error{_rank_label()}: {message}", file=sys.stderr)
         return 2
+    finally:
+        _leave_ranks()
     return 0
+
+
+def _rank_label() -> str:
+    """' (rank R of N)' under torchrun, else empty."""
+    if "torch" not in sys.modules:
+        return ""
+    from . import parallel
+
+    return f" (rank {parallel.rank()} of {parallel.world_size()})" if parallel.world_size() > 1 else ""
+
+
+def _leave_ranks() -> None:
+    if "torch" in sys.modules:
+        from . import parallel
+
+        parallel.leave()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 Item = TypeVar("Item")
 
 # a collective that waits longer than this ends the run with an error instead of a hang (a rank that failed)
+_JOINED: list[bool] = []  # whether this module initialised the process group
 TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("HF_SNP_DIST_TIMEOUT", "600")))
 
 
@@ -53,7 +54,15 @@ def init_from_environment(device: torch.device) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
         return False
     torch.distributed.init_process_group(backend=backend_for(device), timeout=TIMEOUT)
+    _JOINED.append(True)
     return True
+
+
+def leave() -> None:
+    """Leave the process group that :func:`init_from_environment` joined (not one the caller initialised)."""
+    if _JOINED and _distributed():
+        torch.distributed.destroy_process_group()
+    _JOINED.clear()
 
 
 def local_device(device: torch.device) -> torch.device:
