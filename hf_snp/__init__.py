@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and tools/import_map.py
     from .evaluation.accuracy import evaluate_accuracy
     from .evaluation.harness import lm_eval
     from .evaluation.perplexity import perplexity
+    from .evaluation.reference import DenseReference, evaluate
     from .methods import register_method
     from .models.modeling_hf_snp import AttentionLayout, MlpLayout
     from .setup.calibration import CalibrationData, load_calibration
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and tools/import_map.py
 _EXPORTS = {
     "prune": ".api", "PruneResult": ".api", "PruneConfig": ".config", "PruneReport": ".deliver.report",
     "perplexity": ".evaluation.perplexity", "evaluate_accuracy": ".evaluation.accuracy",
-    "lm_eval": ".evaluation.harness",
+    "lm_eval": ".evaluation.harness", "evaluate": ".evaluation.reference", "DenseReference": ".evaluation.reference",
     "CalibrationData": ".setup.calibration", "load_calibration": ".setup.calibration",
     "ImageCalibrationData": ".setup.images", "count_parameters": ".units.sites", "get_adapter": ".adapters",
     "register_adapter": ".adapters", "ModelAdapter": ".adapters", "supported_families": ".adapters",
@@ -46,6 +47,7 @@ __all__ = [
     "__version__", "prune", "PruneResult", "PruneConfig", "PruneReport", "perplexity", "evaluate_accuracy",
     "ImageCalibrationData", "lm_eval", "CalibrationData", "load_calibration", "count_parameters", "get_adapter",
     "register_adapter", "ModelAdapter", "MlpLayout", "AttentionLayout", "register_method", "supported_families",
+    "evaluate", "DenseReference",
 ]
 
 

@@ -4,17 +4,19 @@ the same phases on the packaged SmolLM2 with perplexity measured before and afte
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from transformers import PreTrainedModel
 
 from . import parallel
-from .config import PruneConfig, with_config_options
+from .config import PruneConfig, config_fields, field_default
 from .deliver.push import push_folder
 from .deliver.quantize import quantize_result
 from .deliver.report import PruneReport
@@ -22,8 +24,11 @@ from .deliver.save_format import finalize_architecture
 from .deliver.saving import save_pruned
 from .deliver.speed import speed_probe
 from .demo import DEMO_MODEL, EVAL_DATASET, EVAL_WINDOWS, demo_settings, print_summary
+from .evaluation.reference import FILES as REFERENCE_FILES
+from .evaluation.reference import DenseReference, evaluate
 from .passes.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
 from .passes.run import Passes, run_passes
+from .setup.calibration import load_calibration
 from .setup.loading import load_model, model_license
 from .setup.recipes import accepts_recipe
 from .setup.resolve import PruneRun, resolve
@@ -31,6 +36,20 @@ from .units.allocation import default_multiple, describe_allocation
 from .units.sites import count_parameters
 
 logger = logging.getLogger("hf_snp")
+
+
+def with_config_options(func: Callable) -> Callable:
+    """Give ``func(..., **options)`` the PruneConfig fields as keyword-only parameters in its signature
+    and their help in its docstring (the options are declared once, in PruneConfig)."""
+    signature = inspect.signature(func)
+    parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    parameters += [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=field_default(spec),
+                                     annotation=spec.type) for spec in config_fields().values()]
+    func.__signature__ = signature.replace(parameters=parameters)
+    lines = [f"        {spec.name}: " + textwrap.fill(spec.metadata["help"], 100, subsequent_indent=" " * 12).lstrip()
+             for spec in config_fields().values()]
+    func.__doc__ = (func.__doc__ or "").rstrip() + "\n\n    PruneConfig options:\n" + "\n".join(lines) + "\n"
+    return func
 
 
 @dataclass
@@ -41,6 +60,7 @@ class PruneResult:
     report: PruneReport
     tokenizer: Any = None
     image_processor: Any = None
+    reference: DenseReference | None = None  # the dense reference of evaluate='dense', saved with the model
 
     def save(self, output_dir: str, overwrite: bool = False) -> None:
         save_pruned(self.model, self.tokenizer, self.report, output_dir, overwrite,
@@ -81,6 +101,34 @@ def prune(model: str | PreTrainedModel, tokenizer: Any = None, *, image_processo
     return result
 
 
+def written_calibration(run: PruneRun, model: PreTrainedModel) -> None:
+    """``calibration="self"`` (alone or in a mixture): the dense model writes it now, before any cut; with several
+    ranks rank 0 writes it and the others receive it (docs/design.md §1.3)."""
+    if run.calib is not None:
+        return
+    config, calib = run.config, None
+    if parallel.is_main():
+        calib = load_calibration(config.calibration, run.tokenizer, config.num_samples, config.seq_len, config.seed,
+                                 model=model, batch_size=config.batch_size, progress=config.progress)
+    run.calib = parallel.broadcast_object(calib, 0)
+
+
+def dense_reference(run: PruneRun, model: PreTrainedModel) -> DenseReference | None:
+    """The dense model's reference for ``evaluate=``, before any cut: loaded from the folder ``evaluate`` names when
+    it holds one, else computed and saved there (``'dense'``: under output_dir/dense_reference). Rank 0 only."""
+    where = run.config.evaluate
+    if where is None or not parallel.is_main():
+        return None
+    if where == "dense":
+        where = None if run.config.output_dir is None else os.path.join(run.config.output_dir, "dense_reference")
+    if where is not None and all(os.path.exists(os.path.join(where, name)) for name in REFERENCE_FILES):
+        return DenseReference.load(where)
+    reference = DenseReference.compute(model, run.tokenizer, progress=run.config.progress)
+    if where is not None and where != os.path.join(run.config.output_dir or "", "dense_reference"):
+        reference.save(where)  # output_dir's own copy is written with the model (deliver)
+    return reference
+
+
 def join_ranks(run: PruneRun) -> PruneRun:
     """Under torchrun / accelerate launch: join the process group, each rank on its own device (docs/design.md
     §8.7). A run without a process group is returned unchanged."""
@@ -90,12 +138,18 @@ def join_ranks(run: PruneRun) -> PruneRun:
 
 
 def prune_loaded(run: PruneRun, model: PreTrainedModel, start: float) -> PruneResult:
-    """The work after loading: the passes, the report, and quantization and speed probes when asked (nothing is
-    saved: :func:`deliver` does that)."""
+    """The work after loading: written calibration, the dense reference, the passes, the report, the comparison
+    with the dense model, and quantization and speed probes when asked (nothing is saved: :func:`deliver` does)."""
     params_before = count_parameters(model)
+    written_calibration(run, model)
+    reference = dense_reference(run, model)
     dense_speed = speed_probe(model) if run.config.measure_speed else None
     passes = run_passes(run, model)
     result = finalize(run, passes, params_before, time.perf_counter() - start)
+    if reference is not None:
+        result.report["metrics"].update(evaluate(result.model, reference, run.tokenizer,
+                                                 progress=run.config.progress))
+        result.reference = reference
     if run.config.quantize is not None:
         quantize_result(result, run.config.quantize)
     if dense_speed is not None:
@@ -123,6 +177,8 @@ def finalize(run: PruneRun, passes: Passes, params_before: int, seconds: float) 
     base_model, model_name = run.model_names()
     settings = config.settings()
     timings = {**passes.timings, "dense_pass": passes.dense_pass, "cut_pass": passes.cut_pass, "total": seconds}
+    if getattr(run.calib, "generation_seconds", 0.0):  # calibration="self": the dense model writing it
+        timings["calibration_generation"] = run.calib.generation_seconds
     report = PruneReport.build(
         base_model=base_model, model_name=model_name, model_type=passes.model.config.model_type,
         save_format=save_format, settings=settings,
@@ -169,6 +225,8 @@ def deliver(config: PruneConfig, result: PruneResult) -> None:
         try:
             if config.output_dir is not None:
                 result.save(config.output_dir, overwrite=config.overwrite)
+                if result.reference is not None and config.evaluate == "dense":
+                    result.reference.save(os.path.join(config.output_dir, "dense_reference"))
             if config.push_to_hub is not None:
                 result.push_to_hub(config.push_to_hub, private=config.private, folder=config.output_dir)
         except Exception as failure:  # noqa: BLE001  (handed to every rank)

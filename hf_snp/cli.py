@@ -18,6 +18,7 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from .config import DATA, LOADING, OUTPUT, PRUNING, RUNNING, PruneConfig, field_default
+from .eval_command import eval_parser, run_eval
 
 S = argparse.SUPPRESS  # flags absent from the command line are not passed (recipe fields or defaults apply)
 GROUP_TITLES = {PRUNING: "what to prune and how", DATA: "calibration data", LOADING: "loading the model",
@@ -171,32 +172,6 @@ def _demo_parser(commands) -> None:
     add_config_flags(d, DEMO_OPTIONS, {**DEMO_OVERRIDES, "output_dir": "smollm2-<method><percent>"})
 
 
-def _eval_parser(commands) -> None:
-    e = commands.add_parser("eval", help="perplexity and lm-eval tasks of a saved model; accuracy of an image "
-                                         "classifier")
-    e.add_argument("model", help="directory or Hub id")
-    e.add_argument("--task", choices=["language-modeling", "image-classification"], default="language-modeling",
-                   help="image-classification: top-1/top-5 accuracy on --dataset")
-    e.add_argument("--dataset", default=None,
-                   help="image-classification: an imagefolder folder or a Hub id (name:split)")
-    e.add_argument("--label-column", default=None, help="image-classification: the label column (default: label)")
-    e.add_argument("--max-samples", type=int, default=None, help="image-classification: evaluate the first N images")
-    e.add_argument("--ppl", default=None, help="perplexity on wikitext2, wikitext2-test-local, or a text file")
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (wikitext_local works offline)")
-    e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
-    e.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
-    e.add_argument("--seq-len", type=int, default=2048, help="perplexity: tokens per window (default: 2048)")
-    e.add_argument("--max-windows", type=int, default=None, help="perplexity: the first N windows (default: all)")
-    e.add_argument("--batch-size", type=int, default=None, help="default: 1 window (language), 32 images")
-    e.add_argument("--device", default=None, help="default: the GPU when there is one")
-    e.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the Hub")
-    e.add_argument("--speed", action="store_true", help="measure prefill and decode speed (hf_snp.deliver.speed)")
-    e.add_argument("--baseline", default=None,
-                   help="--speed: a model (e.g. the dense one) to report speed-ups against, measured interleaved")
-    e.add_argument("--save", action="store_true", help="record the results in the model's hf_snp_report.json")
-    _add_common(e)
-
-
 def _as_module() -> bool:
     return os.path.basename(sys.argv[0]) == "__main__.py"
 
@@ -207,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _prune_parser(commands)
     _demo_parser(commands)
-    _eval_parser(commands)
+    eval_parser(commands, _add_common)
     r = commands.add_parser("report", help="print a saved model's pruning report as a table")
     r.add_argument("model", help="directory written by hf-snp prune")
     r.add_argument("--plots", default=None, metavar="PNG", help="also draw the report to this PNG file")
@@ -266,90 +241,13 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(**options)
 
 
-def _image_eval(args: argparse.Namespace) -> dict:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from .evaluation.accuracy import evaluate_accuracy
-
-    if args.dataset is None:
-        raise ValueError("--task image-classification needs --dataset (an imagefolder folder or a Hub id)")
-    if args.ppl is not None or args.tasks is not None:
-        raise ValueError("--ppl and --tasks are for language models; drop them with --task image-classification")
-    model = AutoModelForImageClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
-    if args.device:
-        model.to(args.device)
-    processor = AutoImageProcessor.from_pretrained(args.model)
-    accuracy = evaluate_accuracy(model, args.dataset, processor, batch_size=args.batch_size or 32,
-                                 label_column=args.label_column, max_samples=args.max_samples, progress=not args.quiet)
-    return {"accuracy": {**accuracy, "dataset": args.dataset}}
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from .deliver.report import REPORT_NAME, PruneReport
-
-    results: dict = {"model": args.model}
-    if args.task == "image-classification":
-        results.update(_image_eval(args))
-    else:
-        results.update(_language_eval(args))
-    if args.save and os.path.exists(os.path.join(args.model, REPORT_NAME)):
-        report = PruneReport.load(args.model)
-        if "speed" in results:
-            report["speed"] = results["speed"]
-        report.setdefault("metrics", {}).update({k: v for k, v in results.items() if k not in ("model", "speed")})
-        with open(os.path.join(args.model, REPORT_NAME), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2, default=str)
-    print(json.dumps(results, indent=2, default=str))
-
-
-def _language_eval(args: argparse.Namespace) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .evaluation.perplexity import perplexity
-
-    if args.ppl is None and args.tasks is None and not args.speed:
-        raise ValueError("choose what to evaluate: --ppl DATASET, --tasks T1,T2 and/or --speed "
-                         "(or --task image-classification)")
-    if args.baseline is not None and not args.speed:
-        raise ValueError("--baseline is the reference of --speed; add --speed")
-
-    def load(path: str):
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=args.trust_remote_code).eval()
-        return model.to(args.device) if args.device else model
-
-    model = load(args.model)
-    results: dict = {}
-    if args.speed:
-        from .deliver.speed import compare_speed
-
-        models = {"baseline": load(args.baseline), "model": model} if args.baseline else {"model": model}
-        measured = compare_speed(models)
-        results["speed"] = {"device": measured["device"], "dtype": measured["dtype"], **measured["models"]["model"]}
-        if args.baseline:
-            results["speed"]["baseline"] = args.baseline
-    if args.ppl is None and args.tasks is None:
-        return results
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.ppl is not None:
-        results["perplexity"] = perplexity(model, tokenizer, args.ppl, args.seq_len, args.max_windows,
-                                           progress=not args.quiet)
-        results["perplexity_protocol"] = f"{args.ppl}, seq_len {args.seq_len}, windows {args.max_windows or 'all'}"
-    if args.tasks is not None:
-        from .evaluation.harness import lm_eval
-
-        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        results["lm_eval"] = lm_eval(model, args.tasks.split(","), tokenizer=tokenizer, batch_size=args.batch_size or 1,
-                                     limit=limit, include_path=args.include_path)
-    return results
-
-
 def _run(args: argparse.Namespace) -> None:
     if args.command == "prune":
         _prune(args)
     elif args.command == "demo":
         _demo(args)
     elif args.command == "eval":
-        _eval(args)
+        run_eval(args)
     elif args.command == "report":
         from .deliver.report import PruneReport
 

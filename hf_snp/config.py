@@ -6,9 +6,7 @@ keywords, recipes take them as keys, the CLI's flags are generated from them (``
 
 from __future__ import annotations
 
-import inspect
 import math
-import textwrap
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -168,6 +166,12 @@ class PruneConfig:
     base_model: str | None = option(None, "the Hub id of the model being pruned, for the model card and report "
                                           "(default: from the source, its config or its GGUF metadata; a local "
                                           "path is never written)", OUTPUT)
+    evaluate: str | None = option(
+        None, "compare the pruned model with the dense one (KL divergence and top-1 agreement on held-out "
+              "WikiText-2 and on the dense model's replies to shipped chat prompts, the share of empty replies; into "
+              "report['metrics']): 'dense' computes the dense reference before pruning (saved under output_dir/"
+              "dense_reference), a folder path reuses the reference saved there or computes and saves it there",
+        OUTPUT)
     push_to_hub: str | None = option(None, "a Hub repository ('user/name') to upload the saved model to", OUTPUT)
     private: bool = option(False, "make a new Hub repository private", OUTPUT)
 
@@ -367,20 +371,6 @@ def config_fields() -> dict[str, Any]:
 
 def field_default(spec) -> Any:
     return spec.default_factory() if spec.default is MISSING else spec.default
-
-
-def with_config_options(func: Callable) -> Callable:
-    """Give ``func(..., **options)`` the PruneConfig fields as keyword-only parameters in its signature
-    and their help in its docstring (the options are declared once, in PruneConfig)."""
-    signature = inspect.signature(func)
-    parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    parameters += [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=field_default(spec),
-                                     annotation=spec.type) for spec in fields(PruneConfig)]
-    func.__signature__ = signature.replace(parameters=parameters)
-    lines = [f"        {spec.name}: " + textwrap.fill(spec.metadata["help"], 100, subsequent_indent=" " * 12).lstrip()
-             for spec in fields(PruneConfig)]
-    func.__doc__ = (func.__doc__ or "").rstrip() + "\n\n    PruneConfig options:\n" + "\n".join(lines) + "\n"
-    return func
 
 
 def _jsonable(value: Any) -> Any:

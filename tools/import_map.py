@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / "hf_snp"
 # methods and adapters on them; then the phases of a run, setup, passes, deliver, and evaluation; the entry points
 # (api, cli, demo, the package itself) on top
 LAYERS = (("models",), ("config", "version", "parallel"), ("units",), ("methods",), ("adapters",), ("setup",),
-          ("passes",), ("deliver",), ("evaluation",), ("", "api", "cli", "demo", "__main__"))
+          ("passes",), ("deliver",), ("evaluation",), ("", "api", "cli", "demo", "eval_command", "__main__"))
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

@@ -30,7 +30,7 @@ class PruneRun:
     tokenizer: Any
     image_processor: Any
     method: PruningMethod
-    calib: CalibrationData | ImageCalibrationData
+    calib: CalibrationData | ImageCalibrationData | None  # None until the model writes it (calibration="self")
     rules: WidthRules
     checkpoint: Checkpoint | None
     device: torch.device

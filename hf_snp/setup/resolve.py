@@ -17,7 +17,7 @@ from ..config import PruneConfig
 from ..deliver.quantize import require_torchao
 from ..methods import get_method
 from ..units.allocation import WidthRules
-from .calibration import CalibrationData, is_text_calibration, load_calibration
+from .calibration import CalibrationData, is_text_calibration, load_calibration, needs_model
 from .checkpoint import Checkpoint, fingerprint
 from .images import ImageCalibrationData, check_modality, load_image_calibration
 from .loading import ModelSource, load_config, load_image_processor, load_tokenizer, prepare_loaded_model
@@ -58,15 +58,17 @@ def resolve(model: str | PreTrainedModel, tokenizer: Any, image_processor: Any, 
         image_processor = _preprocessor_if_available("image", source, config, not _is_pixel_values(config.calibration))
     if source is not None and adapter.modality == "text" and tokenizer is None:
         tokenizer = _preprocessor_if_available("text", source, config, is_text_calibration(config.calibration))
-    calib = _load_calibration(adapter, model_config, tokenizer, image_processor, config)
+    written = adapter.modality == "text" and needs_model(config.calibration)  # made after the weights load
+    calib = None if written else _load_calibration(adapter, model_config, tokenizer, image_processor, config)
+    num_tokens = config.num_samples * config.seq_len if written else calib.num_tokens
     shapes = loaded if loaded is not None else shape_model(model_config, adapter.auto_class, config.trust_remote_code)
     config.validate(num_layers=len(adapter.layers(shapes)))
     rules = WidthRules.build(config.round_to, config.min_width)
     method = get_method(config.method)
-    preflight(adapter, shapes, config, method, rules, calib.num_tokens)
+    preflight(adapter, shapes, config, method, rules, num_tokens)
     checkpoint = None
     if config.checkpoint_dir is not None:
-        digest = fingerprint(config.settings(), architecture(model_config), *calib.tensors())
+        digest = fingerprint(config.settings(), architecture(model_config), *(calib.tensors() if calib else ()))
         checkpoint = Checkpoint.open(config.checkpoint_dir, digest, config.resume)
     device = torch.device(config.device) if config.device is not None else default_device()
     store = torch.device(config.activation_device) if config.activation_device is not None else device
