@@ -11,8 +11,9 @@ from typing import Any
 
 DEMO_MODEL = "smollm2-demo"
 # the demo's defaults where they differ from PruneConfig's: a short calibration on the packaged WikiText-2 text
+# and the comparison with the dense model (KL, top-1 agreement, chat replies)
 DEMO_OVERRIDES: dict[str, Any] = dict(num_samples=32, seq_len=512, targets=("mlp",), calibration="wikitext2-local",
-                                      dtype="float32")
+                                      dtype="float32", evaluate="dense")
 # the PruneConfig fields `hf-snp demo` offers as flags (run_demo takes any field)
 DEMO_OPTIONS = ("method", "sparsity", "targets", "num_samples", "seq_len", "seed", "batch_size", "device",
                 "output_dir", "overwrite", "measure_speed")
@@ -42,8 +43,22 @@ def print_summary(report: dict, ppl_before: float, ppl_after: float, seconds: fl
             ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}")]
     if "mlp_width" in first:
         rows.append(("MLP width", str(first["mlp_width_before"]), str(first["mlp_width"])))
+    metrics = report.get("metrics", {})
+    for key, label in (("kl_text", "KL text"), ("kl_chat", "KL chat")):
+        if metrics.get(key) is not None:
+            rows.append((label, "0", f"{metrics[key]:.3f} nats/token"))
+    if metrics.get("empty_reply_share") is not None:
+        rows.append(("no answer", "0%", f"{metrics['empty_reply_share']:.0%} of the chat prompts"))
     print()
     for row in rows:
         print(f"{row[0]:<12}{row[1]:>16}{row[2]:>34}")
+    for shown in metrics.get("replies", [])[:2]:
+        print(f"\nQ: {shown['prompt']}\n  dense:  {_line(shown['dense'])}\n  pruned: {_line(shown['pruned'])}")
     print(f"\nPruning took {seconds:.1f} s ({report['num_samples']} x {report['seq_len']} calibration tokens); "
           f"saved to {report['output_dir']}/")
+
+
+def _line(reply: str, width: int = 100) -> str:
+    """A reply on one line, cut to ``width`` characters ('(no answer)' when empty)."""
+    text = " ".join(reply.split()) or "(no answer)"
+    return text if len(text) <= width else text[: width - 1] + "…"
