@@ -64,11 +64,11 @@ def __dir__() -> list[str]:
 
 
 class _QuietThirdParty(logging.Filter):
-    """Drops two messages that torchao and torch log on every import of transformers' quantizers, and nothing
-    else: torchao's "Failed to load <its optional kernels>.so" and torch's deprecation of register_constant()
-    on Enum subclasses (torchao's)."""
+    """Drops three messages that torchao and torch log on every import of transformers' quantizers, and nothing
+    else: torchao's "Failed to load <its optional kernels>.so" and "Detected no triton" (on CPU machines), and
+    torch's deprecation of register_constant() on Enum subclasses (torchao's)."""
 
-    MESSAGES = {"torchao": ("Failed to load ", ".so"),
+    MESSAGES = {"torchao": ("Failed to load ", ".so"), "torchao.kernel.intmm": ("Detected no triton", ""),
                 "torch.utils._pytree": ("is an Enum subclass and is now natively supported", "")}
 
     def filter(self, record: logging.LogRecord) -> bool:
