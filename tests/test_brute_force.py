@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hf_snp.units.allocation import SiteCurve, allocate_global
-from hf_snp.units.linalg import greedy_group_elimination, greedy_zca_elimination, ordered_pivot_costs
+from hf_snp.units.elimination import ordered_pivot_costs
+from hf_snp.units.linalg import greedy_group_elimination, greedy_zca_elimination
 from hf_snp.units.removal import RemovalPlan
 
 

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..units.elimination import batched_obs_elimination, ordered_pivot_costs
 from ..units.linalg import (
     dense_target_map,
     greedy_group_elimination,
     greedy_obs_elimination,
     greedy_zca_elimination,
     least_squares_map,
-    ordered_pivot_costs,
     swap_search,
     unreconstructed_errors,
 )
@@ -39,8 +39,9 @@ class SNP(PruningMethod):
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
         if config.resolved_ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
-            if plan.group_size == 1 and len(plan.pools) == 1:
-                return greedy_obs_elimination(moment, site.consumer_weight, plan.rounds, config.damping)
+            if plan.group_size == 1 and len(plan.pools) == 1:  # in batches, one host read per site (§3.10)
+                removed, errors, _ = batched_obs_elimination(moment, site.consumer_weight, plan.rounds, config.damping)
+                return removed, errors
             return greedy_group_elimination(moment, plan, config.damping, site.consumer_weight, update_weight=True)
         if config.resolved_ordering in ("zca", "output_aware"):
             weight = site.consumer_weight if config.resolved_ordering == "output_aware" else None

@@ -24,6 +24,14 @@ def robust_cholesky(matrix: torch.Tensor, damping: float) -> torch.Tensor:
     raise torch.linalg.LinAlgError("matrix is not positive definite even with heavy damping")
 
 
+def read_order(picks: list[torch.Tensor], costs: list[torch.Tensor]) -> tuple[list[int], list[float]]:
+    """The removed indices and their costs ([1]-tensors an elimination kept on its device), read back at once."""
+    if not picks:
+        return [], []
+    packed = torch.cat([torch.cat(picks).to(costs[0].dtype), torch.cat(costs)]).tolist()
+    return [int(p) for p in packed[:len(picks)]], packed[len(picks):]
+
+
 def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float,
                            weights: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
     """Remove units one at a time, always the one with the least unique variance.
@@ -54,19 +62,19 @@ def greedy_zca_elimination(moment: torch.Tensor, num_remove: int, damping: float
     cols = precision.new_zeros(n, num_remove)
     diag = precision.diagonal().clone()
     alive = torch.ones(n, dtype=torch.bool, device=moment.device)
-    removed, unique_variance = [], []
+    picks, unique_variance = [], []  # kept on the device: one read at the end (docs/design.md §3.10)
     scale = None if weights is None else weights.to(moment).clamp_min(torch.finfo(moment.dtype).tiny)
     for step in range(num_remove):
         priority = diag if scale is None else diag / scale
-        p = int(torch.where(alive, priority, torch.full_like(diag, -torch.inf)).argmax())
+        p = torch.where(alive, priority, -torch.inf).argmax(0, keepdim=True)
         pivot = diag[p].clamp_min(torch.finfo(diag.dtype).tiny)
-        col = precision[:, p] - cols[:, :step] @ cols[p, :step]
+        col = precision[:, p].squeeze(1) - cols[:, :step] @ cols[p, :step].squeeze(0)
         cols[:, step] = col / pivot.sqrt()
         diag -= cols[:, step] ** 2
         alive[p] = False
-        removed.append(p)
-        unique_variance.append(float((1.0 if scale is None else scale[p]) / pivot))
-    return removed, unique_variance
+        picks.append(p)
+        unique_variance.append((1.0 if scale is None else scale[p]) / pivot)
+    return read_order(picks, unique_variance)
 
 
 def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remove: int, damping: float,
@@ -89,19 +97,20 @@ def greedy_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remov
     cols = precision.new_zeros(n, num_remove)
     diag = precision.diagonal().clone()
     alive = torch.ones(n, dtype=torch.bool, device=moment.device)
-    removed, errors = [], []
+    given = None if order is None else torch.as_tensor(order[:num_remove], device=moment.device)
+    picks, errors = [], []  # kept on the device: one read at the end (docs/design.md §3.10)
     for step in range(num_remove):
         error = torch.linalg.vector_norm(rows, dim=1).pow(2) / diag.clamp_min(tiny)
-        p = int(torch.where(alive, error, torch.full_like(error, torch.inf)).argmin()) if order is None else order[step]
+        p = torch.where(alive, error, torch.inf).argmin(0, keepdim=True) if given is None else given[step:step + 1]
         pivot = diag[p].clamp_min(tiny)
-        col = precision[:, p] - cols[:, :step] @ cols[p, :step]  # the current Q_:p
-        rows.addr_(col, rows[p] / pivot, alpha=-1)  # W_eff <- W_eff - W_eff[:, p] Q_p: / Q_pp
+        col = precision[:, p].squeeze(1) - cols[:, :step] @ cols[p, :step].squeeze(0)  # the current Q_:p
+        rows.addr_(col, rows[p].squeeze(0) / pivot, alpha=-1)  # W_eff <- W_eff - W_eff[:, p] Q_p: / Q_pp
         cols[:, step] = col / pivot.sqrt()
         diag -= cols[:, step] ** 2
         alive[p] = False
-        removed.append(p)
-        errors.append(float(error[p]))
-    return removed, errors
+        picks.append(p)
+        errors.append(error[p])
+    return read_order(picks, errors)
 
 
 def unreconstructed_errors(moment: torch.Tensor, weight: torch.Tensor, units: torch.Tensor,
@@ -124,9 +133,8 @@ def _lapack_pivoted_cholesky(precision: torch.Tensor, num_remove: int) -> tuple[
     factor, pivots, rank, info = lapack.dpstrf(precision.numpy(), tol=-1.0, lower=1)
     if info < 0 or rank < num_remove:
         return None
-    order = (torch.from_numpy(pivots[:num_remove]).long() - 1).tolist()
-    diagonal = torch.from_numpy(factor.diagonal()[:num_remove].copy()).pow(2)
-    return order, (1.0 / diagonal).tolist()
+    diagonal = factor.diagonal()[:num_remove]  # host arrays (this path is CPU-only): no device read
+    return [int(p) - 1 for p in pivots[:num_remove]], [float(v) for v in 1.0 / (diagonal * diagonal)]
 
 
 def least_squares_map(moment: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor, damping: float) -> torch.Tensor:
@@ -160,6 +168,17 @@ def spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(factor)
 
 
+def spd_inverse_on_device(blocks: torch.Tensor) -> torch.Tensor:
+    """:func:`spd_inverse` with no read back to the host: a block whose Cholesky factorisation fails (rounding in a
+    near-singular precision) is factored again with a ridge of 1e-10, then 1e-6, of its mean diagonal."""
+    factor, info = torch.linalg.cholesky_ex(blocks)
+    scale = blocks.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(blocks.dtype).tiny)
+    for ridge in (1e-10, 1e-6):
+        extra = torch.where(info > 0, ridge * scale, 0.0)[..., None]
+        factor, info = torch.linalg.cholesky_ex(blocks + torch.diag_embed(extra.expand(blocks.shape[:-1])))
+    return torch.cholesky_inverse(factor)
+
+
 def greedy_group_elimination(moment: torch.Tensor, plan, damping: float, weight: torch.Tensor | None = None,
                              update_weight: bool = False, order: list[int] | None = None
                              ) -> tuple[list[int], list[float]]:
@@ -176,45 +195,34 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float, weight:
     """
     precision = torch.cholesky_inverse(robust_cholesky(moment, damping))
     weight = None if weight is None else weight.to(moment)
-    alive = [True] * plan.num_groups
-    removed, unique_variance = [], []
-    for step, pool in enumerate(plan.schedule):
-        candidates = [g for g in pool if alive[g]] if order is None else [order[step]]
-        idx = plan.units(candidates, moment.device).view(len(candidates), plan.group_size)
-        blocks = spd_inverse(precision[idx[:, :, None], idx[:, None, :]])
+    device, size = moment.device, plan.group_size
+    pools = [torch.as_tensor(pool, device=device) for pool in plan.pools]
+    given = None if order is None else torch.as_tensor(order, device=device)
+    alive = torch.ones(plan.num_groups, dtype=torch.bool, device=device)
+    picks, unique_variance = [], []  # kept on the device: one read at the end (docs/design.md §3.10)
+    for step in range(len(plan.schedule)):  # the schedule: every pool in turn, ``rounds`` times
+        candidates = pools[step % len(pools)] if given is None else given[step:step + 1]
+        idx = candidates[:, None] * size + torch.arange(size, device=device)  # [candidates, group]
+        live = alive[candidates]  # a removed group's block is replaced by I, and its score by +inf
+        blocks = torch.where(live[:, None, None], precision[idx[:, :, None], idx[:, None, :]],
+                             torch.eye(size, dtype=moment.dtype, device=device))
+        blocks = spd_inverse_on_device(blocks)
         if weight is None:
             scores = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)
         else:
             w = weight[:, idx].permute(1, 0, 2)  # [candidates, out, group]
             scores = torch.einsum("com,cmn,con->c", w, blocks, w)
-        best = int(torch.argmin(scores))
-        group, units = candidates[best], idx[best]
+        best = torch.where(live, scores, torch.inf).argmin(0, keepdim=True)
+        units = idx[best].squeeze(0)
         cross = precision[:, units]
         solved = torch.linalg.solve(precision[units][:, units], cross.T)  # ([Q]_gg)^{-1} Q_g:
         if update_weight:
             weight = weight - weight[:, units] @ solved
         precision = precision - cross @ solved
-        alive[group] = False
-        removed.append(group)
-        unique_variance.append(float(scores[best]))
-    return removed, unique_variance
-
-
-def ordered_pivot_costs(moment: torch.Tensor, keep_first: list[int], group_size: int, damping: float) -> list[float]:
-    """Per group, in a given keep-first order: the trace of its covariance given the groups before it.
-
-    That is the squared Frobenius norm of the group's diagonal block of the Cholesky factor of
-    M permuted to that order (the block-LDL pivot). Used for orders that are not greedy.
-    """
-    units = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in keep_first]).to(moment.device)
-    factor = robust_cholesky(moment[units][:, units], damping)
-    blocks = factor.diagonal().pow(2).view(len(keep_first), group_size)
-    if group_size > 1:
-        full = torch.stack([factor[i * group_size:(i + 1) * group_size,
-                                   i * group_size:(i + 1) * group_size].pow(2).sum()
-                            for i in range(len(keep_first))])
-        return full.tolist()
-    return blocks.sum(1).tolist()
+        alive[candidates[best]] = False
+        picks.append(candidates[best])
+        unique_variance.append(scores[best])
+    return read_order(picks, unique_variance)
 
 
 def least_squares_error(moment: torch.Tensor, weight: torch.Tensor, drop: torch.Tensor, damping: float) -> float:
