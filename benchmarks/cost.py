@@ -2,6 +2,7 @@
 
     python benchmarks/cost.py [--parts ratio,depth,tokens,width] [--device cpu|cuda]
     python benchmarks/cost.py --parts gpu --device cuda          # OPT-1.3b / Llama-7B shapes, bf16
+    python benchmarks/cost.py --parts gpu --smoke                # the same part on tiny shapes, on the CPU
 
 Parts:
   ratio   SmolLM2-135M (the packaged demo model), 30% of MLP neurons with SNP, 32 x 512 calibration
@@ -19,9 +20,10 @@ Parts:
           calibration tokens), each search in a fresh process: the iterative search (issue 18) against the
           three-candidate search, peak RSS and peak live heap above the loaded model (in model and block
           sizes), seconds, and the iterative search's seconds per round in dense forward passes.
-  gpu     With a GPU: OPT-1.3b- and Llama-7B-shaped models of random bf16 weights, 128 x 2048
-          calibration tokens, seconds and peak GPU memory; and the Llama-7B shape again with
-          ``max_memory`` below its size, so accelerate offloads blocks to the CPU.
+  gpu     With a GPU (benchmarks/cost_gpu.py): OPT-1.3b- and Llama-7B-shaped models of random bf16 weights,
+          128 x 2048 calibration tokens: statistics / decide / cut seconds, peak GPU memory and the host reads
+          (synchronisations) of each site's decision; and the Llama-7B shape again with ``max_memory`` below its
+          size, so accelerate offloads blocks to the CPU. ``--smoke``: tiny shapes on the CPU, printed only.
 
 Each part writes benchmarks/results/cost_PART.md (and its plot); cost.md gathers the CPU parts.
 """
@@ -35,22 +37,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
-from measure import RssPeak, code_commit, dense_forward_seconds, first_windows, model_bytes, save_line_plot, sync
+from cost_gpu import part_gpu
+from measure import RssPeak, code_commit, dense_forward_seconds, first_windows, model_bytes, save_line_plot
 
 import hf_snp
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
              max_position_embeddings=4096, tie_word_embeddings=False)
-GPU_SHAPES = {
-    "OPT-1.3b shape": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
-                                   num_attention_heads=32, word_embed_proj_dim=2048, max_position_embeddings=2048)),
-    "Llama-7B shape": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
-}
 
 
 def random_model(family: str = "llama", dtype=torch.float32, **overrides):
@@ -342,41 +338,6 @@ def part_width(args, device) -> list[str]:
     return lines + [""]
 
 
-def part_gpu(args, device) -> list[str]:
-    lines = [f"## GPU: {torch.cuda.get_device_name(device)}, bf16 random weights, 128 x 2048 calibration tokens, "
-             "30% of MLP, SNP", "",
-             "| model | parameters | placement | pruning s | peak GPU memory GiB | model GiB |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
-    for name, (family, shape) in GPU_SHAPES.items():
-        model = random_model(family, dtype=torch.bfloat16, **shape)
-        ids = random_ids(shape["vocab_size"], 128, 2048)
-        size = model_bytes(model)
-        runs = [("on the GPU", dict(device=device))]
-        if family == "llama":
-            runs.append(("max_memory below the model: offloaded", dict(max_gpu=size // 2)))
-        with tempfile.TemporaryDirectory(prefix="hf_snp_gpu_") as path:
-            model.save_pretrained(path)
-            del model
-            for placement, options in runs:
-                torch.cuda.reset_peak_memory_stats(device)
-                kwargs = dict(method="snp", sparsity=0.3, calibration=ids, batch_size=8, progress=False,
-                              dtype="bfloat16")
-                if "max_gpu" in options:
-                    kwargs.update(device_map="auto", max_memory={0: options["max_gpu"], "cpu": "100GiB"}, device=device)
-                else:
-                    kwargs.update(device_map={"": device.index or 0}, device=device)
-                start = time.perf_counter()
-                result = hf_snp.prune(path, **kwargs)
-                sync(device)
-                seconds = time.perf_counter() - start
-                lines.append(f"| {name} | {result.report['params_before']:,} | {placement} | {seconds:.1f} | "
-                             f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} | {size / 2**30:.1f} |")
-                print(lines[-1], flush=True)
-                del result
-                torch.cuda.empty_cache()
-    return lines + [""]
-
-
 def plot_lines(name: str, xlabel: str, ylabel: str, title: str, series: dict, log: bool = False) -> None:
     save_line_plot(os.path.join(RESULTS, name), series, xlabel, ylabel, title, logx=log, logy=log, size=(6, 3.8))
 
@@ -385,11 +346,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="ratio,depth,tokens,width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="gpu part: tiny shapes on the CPU, nothing written")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
-    device = torch.device(args.device)
+    device = torch.device("cpu" if args.smoke else args.device)
     os.makedirs(RESULTS, exist_ok=True)
     parts = args.parts.split(",")
     header = f"({device.type}, {os.cpu_count()} CPU cores, torch {torch.__version__}, hf_snp at commit {code_commit()})"
@@ -397,13 +359,16 @@ def main() -> None:
         runner = {"ratio": lambda: part_ratio(args, device), "depth": lambda: part_depth(args),
                   "tokens": lambda: part_tokens(args, device), "width": lambda: part_width(args, device),
                   "search": lambda: part_search(args), "search_depth": lambda: part_search_depth(args),
-                  "gpu": lambda: part_gpu(args, device)}.get(part)
+                  "gpu": lambda: part_gpu(device, args.smoke)}.get(part)
         if runner is None:
             raise SystemExit(f"unknown part {part!r}")
-        if part == "gpu" and device.type != "cuda":
-            raise SystemExit("--parts gpu needs --device cuda")
-        write_part(part, runner(), header, args.device)
-    assemble()
+        if part == "gpu" and device.type != "cuda" and not args.smoke:
+            raise SystemExit("--parts gpu needs --device cuda (or --smoke: tiny shapes on the CPU)")
+        lines = runner()
+        if not args.smoke:
+            write_part(part, lines, header, args.device)
+    if not args.smoke:
+        assemble()
 
 
 def write_part(part: str, lines: list[str], header: str, device: str) -> None:

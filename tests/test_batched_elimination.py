@@ -129,9 +129,15 @@ def test_a_shorter_order_is_the_first_steps_of_a_longer_one():
 
 # --- reads back to the host -------------------------------------------------------------------------------------
 
+# ops that read a device value on the host: ``.item()``, ``int()``, ``float()``, ``bool()``; ``nonzero`` (its size);
+# the error checks of linalg calls without ``_ex`` (``info`` is read: a sync on CUDA), eigh's among them (inside its
+# kernel, so the kernel is counted)
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+              torch.ops.aten._linalg_check_errors.default, torch.ops.aten._linalg_eigh.default)
+
+
 class HostReads(TorchDispatchMode):
-    """Counts the ops that read a device value on the host: ``aten._local_scalar_dense`` (``.item()``, ``int()``,
-    ``float()``, ``bool()``) and ``nonzero`` (its size); ``Tensor.tolist`` is counted by the fixture below (it
+    """Counts the ops of HOST_READS as torch dispatches them; ``Tensor.tolist`` is counted by the fixture below (it
     reads the data below the dispatcher)."""
 
     def __init__(self):
@@ -139,7 +145,7 @@ class HostReads(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+        if func in HOST_READS:
             self.count += 1
         return func(*args, **(kwargs or {}))
 

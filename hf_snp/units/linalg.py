@@ -215,7 +215,7 @@ def greedy_group_elimination(moment: torch.Tensor, plan, damping: float, weight:
         best = torch.where(live, scores, torch.inf).argmin(0, keepdim=True)
         units = idx[best].squeeze(0)
         cross = precision[:, units]
-        solved = torch.linalg.solve(precision[units][:, units], cross.T)  # ([Q]_gg)^{-1} Q_g:
+        solved = torch.linalg.solve_ex(precision[units][:, units], cross.T)[0]  # ([Q]_gg)^{-1} Q_g:, no check
         if update_weight:
             weight = weight - weight[:, units] @ solved
         precision = precision - cross @ solved
