@@ -1,6 +1,6 @@
 """The public entry point, hf_snp.prune, as the table of contents of a pruning run:
-resolve (everything before weights load), load, run the passes, finalize, deliver; and the demo (run_demo),
-the same phases on the packaged SmolLM2 with perplexity measured before and after."""
+resolve (everything before weights load), load, run the passes, finalize, deliver; and the demo (run_demo), the
+same phases on the packaged SmolLM2, compared with the dense model before and after."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from .deliver.report import PruneReport
 from .deliver.save_format import finalize_architecture
 from .deliver.saving import save_pruned
 from .deliver.speed import speed_probe
-from .demo import DEMO_MODEL, EVAL_DATASET, EVAL_WINDOWS, demo_settings, print_summary
+from .demo import DEMO_MODEL, DEMO_PROMPTS, EVAL_DATASET, EVAL_SEQ_LEN, EVAL_WINDOWS, demo_settings, print_summary
 from .evaluation.reference import FILES as REFERENCE_FILES
-from .evaluation.reference import DenseReference, evaluate
+from .evaluation.reference import DenseReference, evaluate, shipped_prompts
 from .passes.placement import has_offloaded_weights, keep_freed_blocks_out_of_memory
 from .passes.run import Passes, run_passes
 from .setup.calibration import load_calibration
@@ -225,7 +225,7 @@ def deliver(config: PruneConfig, result: PruneResult) -> None:
         try:
             if config.output_dir is not None:
                 result.save(config.output_dir, overwrite=config.overwrite)
-                if result.reference is not None and config.evaluate == "dense":
+                if result.reference is not None and config.evaluate in ("dense", None):
                     result.reference.save(os.path.join(config.output_dir, "dense_reference"))
             if config.push_to_hub is not None:
                 result.push_to_hub(config.push_to_hub, private=config.private, folder=config.output_dir)
@@ -235,26 +235,27 @@ def deliver(config: PruneConfig, result: PruneResult) -> None:
 
 
 def run_demo(eval_windows: int = EVAL_WINDOWS, **options: Any) -> dict:
-    """Prune the packaged SmolLM2 on packaged WikiText-2 text with ``options`` (PruneConfig fields, over
-    ``hf_snp.demo.DEMO_OVERRIDES``), print perplexity before and after, save the result; returns the numbers."""
-    from .evaluation.perplexity import perplexity
-
+    """Prune the packaged SmolLM2 with ``options`` (PruneConfig fields, over ``DEMO_OVERRIDES``), compare it with
+    the dense model (perplexity, KL, chat replies), print the comparison and save the result; returns the numbers."""
     run = resolve(DEMO_MODEL, None, None, PruneConfig.from_options(demo_settings(options, eval_windows)))
     config = run.config  # every refusal is behind us, and no weights have loaded
     print(f"Loading SmolLM2-135M-Instruct from {os.path.join(run.source.path, run.source.gguf_file)} "
           f"(dequantised to {config.dtype})")
     model = load(run)
-    measure = dict(dataset=EVAL_DATASET, seq_len=config.seq_len, max_windows=eval_windows, progress=config.progress)
-    ppl_before = perplexity(model, run.tokenizer, **measure)
-    print(f"Dense perplexity on {eval_windows} x {config.seq_len} WikiText-2 test tokens: {ppl_before:.2f}")
+    reference = DenseReference.compute(model, run.tokenizer, EVAL_DATASET, eval_windows, EVAL_SEQ_LEN,
+                                       prompts=shipped_prompts()[:DEMO_PROMPTS], progress=config.progress)
+    ppl_before = reference.meta["dense_perplexity"]
+    print(f"Dense perplexity on {eval_windows} x {EVAL_SEQ_LEN} WikiText-2 test tokens: {ppl_before:.2f}")
     start = time.perf_counter()
     result = prune_loaded(run, model, start)
     seconds = time.perf_counter() - start
-    ppl_after = perplexity(result.model, run.tokenizer, **measure)
-    result.report["metrics"].update(perplexity_before=ppl_before, perplexity_after=ppl_after,
+    metrics = evaluate(result.model, reference, run.tokenizer, progress=config.progress)
+    result.report["metrics"].update(metrics, perplexity_before=ppl_before, perplexity_after=metrics["perplexity_text"],
                                     perplexity_protocol=f"WikiText-2 test, the first {eval_windows} windows of "
-                                                        f"{config.seq_len} tokens")
+                                                        f"{EVAL_SEQ_LEN} tokens")
+    result.reference = reference
     deliver(config, result)
     result.report.plot(os.path.join(config.output_dir, "hf_snp_report.png"))
-    print_summary(result.report, ppl_before, ppl_after, seconds)
-    return {"ppl_before": ppl_before, "ppl_after": ppl_after, "seconds": seconds, "report": result.report}
+    print_summary(result.report, ppl_before, metrics["perplexity_text"], seconds)
+    return {"ppl_before": ppl_before, "ppl_after": metrics["perplexity_text"], "seconds": seconds,
+            "report": result.report}

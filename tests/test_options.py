@@ -60,6 +60,7 @@ EXAMPLES = {
     "push_to_hub": (["--push-to-hub", "user/name"], "user/name"),
     "private": (["--private"], True),
     "base_model": (["--base-model", "org/model"], "org/model"),
+    "evaluate": (["--evaluate", "dense"], "dense"),
     "quantize": (["--quantize", "int8_dynamic"], "int8_dynamic"),
 }
 

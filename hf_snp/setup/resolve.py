@@ -19,6 +19,7 @@ from ..methods import get_method
 from ..units.allocation import WidthRules
 from .calibration import CalibrationData, is_text_calibration, load_calibration, needs_model
 from .checkpoint import Checkpoint, fingerprint
+from .conversations import has_chat_template
 from .images import ImageCalibrationData, check_modality, load_image_calibration
 from .loading import ModelSource, load_config, load_image_processor, load_tokenizer, prepare_loaded_model
 from .output_dir import prepare_output_dir
@@ -32,6 +33,11 @@ PREPROCESSORS = {
     "text": (load_tokenizer, "a tokenizer", "tokenizer", "token-id calibration"),
     "image": (load_image_processor, "the model's image processor", "image_processor", "a pixel_values tensor"),
 }
+# Calibration when none is given, chosen on benchmarks/results/chat.md (docs/results.md): a chat model is calibrated
+# mostly on text it writes itself in its own template (which keeps it answering), a quarter WikiText-2 (which keeps
+# its perplexity); a model without a chat template on WikiText-2.
+CHAT_CALIBRATION = {"self": 0.75, "wikitext2": 0.25}
+TEXT_CALIBRATION = "wikitext2"
 VOLATILE_CONFIG_KEYS = ("dtype", "torch_dtype", "transformers_version", "architectures", "_name_or_path", "auto_map")
 
 
@@ -53,11 +59,15 @@ def resolve(model: str | PreTrainedModel, tokenizer: Any, image_processor: Any, 
         raise TypeError(f"model must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}")
     adapter = get_adapter(model_config)
     adapter.check_run(config, model_config)
+    if config.calibration is None and adapter.modality == "image":
+        config.calibration = "wikitext2"  # refused just below, saying that images are needed
     check_modality(config.calibration, adapter.modality, adapter.family)
     if source is not None and adapter.modality == "image" and image_processor is None:
         image_processor = _preprocessor_if_available("image", source, config, not _is_pixel_values(config.calibration))
     if source is not None and adapter.modality == "text" and tokenizer is None:
         tokenizer = _preprocessor_if_available("text", source, config, is_text_calibration(config.calibration))
+    if config.calibration is None:
+        config.calibration = default_calibration(tokenizer)
     written = adapter.modality == "text" and needs_model(config.calibration)  # made after the weights load
     calib = None if written else _load_calibration(adapter, model_config, tokenizer, image_processor, config)
     num_tokens = config.num_samples * config.seq_len if written else calib.num_tokens
@@ -109,3 +119,9 @@ def _load_calibration(adapter: ModelAdapter, model_config: PretrainedConfig, tok
 
 def _is_pixel_values(spec: Any) -> bool:
     return isinstance(spec, torch.Tensor) or (isinstance(spec, dict) and "pixel_values" in spec)
+
+
+def default_calibration(tokenizer: Any) -> Any:
+    """The calibration of a text model when none is given: ``CHAT_CALIBRATION`` with a chat template, else
+    ``TEXT_CALIBRATION``."""
+    return CHAT_CALIBRATION if tokenizer is not None and has_chat_template(tokenizer) else TEXT_CALIBRATION
