@@ -173,7 +173,8 @@ def _demo_parser(commands) -> None:
 
 
 def _as_module() -> bool:
-    return os.path.basename(sys.argv[0]) == "__main__.py"
+    """Run as ``python -m hf_snp`` (sys.argv[0] is then hf_snp/__main__.py)."""
+    return os.path.abspath(sys.argv[0]) == os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,10 +210,20 @@ def _options(args: argparse.Namespace, *extra: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def _refuse_output_dir_early(options: dict) -> None:
+    """The output folder's refusal before the imports of a run (seconds of torch and transformers)."""
+    from .setup.output_dir import prepare_output_dir
+
+    if options.get("output_dir") is not None:
+        prepare_output_dir(options["output_dir"], bool(options.get("overwrite", False)))
+
+
 def _prune(args: argparse.Namespace) -> None:
+    options = _options(args, "plots", "recipe")
+    if not getattr(args, "recipe", None):  # a recipe may set overwrite: resolve() checks the folder then
+        _refuse_output_dir_early(options)
     from .api import prune
 
-    options = _options(args, "plots", "recipe")
     if options.get("model") is None:
         options.pop("model", None)
     if "model" not in options and not getattr(args, "recipe", None):
@@ -234,11 +245,15 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .api import run_demo
+    from .demo import EVAL_WINDOWS, demo_settings
 
     options = _options(args)
     options.setdefault("progress", not args.quiet)
-    run_demo(**options)
+    eval_windows = options.pop("eval_windows", EVAL_WINDOWS)
+    _refuse_output_dir_early(demo_settings(options, eval_windows))
+    from .api import run_demo
+
+    run_demo(eval_windows, **options)
 
 
 def _run(args: argparse.Namespace) -> None:

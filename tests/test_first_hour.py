@@ -17,11 +17,11 @@ from conftest import TINY, prune_quiet, run_python
 
 import hf_snp.api
 import hf_snp.setup.loading as loading
-from hf_snp.cli import build_parser, main
+from hf_snp.cli import _shown, build_parser, main
 from hf_snp.config import PruneConfig
 from hf_snp.deliver.card import model_card
 from hf_snp.deliver.report import PruneReport
-from hf_snp.demo import DEMO_OVERRIDES
+from hf_snp.demo import DEMO_OPTIONS, DEMO_OVERRIDES
 
 
 def front_matter(card: str) -> dict:
@@ -116,6 +116,14 @@ def test_the_demo_rerun_is_refused_before_any_weights_load(tmp_path, forbid_load
     assert main(["demo", "--out", str(tmp_path / "new"), "--sparsity", "1.5"]) == 2
     assert "sparsity must be a fraction" in error_line(capsys)
     assert not forbid_loading and (out / "model.safetensors").read_text() == "from the first run"
+    printed = run_python(f"""
+        import sys
+        from hf_snp.cli import main
+        assert main(["demo", "--out", {str(out)!r}]) == 2
+        assert main(["prune", "some/model", "--out", {str(out)!r}]) == 2
+        print("heavy:", sorted(m for m in ("torch", "transformers") if m in sys.modules))
+    """)
+    assert "heavy: []" in printed  # refused before the seconds of importing torch and transformers
 
 
 # 3. one line for a bad model source
@@ -198,12 +206,14 @@ def test_help_imports_no_torch_and_import_hf_snp_no_heavy_extra():
 
 
 def test_loading_transformers_models_prints_no_third_party_noise():
-    """torchao's "Failed to load ...so" and torch's Enum deprecation are filtered (where this torchao prints them);
-    the public names still resolve."""
-    code = "import hf_snp\nfrom transformers import LlamaForCausalLM\nprint(hf_snp.get_adapter.__name__)"
+    """torchao's "Failed to load ...so" and "Detected no triton" and torch's Enum deprecation are filtered (where
+    this torchao prints them), with logging configured as the command line does; the public names still resolve."""
+    code = ("import logging\nimport hf_snp\nlogging.basicConfig(level=logging.INFO)  # as the command line does\n"
+            "from transformers import LlamaForCausalLM\nprint(hf_snp.get_adapter.__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "get_adapter", done.stderr
-    assert "Failed to load" not in done.stderr and "is an Enum subclass" not in done.stderr, done.stderr
+    for noise in ("Failed to load", "is an Enum subclass", "Detected no triton"):
+        assert noise not in done.stderr, done.stderr
 
 
 def test_the_noise_filter_drops_only_those_messages():
@@ -217,6 +227,7 @@ def test_the_noise_filter_drops_only_those_messages():
     assert not quiet.filter(record("torchao", "Failed to load /x/_C_mxfp8.so: Could not load this library"))
     assert not quiet.filter(record("torch.utils._pytree", "<enum 'K'> is an Enum subclass and is now natively "
                                                           "supported by torch.compile"))
+    assert not quiet.filter(record("torchao.kernel.intmm", "Warning: Detected no triton, on systems without ..."))
     assert quiet.filter(record("torchao", "Skipping import of cpp extensions"))
     assert quiet.filter(record("torch.utils._pytree", "something else"))
 
@@ -302,7 +313,9 @@ def test_the_demo_takes_prune_config_options_with_its_overrides(monkeypatch, cap
     fields = set(PruneConfig.__dataclass_fields__)
     dests = {a.dest for a in demo._actions} - {"help", "eval_windows", "quiet", "verbose", "debug"}
     assert dests <= fields and all(a.help for a in demo._actions)
-    assert "(default: 32)" in demo.format_help() and "(default: 512)" in demo.format_help()
+    text = " ".join(demo.format_help().split())
+    shown = [name for name in DEMO_OPTIONS if name in DEMO_OVERRIDES]
+    assert shown and all(f"(default: {_shown(DEMO_OVERRIDES[name])})" in text for name in shown), text
     seen = []
 
     def stop(model, tokenizer, image_processor, config):
