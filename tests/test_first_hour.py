@@ -80,6 +80,12 @@ def test_the_card_of_a_known_source_names_it_its_license_and_the_change(dense_di
     assert "model        HuggingFaceTB/SmolLM2-135M-Instruct (llama" in capsys.readouterr().out
 
 
+def test_the_report_table_names_a_local_model_by_its_name(tmp_path, capsys):
+    prune_quiet(TINY["llama"](), sparsity=0.25, output_dir=str(tmp_path / "out"))
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("model        llama (llama, saved as stock)")  # was 'None (llama'
+
+
 def test_the_license_comes_from_the_source_or_its_gguf_metadata(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_gguf_metadata", lambda source: {"general.license": "mit"})
     assert loading.model_license(loading.ModelSource(str(tmp_path), "m.gguf")) == "mit"

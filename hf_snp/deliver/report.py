@@ -85,7 +85,8 @@ class PruneReport(dict):
     def table(self) -> str:
         """A plain-text summary and a per-layer table."""
         lines = [
-            f"model        {self.get('base_model')} ({self.get('model_type')}, saved as {self.get('save_format')})",
+            f"model        {self.get('base_model') or self.get('model_name')} ({self.get('model_type')}, "
+            f"saved as {self.get('save_format')})",
             f"method       {self.get('method')}, sparsity {self.get('sparsity', 0):.0%} "
             f"of {', '.join(self.get('targets', []))}",
             f"parameters   {self.get('params_before', 0):,} -> {self.get('params_after', 0):,} "
