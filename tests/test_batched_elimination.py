@@ -8,6 +8,7 @@ import torch
 from test_obs_ridge import random_moment, random_weight, reconstructed_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import hf_snp.units.ridge as ridge_module
 from hf_snp.config import PruneConfig
 from hf_snp.methods.base import SiteInputs
 from hf_snp.methods.snp import SNP
@@ -152,7 +153,10 @@ class HostReads(TorchDispatchMode):
 
 @pytest.fixture
 def count_reads(monkeypatch):
-    """A function running ``call()`` and returning how many host reads it made."""
+    """A function running ``call()`` and returning how many host reads it made. The held-out ridge's float64 pass
+    (a fixed 3 reads more, when the float32 bounds leave the choice open: docs/design.md §3.8) is kept out, so that
+    the count does not depend on how close the random site's choice is."""
+    monkeypatch.setattr(ridge_module, "BOUND_FACTOR", 0.0)
     tolist = torch.Tensor.tolist
 
     def run(call) -> int:
@@ -183,7 +187,7 @@ def test_mlp_decide_reads_the_host_as_often_for_10_and_40_removals(count_reads, 
     for rounds in (10, 30 if ordering == "zca" else 40):
         inputs = site_inputs(64, 1, [list(range(64))], rounds, bias)
         counts.append(count_reads(lambda: SNP().decide(inputs, config)))
-    assert counts[0] == counts[1] and counts[0] <= 8
+    assert counts[0] == counts[1] and counts[0] <= 10
 
 
 @pytest.mark.parametrize("pools", [[list(range(16))], [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]])
@@ -194,7 +198,7 @@ def test_heads_decide_reads_the_host_as_often_for_1_and_3_rounds(count_reads, po
     for rounds in (1, 3):
         inputs = site_inputs(64, 4, pools, rounds, True)
         counts.append(count_reads(lambda: SNP().decide(inputs, config)))
-    assert counts[0] == counts[1] and counts[0] <= 8
+    assert counts[0] == counts[1] and counts[0] <= 10
 
 
 def test_the_counter_sees_a_read_per_step_of_a_host_loop(count_reads):

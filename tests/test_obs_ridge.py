@@ -18,7 +18,7 @@ from hf_snp.units.linalg import (
     least_squares_map,
 )
 from hf_snp.units.removal import RemovalPlan, split
-from hf_snp.units.ridge import choose_ridge, heldout_errors, ridge_grid
+from hf_snp.units.ridge import _errors_and_bounds, choose_ridge, heldout_errors, ridge_grid
 from hf_snp.units.stats import SiteStatistics
 
 CPU = torch.device("cpu")
@@ -272,6 +272,62 @@ def test_heldout_ridge_beats_the_damping_on_a_tiny_calibration(centered, seed):
         return float(((fresh[:, drop] - fresh[:, keep] @ b.T) @ weight[:, drop].T).pow(2).mean(0).sum())
 
     assert fresh_error(chosen) < fresh_error(damping)
+
+
+def correlated_stats(n: int, tokens: int, seed: int, folds: int, spread: float) -> SiteStatistics:
+    """Units mixing a few signals, with scales spread over ``spread`` decades (ill-conditioned for large spreads)."""
+    g = torch.Generator().manual_seed(seed)
+    signals = torch.randn(tokens, n // 4, generator=g) @ torch.randn(n // 4, n, generator=g)
+    h = (signals + 0.3 * torch.randn(tokens, n, generator=g)) * torch.logspace(0, spread, n)[torch.randperm(n,
+                                                                                                         generator=g)]
+    stats = SiteStatistics("s", n, CPU, folds)
+    for part in h.split(64):
+        stats.update(part + 1.5)
+    return stats
+
+
+@pytest.mark.parametrize("spread", [0.0, 2.0, 4.0])
+@pytest.mark.parametrize("folds", [2, 3])
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_screening_chooses_the_float64_ridge(spread, folds, centered, seed):
+    """choose_ridge computes the held-out errors in float32 with bounds (float64 again when they leave the choice
+    open): its λ is always the float64 argmin, on well- and ill-conditioned sites (unit scales spread over 4
+    decades, where float32 alone picks another λ); each float32 error is within its bound of the float64 one."""
+    n = 96
+    stats = correlated_stats(n, 600, seed, folds, spread)
+    removed = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n // 3]
+    keep, drop = split(n, removed, CPU)
+    weight = random_weight(24, n, seed)
+    grid = ridge_grid(1e-6)
+    exact = heldout_errors(stats, centered, weight, keep, drop, grid)
+    assert choose_ridge(stats, centered, weight, keep, drop, 1e-6) == grid[int(exact.argmin())]
+    screened, bounds = _errors_and_bounds(stats, centered, weight, keep, drop, grid, torch.float32)
+    assert bool(((screened - exact).abs() <= bounds).all())
+
+
+def test_a_close_call_is_decided_in_float64(monkeypatch):
+    """When the float32 errors of two λ are closer than their bounds, the choice is the float64 one: here the float32
+    errors are made to favour the wrong λ by less than its bound."""
+    import hf_snp.units.ridge as ridge_module
+
+    stats = correlated_stats(48, 400, 0, 2, 1.0)
+    keep, drop = split(48, list(range(0, 48, 3)), CPU)
+    weight = random_weight(8, 48, 0)
+    grid = ridge_grid(1e-6)
+    exact = heldout_errors(stats, True, weight, keep, drop, grid)
+    best, runner_up = exact.topk(2, largest=False).indices.tolist()
+    original = ridge_module._errors_and_bounds
+
+    def skewed(*args):
+        errors, bounds = original(*args)
+        if args[-1] == torch.float32:
+            errors = errors.clone()
+            bounds = bounds.clamp_min(1e-3 * float(errors[best]))
+            errors[runner_up] = errors[best] - bounds[best] / 2
+        return errors, bounds
+    monkeypatch.setattr(ridge_module, "_errors_and_bounds", skewed)
+    assert choose_ridge(stats, True, weight, keep, drop, 1e-6) == grid[best]
 
 
 def test_ridge_grid_contains_the_damping():

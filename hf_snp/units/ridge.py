@@ -2,7 +2,8 @@
 
 The statistics keep one Gram per fold (``SiteStatistics(folds=k)``). For each λ of a grid, fold f's error is that
 of the map fitted on the other folds, evaluated on fold f: a quadratic form in the fold moments, so no activation
-is kept. One eigendecomposition of each training M_KK serves the whole grid.
+is kept. One eigendecomposition of each training M_KK serves the whole grid. The choice is made in float32 with an
+error bound per λ, and again in float64 when the bounds leave it open (docs/design.md §3.8).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from .stats import SiteStatistics
 
 RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)  # λ relative to mean(diag M_KK), like ``linalg.damped``
+BOUND_FACTOR = 0.05  # float32 error bound: this share of the first-order estimate (8x the most measured, §3.8)
 
 
 def ridge_grid(damping: float) -> list[float]:
@@ -27,54 +29,83 @@ def _output_factor(weight: torch.Tensor) -> torch.Tensor:
 
 
 def heldout_errors(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
-                   drop: torch.Tensor, grid: list[float]) -> torch.Tensor:
+                   drop: torch.Tensor, grid: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Per λ of ``grid``: the consumer-output error of predicting the removed units, each fold predicted by the map
     B_f = M^{-f}_PK (M^{-f}_KK + λ·mean(diag M^{-f}_KK)·I)⁻¹ fitted on the other folds, summed over all tokens and
     divided by their count: Σ_f (T_f/T) tr(W_P (E_PP − B E_KP − E_PK Bᵀ + B E_KK Bᵀ) W_Pᵀ), E the moment of fold f
     (centred: about the training folds' mean, whose intercept the affine map takes). ``weight`` is the consumer's
-    W [out, N]. Folds with no token, or no token outside them, are skipped."""
+    W [out, N]. Folds with no token, or no token outside them, are skipped. ``dtype``: of the eigendecompositions and
+    products (float64 errors either way)."""
+    return _errors_and_bounds(stats, centered, weight, keep, drop, grid, dtype)[0]
+
+
+def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
+                       drop: torch.Tensor, grid: list[float], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`heldout_errors` and a bound on each error's rounding (zero in float64)."""
     factor = _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
     errors = torch.zeros(len(grid), dtype=torch.float64, device=factor.device)
+    bounds = torch.zeros_like(errors)
     ridges = torch.tensor(grid, dtype=torch.float64, device=factor.device)
     for fold in range(stats.folds):
         others = [f for f in range(stats.folds) if f != fold]
         if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
             continue
-        errors += stats.fold_counts[fold] / stats.count * _fold_errors(stats, centered, factor, keep, drop, ridges,
-                                                                       fold, others)
-    return errors
+        share = stats.fold_counts[fold] / stats.count
+        fold_errors, fold_bounds = _fold_errors(stats, centered, factor.to(dtype), keep, drop, ridges, fold, others)
+        errors += share * fold_errors
+        bounds += share * fold_bounds
+    return errors, bounds
 
 
 def _fold_errors(stats: SiteStatistics, centered: bool, factor: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor,
-                 ridges: torch.Tensor, fold: int, others: list[int]) -> torch.Tensor:
-    """Fold ``fold``'s term of :func:`heldout_errors`, per λ (a function of its own, so that one fold's n x n
-    and K x K buffers are freed before the next fold's are built)."""
+                 ridges: torch.Tensor, fold: int, others: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``fold``'s term of :func:`heldout_errors` and its rounding bound, per λ, in ``factor``'s dtype (a
+    function of its own, so that one fold's n x n and K x K buffers are freed before the next fold's are built)."""
+    dtype = factor.dtype
     train, mu_train = stats.moments(centered, others)  # each n x n moment is sliced, then freed
-    kept, train_pk = train[keep[:, None], keep], train[drop[:, None], keep]
+    kept, train_pk = train[keep[:, None], keep].to(dtype), train[drop[:, None], keep].to(dtype)
     del train
     held, mu_held = stats.moments(centered, [fold])
     if centered:
         held.addr_(mu_held - mu_train, mu_held - mu_train)
-    held_kk, held_pk, held_pp = held[keep[:, None], keep], held[drop[:, None], keep], held[drop[:, None], drop]
+    held_kk, held_pk, held_pp = (part.to(dtype) for part in (held[keep[:, None], keep], held[drop[:, None], keep],
+                                                              held[drop[:, None], drop]))
     del held
     values, vectors = torch.linalg.eigh(kept)
     fitted = factor @ train_pk @ vectors  # F M^{-f}_PK V: W_P B = fitted diag(d) V^T
     del train_pk
     seen = factor @ held_pk @ vectors
-    quadratic = (fitted.T @ fitted).mul_(vectors.T @ held_kk @ vectors)
-    linear = (fitted * seen).sum(0)
-    constant = (factor @ held_pp * factor).sum()
-    scale = kept.diagonal().mean().clamp_min(torch.finfo(kept.dtype).tiny)
-    d = 1.0 / (values.clamp_min(0)[None, :] + ridges[:, None] * scale).clamp_min(torch.finfo(kept.dtype).tiny)
-    return constant - 2 * d @ linear + ((d @ quadratic) * d).sum(1)
+    quadratic = (fitted.T @ fitted).mul_(vectors.T @ held_kk @ vectors).double()
+    linear = (fitted * seen).sum(0).double()
+    constant = (factor @ held_pp * factor).sum().double()
+    values = values.double()
+    scale = kept.diagonal().double().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    shifted = values.clamp_min(0)[None, :] + ridges[:, None] * scale  # [λ, K]
+    d = 1.0 / shifted.clamp_min(torch.finfo(dtype).tiny)
+    errors = constant - 2 * d @ linear + ((d @ quadratic) * d).sum(1)
+    if dtype == torch.float64:
+        return errors, torch.zeros_like(errors)
+    # first order: eigenvalues off by eps·max|Λ| move each d by that over the least shifted eigenvalue; products
+    # round by eps·sqrt(K); both scale the sum of the terms' magnitudes (the cancellation of a small error)
+    eps = torch.finfo(dtype).eps
+    relative = eps * values.abs().max() / shifted.min(1).values + eps * len(values) ** 0.5
+    magnitude = constant.abs() + 2 * d @ linear.abs() + ((d @ quadratic.abs()) * d).sum(1)
+    return errors, BOUND_FACTOR * relative * magnitude
 
 
 def choose_ridge(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
                  drop: torch.Tensor, damping: float) -> float:
     """The λ of ``ridge_grid(damping)`` with the least held-out error (ties: the smaller λ; ``damping`` when no
-    fold can be held out)."""
+    fold can be held out). The errors are computed in float32 with bounds; unless every other λ's error is above the
+    least one by more than both bounds, they are computed again in float64: the choice is float64's either way."""
     grid = ridge_grid(damping)
-    errors = heldout_errors(stats, centered, weight, keep, drop, grid)
+    errors, bounds = _errors_and_bounds(stats, centered, weight, keep, drop, grid, torch.float32)
     if not bool(errors.any()):
         return float(damping)
-    return grid[int(torch.argmin(errors))]
+    best = int(torch.argmin(errors))
+    apart = errors - bounds > errors[best] + bounds[best]
+    apart[best] = True
+    if not bool(apart.all()):
+        errors = heldout_errors(stats, centered, weight, keep, drop, grid)
+        best = int(torch.argmin(errors))
+    return grid[best]
