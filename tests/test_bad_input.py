@@ -130,3 +130,17 @@ def test_preflight_predicts_the_uniform_shapes(monkeypatch, no_long_work):
         hf_snp.prune(tiny_llama(), sparsity=0.5, targets=("mlp", "heads"), calibration=calibration_ids())
     (shapes,) = seen
     assert [(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) for s in shapes] == [(24, 2, 2)] * 4
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_no_saved_model(tmp_path, no_long_work):
+    """--overwrite replaces the whole folder: a source tree or any folder without a model is refused before work."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files but no saved model"):
+        hf_snp.prune(tiny_llama(), calibration=calibration_ids(), output_dir=str(folder), overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+    (folder / "config.json").write_text("{}")  # a saved model's folder may be replaced
+    from hf_snp.setup.output_dir import prepare_output_dir
+
+    prepare_output_dir(str(folder), overwrite=True)
