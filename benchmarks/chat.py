@@ -2,7 +2,7 @@
 judged against the dense model on WikiText and on its own chat replies.
 
     python benchmarks/chat.py                  # the grid, in priority order; finished rows are skipped
-    python benchmarks/chat.py --limit 4        # at most 4 new rows this time
+    python benchmarks/chat.py --limit 4        # at most 4 new rows this time (--limit 0: rewrite the table only)
 
 Calibration (32 x 256 tokens, seed 0): ``wikitext`` (WikiText-2 validation, packaged), ``chat`` (the 44
 conversations shipped in hf_snp/data/chat rendered with the chat template, packed), ``self`` (text the dense model
@@ -154,7 +154,7 @@ def main() -> None:
             new += 1
             print(f"{key}: ppl {row['perplexity_text']:.2f} kl_text {row['kl_text']:.3f} kl_chat {row['kl_chat']:.3f} "
                   f"empty {row['empty_reply_share']:.0%} ({row['prune_s']:.0f} s)", flush=True)
-        write(cache, ref, dense_params)
+    write(cache, ref, dense_params)  # at the end only: docs/results.md copies chat.md (benchmarks/readme_results.py)
 
 
 ORDER = list(CALIBRATIONS)
