@@ -35,8 +35,9 @@ def test_every_conversation_form_renders_the_same_windows(tmp_path):
     (tmp_path / "messages.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     sharegpt = [[{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c] for c in convs]
     (tmp_path / "sharegpt.jsonl").write_text("".join(json.dumps({"conversations": c}) + "\n" for c in sharegpt))
-    forms = [convs, str(tmp_path / "messages.jsonl"), str(tmp_path / "sharegpt.jsonl"),
-             datasets.Dataset.from_dict({"messages": convs}), datasets.Dataset.from_dict({"conversations": sharegpt})]
+    forms = [convs, [{"messages": c} for c in convs], str(tmp_path / "messages.jsonl"),
+             str(tmp_path / "sharegpt.jsonl"), datasets.Dataset.from_dict({"messages": convs}),
+             datasets.Dataset.from_dict({"conversations": sharegpt})]
     expected = {tuple(rendered(tokenizer, c)) for c in convs}
     length = max(len(row) for row in expected) + 3
     for form in forms:

@@ -69,7 +69,7 @@ def _records_conversations(records: list[Any], where: str) -> list[Conversation]
 def conversations_from(spec: Any) -> tuple[list[Conversation], str] | None:
     """The conversations in ``spec`` and a short description, or None when ``spec`` is not conversational:
     ``chat-local`` (shipped), a ``.jsonl`` file with a ``messages``/``conversations`` field, a list of message
-    lists, or a ``datasets.Dataset`` with a ``messages``/``conversations`` column."""
+    lists (or of such records), or a ``datasets.Dataset`` with a ``messages``/``conversations`` column."""
     if isinstance(spec, str):
         if spec in PACKAGED_CHAT:
             return _records_conversations(read_jsonl(packaged_path(PACKAGED_CHAT[spec])), spec), spec
@@ -84,6 +84,9 @@ def conversations_from(spec: Any) -> tuple[list[Conversation], str] | None:
         return rows, f"datasets.Dataset ({column})"
     if isinstance(spec, (list, tuple)) and spec and all(_is_message_list(item) for item in spec):
         return [normalize(item, f"conversation {i}") for i, item in enumerate(spec)], f"{len(spec)} conversations"
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(r, dict) and any(c in r for c in COLUMNS)
+                                                        for r in spec):
+        return _records_conversations(list(spec), "records"), f"{len(spec)} conversations"
     return None
 
 
