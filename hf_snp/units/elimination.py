@@ -68,8 +68,10 @@ class _ObsState:
     def __init__(self, moment: torch.Tensor, weight: torch.Tensor, damping: float):
         n = moment.shape[0]
         self.tiny = torch.finfo(moment.dtype).tiny
-        eye = torch.eye(n, dtype=moment.dtype, device=moment.device)  # a solve against I: LAPACK's potri (the
-        self.precision = torch.cholesky_solve(eye, robust_cholesky(moment, damping))  # inverse) was slower on CPU
+        factor = robust_cholesky(moment, damping)
+        self.precision = torch.eye(n, dtype=moment.dtype, device=moment.device)  # a solve against I, in place:
+        torch.cholesky_solve(self.precision, factor, out=self.precision)  # LAPACK's inverse (potri) was slower on CPU
+        del factor
         self.rows = weight.to(moment).T.contiguous()
         self.energy = self.rows.pow(2).sum(1)
         self.diag = self.precision.diagonal().clone()
