@@ -53,14 +53,15 @@ def timed_run(command: list[str], threads: int) -> float:
 
 
 def weight_difference(first: str, second: str) -> tuple[float, bool]:
-    """(largest |a - b| / max(|b|, 1e-3) over all weights, whether every tensor has the same shape)."""
+    """(largest max|a - b| / max|b| over the weight tensors, whether every tensor has the same shape)."""
     from safetensors.torch import load_file
 
     a, b = load_file(os.path.join(first, "model.safetensors")), load_file(os.path.join(second, "model.safetensors"))
     same = sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
     if not same:
         return float("inf"), False
-    worst = max(float(((a[k].float() - b[k].float()).abs() / b[k].float().abs().clamp_min(1e-3)).max()) for k in a)
+    worst = max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12))
+                for k in a)
     return worst, True
 
 
@@ -89,7 +90,7 @@ def part_cpu(args) -> list[str]:
         timing = phases["timings_s"]
         lines.append(f"| {ranks} x {threads} | {seconds:.1f} | " + " | ".join(
             f"{timing.get(name, 0.0):.1f}" for name in ("statistics", "decide", "recompute", "capture")) + " |")
-    lines += ["", f"Same shapes: {same_shapes}; largest relative weight difference (2 processes against 1): "
+    lines += ["", f"Same shapes: {same_shapes}; largest weight difference, relative to each tensor's largest entry: "
                   f"{difference:.2e}."]
     return lines
 
