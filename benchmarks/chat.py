@@ -52,10 +52,11 @@ def grid() -> list[dict]:
     rows = [dict(method="snp", targets="mlp", sparsity=s, calibration=c) for s in (0.3, 0.5) for c in main]
     rows += [dict(method=m, targets="mlp", sparsity=s, calibration=c) for m in ("vbp", "flap") for s in (0.3, 0.5)
              for c in chosen]
-    rows += [dict(method="snp", targets="mlp", sparsity=0.3, calibration=c)
-             for c in ("self+chat", "self, no template", "self, no template+wikitext")]
+    no_template = ("self, no template", "self, no template+wikitext")
+    rows += [dict(method="snp", targets="mlp", sparsity=0.3, calibration=c) for c in ("self+chat", *no_template)]
+    rows += [dict(method="snp", targets="mlp", sparsity=0.5, calibration=c) for c in no_template]
     rows += [dict(method="snp", targets=t, sparsity=s, calibration=c) for t, s in (("mlp", 0.1), ("mlp,heads", 0.3))
-             for c in main[:5]]
+             for c in (*main[:5], no_template[1])]
     rows += [dict(method=m, targets=t, sparsity=s, calibration=c) for m in ("vbp", "flap")
              for t, s in (("mlp", 0.1), ("mlp,heads", 0.3)) for c in chosen]
     rows += [dict(method=m, targets="mlp", sparsity=s, calibration=c) for m in ("vbp", "flap") for s in (0.3, 0.5)
