@@ -20,7 +20,7 @@ from .linalg import robust_cholesky
 BATCH_DIVISOR = 32  # a batch removes 1/32 of the units still there ...
 MAX_BATCH = 64  # ... at most this many ...
 CANDIDATE_FACTOR = 4  # ... chosen among 4 times as many candidates ...
-MIN_CANDIDATES = 16  # ... and at least this many (all the units left, when fewer: then the batch is exact)
+MIN_CANDIDATES = 32  # ... and at least this many (all the units left, when fewer: then the batch is exact)
 
 
 class ObsOrder(NamedTuple):
@@ -55,25 +55,28 @@ def batched_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remo
     error of the least-squares map on the units kept, whatever the batches."""
     if num_remove <= 0:
         return ObsOrder([], [], 0)
-    state = _ObsState(moment, weight, damping)
-    for removals, candidates in batches or obs_batches(moment.shape[0], num_remove):
+    batches = batches or obs_batches(moment.shape[0], num_remove)
+    state = _ObsState(moment, weight, damping, max(size for size, _ in batches))
+    for removals, candidates in batches:
         state.run_batch(removals, candidates)
     return state.result()
 
 
 class _ObsState:
     """Q (the precision of the units left), rows = W_eff^T [n, out], each row's energy ||W_eff[:, i]||^2, Q's
-    diagonal and the alive mask, all on the statistics device."""
+    diagonal and the alive mask, all on the statistics device; and the buffers of a batch of up to ``largest``."""
 
-    def __init__(self, moment: torch.Tensor, weight: torch.Tensor, damping: float):
-        n = moment.shape[0]
+    def __init__(self, moment: torch.Tensor, weight: torch.Tensor, damping: float, largest: int):
+        n, out = moment.shape[0], weight.shape[0]
         self.tiny = torch.finfo(moment.dtype).tiny
         factor = robust_cholesky(moment, damping)
         self.precision = torch.eye(n, dtype=moment.dtype, device=moment.device)  # a solve against I, in place:
         torch.cholesky_solve(self.precision, factor, out=self.precision)  # LAPACK's inverse (potri) was slower on CPU
         del factor
         self.rows = weight.to(moment).T.contiguous()
-        self.energy = self.rows.pow(2).sum(1)
+        self.energy = torch.linalg.vector_norm(self.rows, dim=1).square_()
+        # a batch writes column j of these before it reads columns < j: allocated once (fresh zeroed pages cost)
+        self.buffers = [self.rows.new_empty(n, largest) for _ in range(3)] + [self.rows.new_empty(largest, out)]
         self.diag = self.precision.diagonal().clone()
         self.alive = torch.ones(n, dtype=torch.bool, device=moment.device)
         self.picks: list[torch.Tensor] = []
@@ -92,17 +95,16 @@ class _ObsState:
         A R and Q = Q0 - U U^T; a step costs O(n j) besides the candidates' Gram columns, taken once per batch."""
         cand = self.error(self.energy, self.diag).topk(candidates, largest=False).indices
         gram = self.rows @ self.rows[cand].T  # [n, c]: <W_eff0[:, i], W_eff0[:, c]>
-        q_cand = self.precision[:, cand]
-        n, out = self.rows.shape
-        batch = _Batch(self.rows.new_zeros(n, removals), self.rows.new_zeros(n, removals),
-                       self.rows.new_zeros(n, removals), self.rows.new_zeros(removals, out),
+        q_cand = self.precision[cand].T  # Q is symmetric: its rows are read contiguously
+        fold, factor, base, removed_rows = self.buffers
+        batch = _Batch(fold[:, :removals], factor[:, :removals], base[:, :removals], removed_rows[:removals],
                        torch.ones(candidates, dtype=torch.bool, device=cand.device),
                        self.energy.clone(), self.diag.clone())
         for step in range(removals):
             self.remove_one(step, cand, gram, q_cand, batch)
         self.rows.addmm_(batch.fold, batch.removed_rows, alpha=-1)  # W_eff0 - A R
         self.precision.addmm_(batch.factor, batch.factor.T, alpha=-1)  # Q0 - U U^T
-        self.energy = self.rows.pow(2).sum(1)
+        self.energy = torch.linalg.vector_norm(self.rows, dim=1).square_()
         self.diag = self.precision.diagonal().clone()
 
     def remove_one(self, step: int, cand: torch.Tensor, gram: torch.Tensor, q_cand: torch.Tensor,
