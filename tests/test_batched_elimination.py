@@ -22,9 +22,11 @@ SCHEDULES = {  # (removals, candidates) per batch, as many as the order needs
 }
 
 
-def schedule(kind: str, num_remove: int) -> list[tuple[int, int]]:
+def schedule(kind: str, n: int, num_remove: int) -> list[tuple[int, int]]:
+    """Batches of the kind's size among its candidates (at most the units left), then single removals."""
     size, candidates = SCHEDULES[kind]
-    return [(size, candidates)] * (num_remove // size) + [(1, 1)] * (num_remove % size)
+    batches = [(size, min(candidates, n - size * i)) for i in range(num_remove // size)]
+    return batches + [(1, 1)] * (num_remove % size)
 
 
 @pytest.mark.parametrize("n, out, num_remove", [(7, 5, 7), (12, 4, 9), (40, 16, 30), (96, 24, 60)])
@@ -45,7 +47,7 @@ def test_batches_add_up_and_without_departures_are_the_greedy(kind, n, out, num_
     """Whatever the batches, the step costs add up to the output error of the least-squares map on the units kept
     (after every step); a batched order without departures is the greedy order, step for step."""
     moment, weight = random_moment(n, seed), random_weight(out, n, seed)
-    batches = None if kind == "default" else schedule(kind, num_remove)
+    batches = None if kind == "default" else schedule(kind, n, num_remove)
     got = batched_obs_elimination(moment.clone(), weight, num_remove, 0.0, batches)
     assert sorted(set(got.removed)) == sorted(got.removed) and len(got.removed) == num_remove
     for step in (1, num_remove // 2, num_remove):
@@ -60,11 +62,11 @@ def test_batches_add_up_and_without_departures_are_the_greedy(kind, n, out, num_
 
 @pytest.mark.parametrize("seed", range(6))
 def test_each_step_without_departure_is_the_brute_force_best_next_unit(seed):
-    """Batches of 3 among 6 candidates on 8 units: every step whose choice the batch did not depart from removes the
-    unit whose removal (after those before it) leaves the least reconstructed output error of all units left."""
+    """Batches of 3 among 6 (then 5) candidates on 8 units: every step whose choice the batch did not depart from
+    removes the unit whose removal (after those before it) leaves the least reconstructed output error of all left."""
     n, num_remove = 8, 6
     moment, weight = random_moment(n, seed), random_weight(3, n, seed)
-    got = batched_obs_elimination(moment.clone(), weight, num_remove, 0.0, [(3, 6), (3, 6)])
+    got = batched_obs_elimination(moment.clone(), weight, num_remove, 0.0, [(3, 6), (3, 5)])
     for step in range(num_remove):
         before = got.removed[:step]
         brute = {q: reconstructed_error(moment, weight, before + [q]) for q in range(n) if q not in before}
@@ -126,6 +128,13 @@ def test_a_shorter_order_is_the_first_steps_of_a_longer_one():
     short = batched_obs_elimination(moment.clone(), weight, 37, 1e-6)
     assert short.removed == long.removed[:37]
     assert short.errors == pytest.approx(long.errors[:37], rel=1e-12)
+
+
+@pytest.mark.parametrize("batches", [[(2, 2)], [(3, 2), (2, 2)], [(2, 9), (3, 3)], [(0, 1), (5, 5)]])
+def test_batches_that_do_not_fit_the_order_are_refused(batches):
+    moment, weight = random_moment(8, 0), random_weight(3, 8, 0)
+    with pytest.raises(ValueError, match="must remove 5 units"):
+        batched_obs_elimination(moment, weight, 5, 0.0, batches)
 
 
 # --- reads back to the host -------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def batched_obs_elimination(moment: torch.Tensor, weight: torch.Tensor, num_remo
     if num_remove <= 0:
         return ObsOrder([], [], 0)
     batches = batches or obs_batches(moment.shape[0], num_remove)
+    lefts = [moment.shape[0] - sum(size for size, _ in batches[:i]) for i in range(len(batches))]
+    if sum(size for size, _ in batches) != num_remove or any(not 1 <= size <= candidates <= left for
+                                                             (size, candidates), left in zip(batches, lefts)):
+        raise ValueError(f"batches {batches} must remove {num_remove} units in all, each batch between 1 and its "
+                         "candidates, and those at most the units left; or pass batches=None")
     state = _ObsState(moment, weight, damping, max(size for size, _ in batches))
     for removals, candidates in batches:
         state.run_batch(removals, candidates)
