@@ -46,31 +46,46 @@ def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tens
     errors = torch.zeros(len(grid), dtype=torch.float64, device=factor.device)
     bounds = torch.zeros_like(errors)
     ridges = torch.tensor(grid, dtype=torch.float64, device=factor.device)
+    kept_moments: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+
+    def blocks(folds: list[int]) -> tuple[torch.Tensor, ...]:
+        """M_KK, M_PK, M_PP and μ over ``folds`` (each n x n moment is sliced, then freed); with 2 folds each fold's
+        moment is the other's training moment: kept for it."""
+        if tuple(folds) not in kept_moments:
+            moment, mu = stats.moments(centered, folds)
+            found = moment[keep[:, None], keep], moment[drop[:, None], keep], moment[drop[:, None], drop], mu
+            if stats.folds != 2:
+                return found
+            kept_moments[tuple(folds)] = found
+        return kept_moments[tuple(folds)]
+
     for fold in range(stats.folds):
         others = [f for f in range(stats.folds) if f != fold]
         if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
             continue
         share = stats.fold_counts[fold] / stats.count
-        fold_errors, fold_bounds = _fold_errors(stats, centered, factor.to(dtype), keep, drop, ridges, fold, others)
+        fold_errors, fold_bounds = _fold_errors(blocks(others), blocks([fold]), centered, factor.to(dtype), keep,
+                                                drop, ridges)
         errors += share * fold_errors
         bounds += share * fold_bounds
     return errors, bounds
 
 
-def _fold_errors(stats: SiteStatistics, centered: bool, factor: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor,
-                 ridges: torch.Tensor, fold: int, others: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``fold``'s term of :func:`heldout_errors` and its rounding bound, per λ, in ``factor``'s dtype (a
-    function of its own, so that one fold's n x n and K x K buffers are freed before the next fold's are built)."""
+def _fold_errors(train: tuple[torch.Tensor, ...], held: tuple[torch.Tensor, ...], centered: bool, factor: torch.Tensor,
+                 keep: torch.Tensor, drop: torch.Tensor, ridges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fold's term of :func:`heldout_errors` and its rounding bound, per λ, in ``factor``'s dtype, from the
+    training folds' and the held fold's blocks (:func:`_errors_and_bounds`); a function of its own, so that one
+    fold's K x K buffers are freed before the next fold's are built."""
     dtype = factor.dtype
-    train, mu_train = stats.moments(centered, others)  # each n x n moment is sliced, then freed
-    kept, train_pk = train[keep[:, None], keep].to(dtype), train[drop[:, None], keep].to(dtype)
-    del train
-    held, mu_held = stats.moments(centered, [fold])
-    if centered:
-        held.addr_(mu_held - mu_train, mu_held - mu_train)
-    held_kk, held_pk, held_pp = (part.to(dtype) for part in (held[keep[:, None], keep], held[drop[:, None], keep],
-                                                              held[drop[:, None], drop]))
-    del held
+    kept, train_pk = train[0].to(dtype), train[1].to(dtype)
+    held_kk, held_pk, held_pp = held[:3]
+    if centered:  # the held fold about the training folds' mean (new tensors: the blocks may serve another fold)
+        shift = held[3] - train[3]
+        shift_k, shift_p = shift[keep], shift[drop]
+        held_kk = torch.addr(held_kk, shift_k, shift_k)
+        held_pk = torch.addr(held_pk, shift_p, shift_k)
+        held_pp = torch.addr(held_pp, shift_p, shift_p)
+    held_kk, held_pk, held_pp = held_kk.to(dtype), held_pk.to(dtype), held_pp.to(dtype)
     values, vectors = torch.linalg.eigh(kept)
     fitted = factor @ train_pk @ vectors  # F M^{-f}_PK V: W_P B = fitted diag(d) V^T
     del train_pk
