@@ -20,7 +20,7 @@ RECONSTRUCTION_TARGETS = ("pruned", "dense")
 WITHIN_BLOCK = ("joint", "sequential")
 BLOCK_SEARCHES = ("iterative", "candidates")
 RIDGES = ("fixed", "heldout")
-ORDERINGS = ("zca", "natural", "random", "output_aware", "obs")
+ORDERINGS = ("zca", "natural", "random", "output_aware", "obs", "variance", "heldout")
 GQA_MODES = ("per_group", "kv_groups")
 QUANTIZATIONS = ("int8_weight_only", "int8_dynamic")  # int4 weight-only (tinygemm) needs CUDA and 128-wide groups
 
@@ -106,8 +106,10 @@ class PruneConfig:
                                          "decides; VBP adds one for its mean shift, SNP keeps the stock architecture)")
     ordering: str | None = option(None, "SNP: which units go first: 'obs' (the default with reconstruction: the least "
                                         "added output error given the reconstruction so far, structured OBS), 'zca' "
-                                        "(the default without; unnormalised-ZCA pivots), 'natural', 'random', "
-                                        "'output_aware'", choices=ORDERINGS)
+                                        "(the default without; unnormalised-ZCA pivots), 'heldout' (per site, the "
+                                        "one of OBS+map, ZCA+map and VBP's variance order+mean shift that predicts "
+                                        "held-out tokens best), 'variance', 'natural', 'random', 'output_aware'",
+                           choices=ORDERINGS)
     reconstruct: bool = option(True, "SNP ablation: False skips the least-squares reconstruction (means only)")
     reconstruction_target: str = option(
         "pruned", "SNP: what the least-squares reconstruction fits: 'pruned' (the removed units, on the pruned "
@@ -123,6 +125,8 @@ class PruneConfig:
               "the calibration tokens, best predicts each fold's consumer output; reported as mlp_ridge / "
               "heads_ridge) or 'fixed' (`damping`)", choices=RIDGES)
     ridge_folds: int = option(2, "folds of the calibration tokens for ridge='heldout' (2 to 4)")
+    post_norm_weights: bool = option(True, "SNP: where a norm follows a site's consumer output (Gemma 2/3, OLMo 2), "
+                                           "measure errors after it (tokens weighted by 1/RMS^2, outputs by its gain)")
     swaps: int = option(0, "SNP: after the greedy choice of each site, at most this many swaps of a removed unit (or "
                            "head) with a kept one of the same pool, each the one that lowers the least-squares "
                            "output error most, while it falls (OSSCAR's local search); 0: off")
@@ -307,7 +311,7 @@ class PruneConfig:
         if not isinstance(self.ridge_folds, int) or isinstance(self.ridge_folds, bool) \
                 or not 2 <= self.ridge_folds <= 4:
             raise ValueError(f"ridge_folds must be an integer from 2 to 4, got {self.ridge_folds!r}")
-        if self.ridge == "heldout":
+        if self.ridge == "heldout" or self.ordering == "heldout":
             self._validate_heldout_ridge()
         self._validate_swaps()
         if "blocks" in self.targets and self.unit_targets and self.block_search == "iterative":
@@ -333,7 +337,10 @@ class PruneConfig:
                              "method='snp' and reconstruct=True (or use swaps=0)")
 
     def _validate_heldout_ridge(self) -> None:
-        """ridge='heldout' chooses the λ of SNP's least-squares map of the removed units (docs/design.md §3.8)."""
+        """ridge='heldout' (SNP's λ, docs/design.md §3.8) and ordering='heldout' (decisions compared on its folds)."""
+        if self.ordering == "heldout" and (self.ridge == "fixed" or self.swaps):
+            raise ValueError("ordering='heldout' compares SNP's candidate decisions on the held-out folds of "
+                             "ridge='heldout': set ridge='heldout' (or leave it unset) and swaps=0")
         if self.method != "snp" or not self.reconstruct:
             raise ValueError("ridge='heldout' chooses the ridge of SNP's least-squares reconstruction; it needs "
                              "method='snp' and reconstruct=True (or use ridge='fixed')")

@@ -33,6 +33,7 @@ EXAMPLES = {
     "add_bias": (["--no-add-bias"], False),
     "ordering": (["--ordering", "obs"], "obs"),
     "reconstruct": (["--no-reconstruct"], False),
+    "post_norm_weights": (["--no-post-norm-weights"], False),
     "reconstruction_target": (["--reconstruction-target", "dense"], "dense"),
     "within_block": (["--within-block", "sequential"], "sequential"),
     "ridge": (["--ridge", "heldout"], "heldout"),

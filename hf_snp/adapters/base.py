@@ -37,6 +37,10 @@ class ModelAdapter:
     # LayerShape width fields beyond the MLP width and head counts -> the stock config field holding their uniform
     # value (mixtures of experts: the expert width and count)
     shape_fields: dict[str, str] = {}
+    # text model types whose layers normalise a site's consumer output (Gemma 2/3, OLMo 2), and where that norm is,
+    # by site kind: SNP weighs the output error by it (docs/design.md §3.11)
+    post_norm_types: tuple[str, ...] = ()
+    post_norm_names: dict[str, str] = {"mlp": "post_feedforward_layernorm", "heads": "post_attention_layernorm"}
     # where the final norm after the last block may be found (``final_norm``)
     final_norm_names: tuple[str, ...] = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "layernorm", "norm_f")
 
@@ -82,6 +86,14 @@ class ModelAdapter:
             sites.append(HeadSite(layer, index, self.attention_layout, self.head_dim(config), gqa_mode))
         if "mlp" in targets:
             sites.append(MlpSite(layer, index, self.mlp))
+        return self.with_post_norms(layer, sites, config)
+
+    def with_post_norms(self, layer: nn.Module, sites: list[Site], config: PretrainedConfig) -> list[Site]:
+        """``sites`` with the norm that follows each one's consumer output, for the families that have one."""
+        if self.shape_config(config).model_type in self.post_norm_types:
+            for site in sites:
+                name = self.post_norm_names.get(site.kind)
+                site.post_norm = None if name is None else getattr(layer, name, None)
         return sites
 
     def attention(self, layer: nn.Module) -> nn.Module:
@@ -130,6 +142,7 @@ class LlamaFamilyAdapter(ModelAdapter):
     attention_layout = LLAMA_ATTENTION
     mlp_width_field = "intermediate_size"
     stock_head_pruning = True  # num_attention_heads / num_key_value_heads with an explicit head_dim
+    post_norm_types = ("gemma2", "gemma3_text", "olmo2")
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:

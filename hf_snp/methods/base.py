@@ -26,6 +26,7 @@ class PruningMethod:
 
     name: ClassVar[str] = ""
     wants_added_bias: ClassVar[bool] = False  # default of add_bias=None for bias-less consumers
+    weighs_post_norm: ClassVar[bool] = False  # errors measured after a post-norm (docs/design.md §3.11)
 
     def bias_available(self, consumer_has_bias: bool, can_add_bias: bool, add_bias: bool | None) -> bool:
         """Whether a site's consumer has a bias after the cut: its own, or one added where a module can hold it

@@ -16,9 +16,10 @@ from ..units.linalg import (
     swap_search,
     unreconstructed_errors,
 )
-from ..units.removal import Decision, select_by_score
+from ..units.removal import Decision, group_sums, select_by_score
 from ..units.ridge import choose_ridge
 from .base import PruningMethod, SiteInputs, register_method
+from .choice import choose_decision
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -34,22 +35,32 @@ class SNP(PruningMethod):
     """
 
     name = "snp"
+    weighs_post_norm = True
 
-    def order(self, site: SiteInputs, config: PruneConfig) -> tuple[list[int], list[float]]:
+    def order(self, site: SiteInputs, config: PruneConfig, ordering: str | None = None
+              ) -> tuple[list[int], list[float]]:
+        """The removed groups in order and each step's cost, by ``ordering`` (default: the configured one; 'heldout'
+        orders by OBS: its candidates are whole decisions, made in ``decide``)."""
+        ordering = ordering or config.resolved_ordering
+        if ordering == "heldout":
+            ordering = "obs"
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
-        if config.resolved_ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
+        if ordering == "variance":  # VBP's order (the raw second moment where no intercept is fitted)
+            removed = select_by_score(group_sums(moment.diagonal(), plan), plan)
+            return removed, [0.0] * len(removed)
+        if ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
             if plan.group_size == 1 and len(plan.pools) == 1:  # in batches, one host read per site (§3.10)
-                removed, errors, _ = batched_obs_elimination(moment, site.consumer_weight, plan.rounds, config.damping)
+                removed, errors, _ = batched_obs_elimination(moment, site.objective_weight, plan.rounds, config.damping)
                 return removed, errors
-            return greedy_group_elimination(moment, plan, config.damping, site.consumer_weight, update_weight=True)
-        if config.resolved_ordering in ("zca", "output_aware"):
-            weight = site.consumer_weight if config.resolved_ordering == "output_aware" else None
+            return greedy_group_elimination(moment, plan, config.damping, site.objective_weight, update_weight=True)
+        if ordering in ("zca", "output_aware"):
+            weight = site.objective_weight if ordering == "output_aware" else None
             if plan.group_size == 1 and len(plan.pools) == 1:
                 energy = None if weight is None else weight.to(moment).pow(2).sum(0)
                 return greedy_zca_elimination(moment, plan.rounds, config.damping, energy)
             return greedy_group_elimination(moment, plan, config.damping, weight)
-        if config.resolved_ordering == "natural":  # keep the first units: remove from the end
+        if ordering == "natural":  # keep the first units: remove from the end
             scores = -torch.arange(plan.num_groups, dtype=torch.float64)
         else:  # random
             scores = torch.rand(plan.num_groups,
@@ -66,24 +77,26 @@ class SNP(PruningMethod):
         its own step costs; other orderings: the same quantity along their order); with reconstruct=False, what
         each removal adds to the error tr(W_P M_PP W_P^T) of the unreconstructed units."""
         removed, costs = self.order(site, config)
-        if config.resolved_ordering == "obs" and config.reconstruct:
+        if config.resolved_ordering in ("obs", "heldout") and config.reconstruct:
             return costs
         moment, _ = site.stats.moments(centered=site.bias_available)
         plan = site.plan
         if not config.reconstruct:
-            return unreconstructed_errors(moment, site.consumer_weight, plan.units(removed, moment.device),
+            return unreconstructed_errors(moment, site.objective_weight, plan.units(removed, moment.device),
                                           plan.group_size)
         if plan.group_size == 1 and len(plan.pools) == 1:
-            return greedy_obs_elimination(moment, site.consumer_weight, len(removed), config.damping, removed)[1]
-        return greedy_group_elimination(moment, plan, config.damping, site.consumer_weight, update_weight=True,
+            return greedy_obs_elimination(moment, site.objective_weight, len(removed), config.damping, removed)[1]
+        return greedy_group_elimination(moment, plan, config.damping, site.objective_weight, update_weight=True,
                                         order=removed)[1]
 
     def decide(self, site: SiteInputs, config: PruneConfig) -> Decision:
+        if config.resolved_ordering == "heldout":
+            return choose_decision(self, site, config)
         removed, _ = self.order(site, config)
         search = None
         if config.swaps and config.reconstruct:  # local search on the output error (docs/design.md §3.9)
             moment, _ = site.stats.moments(centered=site.bias_available)
-            removed, *search = swap_search(moment, site.consumer_weight, site.plan, removed, config.swaps,
+            removed, *search = swap_search(moment, site.objective_weight, site.plan, removed, config.swaps,
                                            config.damping)
         decision = site.plan.decision(removed, site.stats.shifted_sum.device)
         if search is not None:
@@ -92,13 +105,15 @@ class SNP(PruningMethod):
         return decision
 
     def compensate(self, site: SiteInputs, decision: Decision, config: PruneConfig) -> None:
-        if not config.reconstruct:
+        if not config.reconstruct or decision.choice == "variance":  # the mean shift (VBP's) where a bias is
             return super().compensate(site, decision, config)
         least_squares = site.cross is None and len(decision.drop) and len(decision.keep)
         ridge = config.damping
-        if least_squares and config.resolved_ridge == "heldout":
+        if decision.ridge is not None:  # chosen with the decision (ordering='heldout')
+            ridge = decision.ridge
+        elif least_squares and config.resolved_ridge == "heldout":
             # the λ that predicts held-out tokens best (docs/design.md §3.8), before M is built (one n x n less)
-            ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.consumer_weight,
+            ridge = decision.ridge = choose_ridge(site.stats, site.bias_available, site.objective_weight,
                                                   decision.keep, decision.drop, config.damping)
         moment, mu = site.stats.moments(centered=site.bias_available)
         if site.cross is not None:  # the dense model's consumer output on the kept units (docs/design.md §3.7)

@@ -140,7 +140,18 @@ class StreamingEngine:
 
     def sites(self, block: nn.Module, index: int, targets: tuple[str, ...] | None = None) -> list[Site]:
         targets = self.config.unit_targets if targets is None else targets
-        return self.adapter.sites(block, index, targets, self.model.config, self.config.gqa_mode)
+        sites = self.adapter.sites(block, index, targets, self.model.config, self.config.gqa_mode)
+        if not self.weighs_post_norms:
+            for site in sites:
+                site.post_norm = None
+        return sites
+
+    @property
+    def weighs_post_norms(self) -> bool:
+        """Whether the statistics and decisions measure errors after the post-norms (docs/design.md §3.11): SNP's
+        reconstruction of the pruned stream with ``post_norm_weights``."""
+        return (self.method.weighs_post_norm and self.config.post_norm_weights
+                and self.config.reconstruction_target == "pruned")
 
     def bias_available(self, site: Site) -> bool:
         return self.method.bias_available(site.consumer_has_bias, site.can_add_bias, self.config.add_bias)
@@ -316,7 +327,7 @@ class StreamingEngine:
                 with self.timer("decide"):
                     decisions = self._decide(group, stats, cross)
                 for (site, steps), decision in zip(group, decisions):
-                    site.ridge = decision.ridge
+                    site.ridge, site.choice = decision.ridge, decision.choice
                     if self.decisions is not None:
                         self.decisions.append((visit.index, sites.index(site), decision))
                     with self.timer("cut"):

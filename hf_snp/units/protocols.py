@@ -79,6 +79,8 @@ class SiteCut(Protocol):
     """The engine side of a site: observe, decide, cut, describe, re-cut on resume."""
 
     ridge: float | None  # the λ its reconstruction used, when chosen on held-out tokens (§3.8)
+    choice: str | None  # the candidate decision chosen on held-out tokens (ordering='heldout', §3.12)
+    post_norm: nn.Module | None  # the norm after the consumer's output, whose errors it measures (§3.11)
 
     @property
     def name(self) -> str: ...

@@ -6,7 +6,8 @@ One :class:`LayerRecord` per layer of the pruned model: built from its sites' pa
 
 Keys of a record's dict form: ``layer``; ``source_layer`` (the dense model's layer, when blocks were
 removed); for each recorded :class:`LayerShape` field its key in ``RECORD_KEYS``, a width preceded by
-``<key>_before``; ``<site>_ridge``, the held-out ridge of a site's reconstruction (docs/design.md §3.8).
+``<key>_before``; ``<site>_ridge``, the held-out ridge of a site's reconstruction (docs/design.md §3.8);
+``<site>_decision``, the candidate decision chosen on held-out tokens (ordering='heldout', §3.12).
 In a record, a bias flag means "added by this run".
 """
 
@@ -32,6 +33,7 @@ RECORD_KEYS: dict[str, str] = {
 MLP_FIELDS = ("intermediate_size", "mlp_output_bias")
 HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "attention_output_bias")
 RIDGE_SUFFIX = "_ridge"
+CHOICE_SUFFIX = "_decision"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class LayerRecord:
     fields: tuple[str, ...] = ()  # the LayerShape fields recorded (the pruned targets'), in order
     ridges: dict[str, float] = field(default_factory=dict)  # per site ("mlp", "heads", "expert_3", ...)
     source_layer: int | None = None  # the dense model's layer, when blocks were removed
+    choices: dict[str, str] = field(default_factory=dict)  # per site: the decision chosen on held-out tokens
 
     @property
     def changed(self) -> bool:
@@ -54,11 +57,13 @@ class LayerRecord:
         """This record with a site's part (``Site.describe``) added: its fields, widths before, shape and ridge."""
         fields = self.fields + tuple(f for f in part.fields if f not in self.fields)
         return dataclasses.replace(self, before=self.before.updated(part.before), fields=fields,
-                                   after=self.after.updated(part.after), ridges={**self.ridges, **part.ridges})
+                                   after=self.after.updated(part.after), ridges={**self.ridges, **part.ridges},
+                                   choices={**self.choices, **part.choices})
 
     def after_cut(self, later: "LayerRecord") -> "LayerRecord":
         """This layer after a later cut that ``later`` records: its shape and ridges; the widths before stay ours."""
-        return dataclasses.replace(self, after=self.after.updated(later.after), ridges={**self.ridges, **later.ridges})
+        return dataclasses.replace(self, after=self.after.updated(later.after), ridges={**self.ridges, **later.ridges},
+                                   choices={**self.choices, **later.choices})
 
     def to_dict(self) -> dict:
         """The report's (and the checkpoint's) JSON form."""
@@ -71,6 +76,7 @@ class LayerRecord:
                 record[key + "_before"] = getattr(self.before, name)
             record[key] = getattr(self.after, name)
         record.update({site + RIDGE_SUFFIX: ridge for site, ridge in self.ridges.items()})
+        record.update({site + CHOICE_SUFFIX: choice for site, choice in self.choices.items()})
         return record
 
     @classmethod
@@ -78,7 +84,7 @@ class LayerRecord:
         """Read a record's JSON form (a report's ``layers`` entry, a checkpoint's record)."""
         by_key = {key: name for name, key in RECORD_KEYS.items()}
         known = {"layer", "source_layer", *by_key, *(key + "_before" for key in by_key)}
-        unknown = [key for key in data if key not in known and not key.endswith(RIDGE_SUFFIX)]
+        unknown = [key for key in data if key not in known and not key.endswith((RIDGE_SUFFIX, CHOICE_SUFFIX))]
         if unknown or "layer" not in data:
             raise ValueError(f"not an hf_snp layer record (keys {sorted(data)}; unknown {unknown}): it was written by "
                              "another hf_snp version; read it with that version, or prune again")
@@ -86,4 +92,6 @@ class LayerRecord:
         before = {name: data.get(RECORD_KEYS[name] + "_before") for name in fields if name in LayerShape.WIDTHS}
         after = {name: data[RECORD_KEYS[name]] for name in fields}
         ridges = {key[: -len(RIDGE_SUFFIX)]: value for key, value in data.items() if key.endswith(RIDGE_SUFFIX)}
-        return cls(data["layer"], LayerShape(**before), LayerShape(**after), fields, ridges, data.get("source_layer"))
+        choices = {key[: -len(CHOICE_SUFFIX)]: value for key, value in data.items() if key.endswith(CHOICE_SUFFIX)}
+        return cls(data["layer"], LayerShape(**before), LayerShape(**after), fields, ridges, data.get("source_layer"),
+                   choices)

@@ -31,8 +31,10 @@ def _common(shift: torch.Tensor | None) -> torch.Tensor | None:
     return None if found is None else found.to(torch.float64)
 
 
-def _rebased(total: torch.Tensor, count: int, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """A sum of (h - old) over ``count`` tokens as the sum of (h - new), in float64."""
+def _rebased(total: torch.Tensor, count: int | torch.Tensor, old: torch.Tensor | None,
+             new: torch.Tensor) -> torch.Tensor:
+    """A sum of (h - old) over ``count`` tokens (or of w (h - old), ``count`` their total weight) as the sum of
+    (h - new), in float64."""
     total = total.to(torch.float64)
     return total if old is None else total + count * (old.to(total) - new.to(total.device))
 
@@ -46,14 +48,19 @@ def all_reduce_statistics(stats: SiteStatistics) -> SiteStatistics:
         return stats
     counts = torch.tensor(stats.fold_counts, dtype=torch.float64, device=stats.fold_sums[0].device)
     for fold in range(stats.folds):
-        count, total = stats.fold_counts[fold], stats.fold_sums[fold]
+        mass, total = stats.fold_mass(fold), stats.fold_sums[fold]  # weighted: the sums are of w (h - shift)
         gram = stats.fold_grams[fold].to(torch.float64)
-        if stats.shift is not None and count:
+        if stats.shift is not None and stats.fold_counts[fold]:
             delta = stats.shift.to(gram) - common.to(gram.device)  # h - common = (h - shift) + delta
-            gram.addr_(total.to(gram), delta).addr_(delta, total.to(gram)).addr_(delta, delta, alpha=count)
-        stats.fold_sums[fold] = parallel.all_reduce_sum(_rebased(total, count, stats.shift, common))
+            gram.addr_(total.to(gram), delta).addr_(delta, total.to(gram)).addr_(delta * mass, delta)
+        stats.fold_sums[fold] = parallel.all_reduce_sum(_rebased(total, mass, stats.shift, common))
         stats.fold_grams[fold] = parallel.all_reduce_sum(gram)
+        if stats.weighted:
+            stats.fold_weights[fold] = parallel.all_reduce_sum(stats.fold_weights[fold].clone())
     stats.fold_counts = [int(c) for c in parallel.all_reduce_sum(counts).tolist()]
+    if stats.post_norm is not None:  # plain sums over tokens: no shift
+        stats.post_norm.cross = parallel.all_reduce_sum(stats.post_norm.cross)
+        stats.post_norm.energy = parallel.all_reduce_sum(stats.post_norm.energy)
     stats.shift = common.to(stats.fold_sums[0].device)
     return stats
 

@@ -89,6 +89,8 @@ class Decision:
     ridge: float | None = None  # the λ chosen on held-out tokens (ridge="heldout", docs/design.md §3.8)
     swaps: int | None = None  # swaps the local search made (swaps > 0, docs/design.md §3.9)
     swap_errors: tuple[float, float] | None = None  # the output error E(P) before and after them
+    choice: str | None = None  # the candidate chosen on held-out tokens (ordering="heldout", docs/design.md §3.12)
+    candidate_errors: dict[str, float] | None = None  # every candidate's held-out error (ordering="heldout")
 
     def to(self, device: torch.device) -> "Decision":
         """The same decision with its tensors on ``device`` (decisions travel between ranks on the CPU)."""

@@ -63,7 +63,7 @@ def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tens
         others = [f for f in range(stats.folds) if f != fold]
         if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
             continue
-        share = stats.fold_counts[fold] / stats.count
+        share = stats.fold_mass(fold) / sum(stats.fold_mass(f) for f in range(stats.folds))
         fold_errors, fold_bounds = _fold_errors(blocks(others), blocks([fold]), centered, factor.to(dtype), keep,
                                                 drop, ridges)
         errors += share * fold_errors
@@ -111,16 +111,47 @@ def _fold_errors(train: tuple[torch.Tensor, ...], held: tuple[torch.Tensor, ...]
 def choose_ridge(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
                  drop: torch.Tensor, damping: float) -> float:
     """The λ of ``ridge_grid(damping)`` with the least held-out error (ties: the smaller λ; ``damping`` when no
-    fold can be held out). The errors are computed in float32 with bounds; unless every other λ's error is above the
-    least one by more than both bounds, they are computed again in float64: the choice is float64's either way."""
+    fold can be held out): :func:`ridge_and_error`'s λ."""
+    return ridge_and_error(stats, centered, weight, keep, drop, damping)[0]
+
+
+def ridge_and_error(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
+                    drop: torch.Tensor, damping: float) -> tuple[float, float | None]:
+    """The λ of ``ridge_grid(damping)`` with the least held-out error, and that error (None when no fold can be held
+    out: then λ is ``damping``). The errors are computed in float32 with bounds; unless every other λ's error is
+    above the least one by more than both bounds, they are computed again in float64: the choice is float64's
+    either way (the error returned: within its bound of float64's)."""
     grid = ridge_grid(damping)
     errors, bounds = _errors_and_bounds(stats, centered, weight, keep, drop, grid, torch.float32)
     if not bool(errors.any()):
-        return float(damping)
+        return float(damping), None
     best = int(torch.argmin(errors))
     apart = errors - bounds > errors[best] + bounds[best]
     apart[best] = True
     if not bool(apart.all()):
         errors = heldout_errors(stats, centered, weight, keep, drop, grid)
         best = int(torch.argmin(errors))
-    return grid[best]
+    return grid[best], float(errors[best])
+
+
+def heldout_mean_error(stats: SiteStatistics, centered: bool, weight: torch.Tensor, drop: torch.Tensor
+                       ) -> float | None:
+    """The held-out consumer-output error of replacing the removed units by the other folds' mean (``centered``: a
+    mean shift, VBP's compensation) or by nothing: Σ_f (T_f/T) tr(W_P E_PP Wᵀ_P), E fold f's moment (about the
+    other folds' mean when centred), the λ → ∞ limit of :func:`heldout_errors`. None when no fold can be held out."""
+    factor = _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
+    total, seen = 0.0, False
+    mass = sum(stats.fold_mass(f) for f in range(stats.folds))
+    for fold in range(stats.folds):
+        others = [f for f in range(stats.folds) if f != fold]
+        if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
+            continue
+        moment, mu = stats.moments(centered, [fold])
+        held = moment[drop[:, None], drop]
+        del moment
+        if centered:
+            shift = (mu - stats.mean(others))[drop]
+            held = held.addr_(shift, shift)
+        total = total + stats.fold_mass(fold) / mass * (factor @ held * factor).sum()
+        seen = True
+    return float(total) if seen else None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -25,6 +26,18 @@ class SiteInputs:
     consumer_weight: torch.Tensor  # W of the consumer linear (float32/64, on the stats device)
     key: int  # a stable id of the site, for seeding
     cross: CrossMoments | None = None  # dense-target reconstruction where the streams differ (docs/design.md §3.7)
+
+    @cached_property
+    def objective_weight(self) -> torch.Tensor:
+        """The W whose output error SNP's decisions measure: the consumer's, or after a post-norm S^½ W times
+        sqrt(the tokens' mean weight), so that errors are sums over tokens / T after the norm at first order
+        (``hf_snp.units.stats.PostNormMetric``, docs/design.md §3.11)."""
+        metric = self.stats.post_norm
+        if metric is None:
+            return self.consumer_weight
+        weight = self.consumer_weight
+        root = metric.root(sum(self.stats.fold_weights)).to(weight)
+        return (root @ weight) * self.stats.mean_weight ** 0.5
 
 
 class Decides(Protocol):

@@ -20,7 +20,7 @@ from ..models.modeling_hf_snp import AttentionLayout, LayerShape, MlpLayout, mak
 from .records import HEAD_FIELDS, MLP_FIELDS, LayerRecord
 from .removal import Decision, RemovalPlan, select_by_score
 from .site_inputs import Decides, SiteInputs
-from .stats import SiteStatistics
+from .stats import PostNormMetric, SiteStatistics
 from .surgery import fold_into_consumer, keep_rows
 
 if TYPE_CHECKING:
@@ -61,6 +61,10 @@ class ConsumerSite(ABC):
         self.layer, self.index = layer, index
         self.bias_added = False
         self.ridge: float | None = None  # the λ its reconstruction used, when chosen on held-out tokens (§3.8)
+        self.choice: str | None = None  # the candidate decision chosen on held-out tokens (ordering='heldout', §3.12)
+        # the norm applied to the consumer's output (Gemma 2/3, OLMo 2 post-norms): the statistics weigh each token
+        # by it, and the method its output dimensions (docs/design.md §3.11); None: the output is used as it is
+        self.post_norm: nn.Module | None = None
 
     @property
     @abstractmethod
@@ -150,25 +154,32 @@ class ConsumerSite(ABC):
     @property
     def stop_module(self) -> nn.Module:
         """The module whose forward pre-hook finds this site's statistics complete (the statistics pass stops
-        once every site's has run)."""
-        return self.consumer_linear
+        once every site's has run): the consumer, or the post-norm after it (its output weighs the tokens)."""
+        return self.consumer_linear if self.post_norm is None else self.post_norm
 
     def new_statistics(self, device: torch.device, folds: int = 1) -> SiteStatistics:
+        metric = None if self.post_norm is None else PostNormMetric.of(self.post_norm, self.consumer_outputs, device)
         return SiteStatistics(f"{self.name} ({type(self.consumer_linear).__name__} input)", self.num_units, device,
-                              folds)
+                              folds, post_norm=metric)
 
     def observe(self, stats: SiteStatistics) -> list:
-        """Hooks that feed ``stats`` with the units entering the consumer (objects with ``remove()``)."""
-        return [self.consumer_linear.register_forward_pre_hook(stats.hook)]
+        """Hooks that feed ``stats`` with the units entering the consumer (objects with ``remove()``); with a
+        post-norm, a hook after the consumer that also sees its output (docs/design.md §3.11)."""
+        if stats.post_norm is None:
+            return [self.consumer_linear.register_forward_pre_hook(stats.hook)]
+        return [self.consumer_linear.register_forward_hook(
+            lambda module, args, output: stats.update_after_norm(args[0], output.detach()))]
 
     def decide(self, method: Decides, inputs: SiteInputs, config: "PruneConfig") -> Decision:
         """The method's decision for this site."""
         return method.decide(inputs, config)
 
     def describe(self) -> LayerRecord:
-        """The site's part of its layer's record: its fields' widths before and shape now, its held-out ridge."""
+        """The site's part of its layer's record: its fields' widths before and shape now, its held-out ridge and
+        decision."""
         ridges = {} if self.ridge is None else {self.ridge_name: self.ridge}
-        return LayerRecord(self.index, self.shape_before(), self.shape(), self.fields, ridges)
+        choices = {} if self.choice is None else {self.ridge_name: self.choice}
+        return LayerRecord(self.index, self.shape_before(), self.shape(), self.fields, ridges, choices=choices)
 
     def reshape_like(self, record: LayerRecord) -> None:
         """Cut the site to the shapes a record describes (weights to be loaded afterwards)."""
