@@ -91,7 +91,8 @@ def main() -> None:
              f"hf_snp at commit {code_commit()}. Regenerate: `python benchmarks/post_norm_metric.py` (seconds).", "",
              "Mean over tokens of |norm(pruned output) - norm(dense output)|^2 of each objective's decision (lower is "
              "better); sites and objectives in the script's docstring.", "",
-             "| noise | removed | seed | raw | diagonal | full (hf_snp) |", "| ---: | ---: | ---: | ---: | ---: | ---: |",
+             "| noise | removed | seed | raw | diagonal | full (hf_snp) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |",
              *rows, "", f"Sites where the objective beats raw: diagonal {wins['diagonal']} of {len(rows)}, full "
              f"{wins['full']} of {len(rows)}. Sum over sites: raw {totals['raw']:.4f}, diagonal "
              f"{totals['diagonal']:.4f}, full {totals['full']:.4f}.", ""]
