@@ -5,10 +5,9 @@
     python benchmarks/cost.py --parts gpu --smoke                # the same part on tiny shapes, on the CPU
 
 Parts:
-  ratio   SmolLM2-135M (the packaged demo model), 30% of MLP neurons with SNP, 32 x 512 calibration
-          tokens: pruning seconds / seconds of one dense forward pass over the same tokens, for uniform
-          (one pass), output_error and cumulative-variance ('global'; both two passes) allocation, with
-          the per-phase breakdown.
+  ratio   SmolLM2-135M, 30% of MLP neurons with SNP, 32 x 512 calibration tokens: pruning seconds / one dense
+          forward pass over the same tokens, for uniform, output_error and cumulative-variance ('global') allocation,
+          per phase; the load average is recorded, and a run on a busy machine says so.
   depth   Peak memory against depth: Llama-shaped models of random weights (hidden 1024, MLP 2816,
           16 heads / 4 KV heads) with 4, 8, 16, 32 blocks, each pruned in a fresh process, in memory
           and with every block offloaded to disk (accelerate ``offload_folder``).
@@ -165,21 +164,30 @@ def part_ratio(args, device) -> list[str]:
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=torch.float32).to(device)
     calib = load_calibration("wikitext2-local", tokenizer, 32, 512, seed=0)
+    load_before = os.getloadavg()[0]
     dense = dense_forward_seconds(model, calib.input_ids, 8, device)
-    lines = [f"## Pruning / one dense forward pass (SmolLM2-135M, 30% of MLP, SNP, {calib.num_tokens} tokens, "
-             f"{device})", "",
-             f"Dense forward pass: {dense:.2f} s ({calib.num_tokens / dense:.0f} tokens/s).", "",
-             "| allocation | pruning s | ratio | target | phases (s) |", "| --- | ---: | ---: | ---: | --- |"]
-    for allocation, target in (("uniform", 2.0), ("output_error", 2.5), ("global", 2.5)):
+    rows = []  # targets: issue 29
+    for allocation, target in (("uniform", 1.5), ("output_error", 2.5), ("global", 2.5)):
         result = hf_snp.prune(copy.deepcopy(model), tokenizer, method="snp", sparsity=0.3, calibration=calib,
                               batch_size=8, device=device, allocation=allocation, progress=False)
         timings = result.report["timings_s"]
         phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k not in ("total", "dense_pass", "cut_pass"))
         ratio = timings["total"] / dense
-        lines.append(f"| {allocation} | {timings['total']:.1f} | {ratio:.2f}x | "
-                     f"{target}x {'met' if ratio <= target else 'missed'} | {phases} |")
-        print(lines[-1], flush=True)
-    return lines + [""]
+        rows.append(f"| {allocation} | {timings['total']:.1f} | {ratio:.2f}x | "
+                    f"{target}x {'met' if ratio <= target else 'missed'} | {phases} |")
+        print(rows[-1], flush=True)
+    dense_after, load_after = dense_forward_seconds(model, calib.input_ids, 8, device), os.getloadavg()[0]
+    # another job's time is in ours when the load was up before we started (our own threads count after) or the
+    # dense pass took longer or shorter by more than 15% at the end
+    busy = device.type == "cpu" and (load_before > 1.0 or abs(dense_after - dense) > 0.15 * dense)
+    warning = (f"**Taken on a busy machine (1-minute load average {load_before:.1f} before, {load_after:.1f} after, on "
+               f"{os.cpu_count()} cores; dense pass {dense:.1f} s before, {dense_after:.1f} s after): not a result. "
+               "Rerun on a quiet machine.**")
+    return [f"## Pruning / one dense forward pass (SmolLM2-135M, 30% of MLP, SNP, {calib.num_tokens} tokens, "
+            f"{device})", "", *([warning, ""] if busy else []),
+            f"Dense forward pass: {dense:.2f} s ({calib.num_tokens / dense:.0f} tokens/s); after the runs: "
+            f"{dense_after:.2f} s. Load average before / after: {load_before:.2f} / {load_after:.2f}.", "",
+            "| allocation | pruning s | ratio | target | phases (s) |", "| --- | ---: | ---: | ---: | --- |", *rows, ""]
 
 
 def part_search(args) -> list[str]:
