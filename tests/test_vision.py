@@ -244,6 +244,9 @@ def test_statistics_cover_every_token_including_cls_and_distillation(family, tok
     ("wikitext2", "default calibration 'wikitext2' is text"),
     (["some text", "more text"], "is text"),
     (torch.randint(0, 50, (4, 8)), "is text"),
+    ("self", "is text ('self')"),  # text the model would write itself: no image model writes it
+    ("chat-local", "is text ('chat-local')"),
+    ({"self": 0.75, "wikitext2": 0.25}, "is text ({'self': 0.75, 'wikitext2': 0.25})"),
 ])
 def test_image_model_with_text_calibration_fails_at_once(calibration, words, no_long_work):
     with pytest.raises(CalibrationError, match="image model") as error:

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .calibration import HUB_DATASETS, PACKAGED, CalibrationError
+from .calibration import HUB_DATASETS, PACKAGED, SELF, CalibrationError
+from .conversations import PACKAGED_CHAT
 from .datasets import load_hub_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -83,13 +84,16 @@ def spec_modality(spec: Any) -> str | None:
     if isinstance(spec, torch.Tensor):
         return "image" if spec.is_floating_point() and spec.dim() == 4 else "text"
     if isinstance(spec, dict):
-        return "image" if "pixel_values" in spec else "text" if "input_ids" in spec else None
+        if "pixel_values" in spec or "input_ids" in spec:
+            return "image" if "pixel_values" in spec else "text"
+        kinds = {spec_modality(source) for source in spec}  # a mixture {source: share}
+        return "text" if "text" in kinds else None
     if isinstance(spec, str):
         if os.path.isdir(spec):
             return "image" if folder_images(spec) else None
         if os.path.isfile(spec):
             return "image" if spec.lower().endswith(IMAGE_SUFFIXES) else "text"
-        return "text" if spec.split(":")[0] in (*HUB_DATASETS, *PACKAGED) else None
+        return "text" if spec.split(":")[0] in (*HUB_DATASETS, *PACKAGED, *PACKAGED_CHAT, SELF) else None
     if hasattr(spec, "column_names"):
         return "image" if image_column(spec) is not None else "text"
     if isinstance(spec, Sequence) and len(spec) > 0:
@@ -122,7 +126,7 @@ def check_modality(spec: Any, modality: str, family: str) -> None:
 def _describe(spec: Any) -> str:
     if isinstance(spec, torch.Tensor):
         return f"a {spec.dtype} tensor {tuple(spec.shape)}"
-    if isinstance(spec, str):
+    if isinstance(spec, str) or (isinstance(spec, dict) and all(isinstance(key, str) for key in spec)):
         return repr(spec)
     return type(spec).__name__
 
