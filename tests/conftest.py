@@ -281,7 +281,7 @@ def tiny_gemma3_text(seed: int = 0, layers: int = 4):
 
 
 def tiny_olmo2(seed: int = 0, layers: int = 4):
-    """OLMo 2: norms after attention and MLP, q/k norms over the whole projection (heads are refused)."""
+    """OLMo 2: norms after attention and MLP, q/k norms over the whole projection (cut with the heads)."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     return _llama_like(Olmo2Config, Olmo2ForCausalLM, seed, layers)

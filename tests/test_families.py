@@ -1,8 +1,9 @@
 """Llama-like families beyond Llama, Mistral and Qwen2 (issue 14): Qwen3, Gemma, Gemma 2, Gemma 3 (text), OLMo 2,
 Granite, SmolLM3. Tiny from-config models (conftest.TINY_LLAMA_LIKE): exactness on planted redundancy (MLP neurons
-and heads, both GQA modes), the second pass's replay, every block fed its own layer type's inputs, OLMo 2's heads
-refused, and save/reload in fresh processes (stock class; the variable-width type without hf_snp and with it),
-greedy generation from the reloaded model equal to the in-memory one's."""
+and heads, both GQA modes; OLMo 2's heads with their entries of its whole-projection q/k norms), the second pass's
+replay, every block fed its own layer type's inputs, and save/reload in fresh processes (stock class; the
+variable-width type without hf_snp and with it), greedy generation from the reloaded model equal to the in-memory
+one's."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from conftest import (
 )
 
 FAMILIES = list(TINY_LLAMA_LIKE)
-HEAD_FAMILIES = [family for family in FAMILIES if family != "olmo2"]  # OLMo 2's q/k norms span every head
+HEAD_FAMILIES = FAMILIES  # OLMo 2's q/k norms span every head: its heads are cut with their norm entries
 COPIES = 12  # of 48 MLP neurons
 PROMPT = [[3, 4, 5, 6]]
 NEW_TOKENS = 8
@@ -59,23 +60,29 @@ def make_redundant_heads(model, mode: str) -> None:
 
     per_group: query head 1 copies head 0 and head 3 copies head 2 (same KV head, same output).
     kv_groups: KV head 1 is KV head 0 with values x0.7 and query heads 2, 3 copy 0, 1: group 1 = 0.7 x group 0.
-    Per-head q/k norms (Qwen3, Gemma 3) are shared by every head, so copies stay copies after them."""
+    Per-head q/k norms (Qwen3, Gemma 3) are shared by every head, so copies stay copies after them. OLMo 2's q/k
+    norms over the whole projection get the copied heads' weight entries copied too; every kept head then counts
+    twice in the RMS over all heads, so the RMS over the kept heads is the same and the copies stay exact."""
     for site in sites_of(model, "heads", mode):
         q, k, v = (getattr(site.attention, name) for name in (site.layout.q, site.layout.k, site.layout.v))
+        q_norm, k_norm = (getattr(site.attention, name) if name else None
+                          for name in (site.layout.q_norm, site.layout.k_norm))
         d = site.head_dim
 
-        def copy_rows(linear, src: int, dst: int, scale: float = 1.0) -> None:
+        def copy_rows(linear, src: int, dst: int, scale: float = 1.0, norm=None) -> None:
             linear.weight[dst * d:(dst + 1) * d] = scale * linear.weight[src * d:(src + 1) * d]
             if linear.bias is not None:
                 linear.bias[dst * d:(dst + 1) * d] = scale * linear.bias[src * d:(src + 1) * d]
+            if norm is not None:
+                norm.weight[dst * d:(dst + 1) * d] = norm.weight[src * d:(src + 1) * d]
 
         if mode == "per_group":
-            copy_rows(q, 0, 1)
-            copy_rows(q, 2, 3)
+            copy_rows(q, 0, 1, norm=q_norm)
+            copy_rows(q, 2, 3, norm=q_norm)
         else:
-            copy_rows(q, 0, 2)
-            copy_rows(q, 1, 3)
-            copy_rows(k, 0, 1)
+            copy_rows(q, 0, 2, norm=q_norm)
+            copy_rows(q, 1, 3, norm=q_norm)
+            copy_rows(k, 0, 1, norm=k_norm)
             copy_rows(v, 0, 1, 0.7)
 
 
@@ -97,11 +104,20 @@ def test_snp_heads_exact_when_removed_heads_are_copies(family, mode):
     assert (logits(baseline.model) - reference).abs().max() > 1e-2
 
 
-def test_olmo2_heads_are_refused_before_any_work(no_long_work):
+def test_olmo2_heads_cut_their_q_k_norm_entries():
+    """OLMo 2's heads were refused before issue 28: now each layer's q_norm/k_norm keep the kept heads' entries
+    (kv_groups: 2 of 4 query heads, 1 of 2 KV heads), rescaled by the fitted factor (hf_snp.units.qk_norm)."""
     model = TINY_LLAMA_LIKE["olmo2"]()
-    with pytest.raises(ValueError, match=r"cannot prune OLMo 2 attention heads: its q_norm/k_norm"):
-        prune_quiet(model, targets=("mlp", "heads"), sparsity=0.3)
-    assert model.model.layers[0].self_attn.q_proj.out_features == 32  # untouched
+    dense = model.model.layers[0].self_attn
+    q_before, k_before = dense.q_norm.weight.detach().clone(), dense.k_norm.weight.detach().clone()
+    result = prune_quiet(model, targets=("mlp", "heads"), sparsity=0.3, gqa_mode="kv_groups")
+    attention = result.model.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 16 and attention.q_norm.weight.shape == (16,)
+    assert attention.k_proj.out_features == 8 and attention.k_norm.weight.shape == (8,)
+    for norm, before in ((attention.q_norm, q_before), (attention.k_norm, k_before)):  # one kept block, one factor
+        kept = [before[start:start + norm.weight.numel()] for start in range(0, before.numel(), norm.weight.numel())]
+        ratios = [norm.weight.detach() / block for block in kept]
+        assert any(torch.allclose(r, r[0].expand_as(r), rtol=1e-5) and abs(r[0] - 1) < 0.5 for r in ratios)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -219,8 +235,6 @@ def greedy(model) -> list:
 
 def uniform_case(family: str, out: str):
     """Same widths in every layer: MLP 48 -> 24 and one head step (per_group or kv_groups) -> the stock class."""
-    if family == "olmo2":
-        return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="snp", sparsity=0.5, output_dir=out)
     mode = "kv_groups" if HEAD_FAMILIES.index(family) % 2 else "per_group"
     return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="snp", targets=("mlp", "heads"), sparsity=0.5,
                        gqa_mode=mode, output_dir=out)
@@ -229,9 +243,6 @@ def uniform_case(family: str, out: str):
 def per_layer_case(family: str, out: str):
     """Per-layer widths, VBP's added biases, and (with heads) layer 2 (sliding-window where the family has them)
     losing every head: an EmptyAttention."""
-    if family == "olmo2":
-        return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="vbp", sparsity=0.3,
-                           layer_sparsity={0: 0.0, 1: 0.6}, output_dir=out)
     mode = "per_group" if HEAD_FAMILIES.index(family) % 2 else "kv_groups"
     return prune_quiet(TINY_LLAMA_LIKE[family](layers=3), method="vbp", targets=("mlp", "heads"), sparsity=0.3,
                        gqa_mode=mode, layer_sparsity={0: 0.0, 2: 0.999}, output_dir=out)

@@ -8,42 +8,39 @@ attention module returns ``(output, weights)``, the MLP module returns ``down_pr
 reads its head counts from ``head_dim`` and ``num_key_value_groups`` (``AttentionLayout.set_head_counts``).
 
 OLMo 2 has the same linears, but its q/k norms normalise the whole projection (``num_heads * head_dim``): its
-MLP is pruned like Llama's, its heads are refused (``OLMo2Adapter``).
+heads are cut with their entries of the norms' weights, and the kept weights are rescaled for the RMS the removed
+heads no longer add to (``hf_snp.units.qk_norm``, docs/design.md §5.5).
 """
 
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..models.layouts import OLMO2_ATTENTION
 from ..units.protocols import Site
+from ..units.qk_norm import QKNormHeadSite
 from .base import LlamaFamilyAdapter, register_adapter
-
-OLMO2_HEADS_REFUSED = (
-    "hf_snp cannot prune OLMo 2 attention heads: its q_norm/k_norm normalise each token's query and key over all "
-    "heads together (num_heads * head_dim), so removing a head changes the kept heads' attention and cannot be "
-    "compensated; prune targets=('mlp',) (or 'blocks') instead"
-)
 
 
 class OLMo2Adapter(LlamaFamilyAdapter):
     """OLMo 2: Llama's linears, norms after the attention and MLP modules, and q/k RMSNorms over the whole
-    projection. Removing a head would change how every kept head is normalised (and cut the norms' weights),
-    so only MLP neurons (and whole blocks) are pruned; heads are refused before any work."""
+    projection (``OLMO2_ATTENTION``). Its head sites are ``QKNormHeadSite``: ``qk_norm_correction`` (default True)
+    fits the kept norm weights' scale on the calibration tokens; False only cuts them (the benchmark's ablation)."""
 
     family = "OLMo 2"
     model_types = ("olmo2",)
-    stock_head_pruning = False
-    supported_targets = ("mlp", "blocks")
-
-    def check_targets(self, targets: tuple[str, ...]) -> None:
-        if "heads" in targets:
-            raise ValueError(OLMO2_HEADS_REFUSED)
-        super().check_targets(targets)
+    attention_layout = OLMO2_ATTENTION
+    qk_norm_correction = True
 
     def sites(self, layer: nn.Module, index: int, targets: tuple[str, ...], config: PretrainedConfig,
               gqa_mode: str) -> list[Site]:
-        if "heads" in targets:  # preflight builds the sites on the meta model: still before any work
-            raise ValueError(OLMO2_HEADS_REFUSED)
-        return super().sites(layer, index, targets, config, gqa_mode)
+        sites = super().sites(layer, index, targets, config, gqa_mode)
+        for position, site in enumerate(sites):
+            if site.kind == "heads":
+                head_site = QKNormHeadSite(layer, index, self.attention_layout, self.head_dim(config), gqa_mode,
+                                           correct=self.qk_norm_correction)
+                head_site.post_norm = getattr(site, "post_norm", None)  # whatever the base adapter found after o_proj
+                sites[position] = head_site
+        return sites
 
 
 register_adapter(LlamaFamilyAdapter())

@@ -15,6 +15,8 @@ from .modeling_hf_snp import AttentionLayout, ExpertsLayout, MlpLayout
 # Llama family (and the MoE families' dense layers): act(gate_proj) * up_proj -> down_proj
 LLAMA_MLP = MlpLayout("mlp", ("gate_proj", "up_proj"), "down_proj")
 LLAMA_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
+# OLMo 2: Llama's linears, and q/k RMSNorms over the whole projections (one weight entry per row)
+OLMO2_ATTENTION = dataclasses.replace(LLAMA_ATTENTION, q_norm="q_norm", k_norm="k_norm")
 # OPT: fc1/fc2 in the decoder layer itself
 OPT_MLP = MlpLayout("", ("fc1",), "fc2")
 OPT_ATTENTION = AttentionLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj")

@@ -173,6 +173,11 @@ class AttentionLayout:
     ``conv1d``: the projections are transformers ``Conv1D`` modules (weight [in, out], GPT-2). ``config_heads``:
     the attention reads ``config.num_attention_heads`` in forward (Phi-3 splits its fused rows by it), so an
     attention whose head count changes gets its own view of the config (``LayerConfig``).
+
+    ``q_norm`` / ``k_norm`` name a norm over the whole query (key) projection's output, one weight entry per row
+    (OLMo 2: RMSNorm over ``num_heads * head_dim``): its entries go with their heads' rows. "" for none, and for a
+    per-head norm over ``head_dim`` that every head shares (Qwen3, Gemma 3), which no cut changes. Separate q/k/v
+    projections only.
     """
 
     parent: str
@@ -183,10 +188,14 @@ class AttentionLayout:
     qkv: str = "separate"  # one of QKV_LAYOUTS
     conv1d: bool = False  # Conv1D modules (weight [in, out]) instead of nn.Linear
     config_heads: bool = False  # the attention reads its head counts from its config in forward
+    q_norm: str = ""  # a norm over the whole query projection (one weight entry per row), or ""
+    k_norm: str = ""  # a norm over the whole key projection, or ""
 
     def __post_init__(self):
         if self.qkv not in QKV_LAYOUTS:
             raise ValueError(f"AttentionLayout.qkv must be one of {QKV_LAYOUTS}, not {self.qkv!r}")
+        if (self.q_norm or self.k_norm) and self.qkv != "separate":
+            raise ValueError("AttentionLayout.q_norm/k_norm need separate q/k/v projections (qkv='separate')")
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -213,6 +222,16 @@ class AttentionLayout:
         if list(keep_q) != list(keep_kv):
             raise ValueError("a per-head fused q/k/v projection keeps the same query and key/value heads")
         return {self.q: _groups(keep_q, 3 * head_dim)}
+
+    def norm_sizes(self, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, int]:
+        """Weight entries of each whole-projection q/k norm for the given head counts (none: empty)."""
+        sizes = {self.q_norm: num_heads * head_dim, self.k_norm: num_kv_heads * head_dim}
+        return {name: size for name, size in sizes.items() if name}
+
+    def norm_rows(self, keep_q: list[int], keep_kv: list[int], head_dim: int) -> dict[str, torch.Tensor]:
+        """The weight entries of each whole-projection q/k norm that the kept heads own, in order."""
+        rows = {self.q_norm: _groups(keep_q, head_dim), self.k_norm: _groups(keep_kv, head_dim)}
+        return {name: kept for name, kept in rows.items() if name}
 
     def num_kv_heads(self, attention: nn.Module, num_heads: int, head_dim: int) -> int:
         """Key/value heads of ``attention`` with ``num_heads`` query heads, from its projections' shapes
@@ -291,6 +310,9 @@ def resize_attention(layer: nn.Module, layout: AttentionLayout, num_heads: int |
             old = getattr(attention, name)
             in_features = module_features(old, layout.conv1d)[0]
             setattr(attention, name, _new_module(old, in_features, rows, old.bias is not None, layout.conv1d))
+        for name, size in layout.norm_sizes(num_heads, num_kv_heads, head_dim).items():
+            norm = getattr(attention, name)
+            norm.weight = nn.Parameter(norm.weight.new_empty(size), requires_grad=norm.weight.requires_grad)
         layout.set_head_counts(attention, num_heads, num_kv_heads)
     in_features = o_in if num_heads is None else num_heads * head_dim
     if in_features != o_in or bias != (old_o.bias is not None):
