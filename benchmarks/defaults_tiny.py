@@ -10,13 +10,14 @@ uniform allocation, 32 x 64 random calibration tokens; the error is measured on 
 dense model: KL(dense || pruned) of the next-token distributions, mean per token, averaged over the seeds.
 
 Candidates: the paper's SNP (ZCA order, fixed ridge), VBP, FLAP, SNP's OBS order with the held-out ridge measured
-before the norm (``post_norm_weights=False``) and after it (§3.11), and ``ordering='heldout'`` (§3.12). Writes
-benchmarks/results/defaults_tiny.md.
+before the norm (``post_norm_weights=False``) and after it (§3.11), and ``ordering='heldout'`` (§3.12), whose
+choices are counted. Writes benchmarks/results/defaults_tiny.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import os
 
@@ -82,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    rows = []
+    rows, choices = [], collections.Counter()
     for family in FAMILIES:
         for sparsity in (0.3, 0.5):
             totals = dict.fromkeys(CANDIDATES, 0.0)
@@ -96,6 +97,8 @@ def main() -> None:
                     result = hf_snp.prune(copy.deepcopy(model), calibration=calib, sparsity=sparsity, targets=("mlp",),
                                           batch_size=8, progress=False, **options)
                     totals[name] += kl(dense_logits, result.model, ids) / args.seeds
+                    if options.get("ordering") == "heldout":
+                        choices.update(layer["mlp_decision"] for layer in result.report["layers"])
             best = min(totals.values())
             rows.append(f"| {family} | {sparsity:.0%} | " + " | ".join(
                 f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in totals.values()) + " |")
@@ -105,7 +108,9 @@ def main() -> None:
              "(a few minutes on 2 cores). Models, statistics and candidates in the script's docstring; mean "
              f"KL(dense || pruned) per token over {args.seeds} seeds, lower is better, the least in bold.", "",
              "| family | MLP removed | " + " | ".join(CANDIDATES) + " |",
-             "| --- | ---: |" + " ---: |" * len(CANDIDATES), *rows, ""]
+             "| --- | ---: |" + " ---: |" * len(CANDIDATES), *rows, "",
+             "The per-site choice's decisions over all its sites: "
+             + ", ".join(f"{name} {count}" for name, count in sorted(choices.items())) + ".", ""]
     with open(os.path.join(RESULTS, "defaults_tiny.md"), "w") as handle:
         handle.write("\n".join(lines))
 

@@ -149,8 +149,8 @@ def test_sites_know_the_norm_after_their_consumer(build, has_post_norm):
     model = build(0)
     layer = model.model.layers[0]
     adapter = get_adapter(model.config)
-    sites = adapter.sites(layer, 0, ("mlp",) if "olmo2" in model.config.model_type else ("heads", "mlp"),
-                          model.config, "per_group")
+    sites = adapter.sites(layer, 0, ("heads", "mlp"), model.config, "per_group")
+    assert [site.kind for site in sites] == ["heads", "mlp"]
     for site in sites:
         assert (site.post_norm is not None) == has_post_norm
         if has_post_norm:  # the gain read off the norm: Gemma's 1 + w, OLMo 2's w
