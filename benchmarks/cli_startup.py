@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -96,6 +97,12 @@ def demo_text(seconds: float, size: int, names: list[str], report: dict, before:
             f"- wall time: {seconds:.0f} s, of which pruning {timings.get('total', 0):.0f} s ({phases})",
             f"- calibration: {report.get('calibration')}; perplexity dense -> pruned {ppl[0]:.2f} -> {ppl[1]:.2f} "
             f"({metrics.get('perplexity_protocol', '')})",
+            f"- generation and evaluation: the dense reference (perplexity, KL on text, greedy replies to the chat "
+            f"prompts) {metrics.get('dense_reference_s', float('nan')):.0f} s; the calibration text the dense model "
+            f"wrote {timings.get('calibration_generation', 0):.0f} s (in the pruning time); the pruned model's "
+            f"evaluation {metrics.get('evaluation_s', float('nan')):.0f} s",
+            f"- peak memory (the demo process's largest resident set): "
+            f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB",
             f"- written: {size / 2**20:.0f} MiB in smollm2-snp30/ ({', '.join(names)})",
             f"- load average (1 / 5 / 15 min) before: {before}, after: {load()}." + (f" {note}" if note else ""), ""]
 

@@ -242,15 +242,20 @@ def run_demo(eval_windows: int = EVAL_WINDOWS, **options: Any) -> dict:
     print(f"Loading SmolLM2-135M-Instruct from {os.path.join(run.source.path, run.source.gguf_file)} "
           f"(dequantised to {config.dtype})")
     model = load(run)
+    reference_start = time.perf_counter()
     reference = DenseReference.compute(model, run.tokenizer, EVAL_DATASET, eval_windows, EVAL_SEQ_LEN,
                                        prompts=shipped_prompts()[:DEMO_PROMPTS], progress=config.progress)
+    reference_seconds = time.perf_counter() - reference_start
     ppl_before = reference.meta["dense_perplexity"]
     print(f"Dense perplexity on {eval_windows} x {EVAL_SEQ_LEN} WikiText-2 test tokens: {ppl_before:.2f}")
     start = time.perf_counter()
     result = prune_loaded(run, model, start)
     seconds = time.perf_counter() - start
+    evaluation_start = time.perf_counter()
     metrics = evaluate(result.model, reference, run.tokenizer, progress=config.progress)
-    result.report["metrics"].update(metrics, perplexity_before=ppl_before, perplexity_after=metrics["perplexity_text"],
+    result.report["metrics"].update(metrics, dense_reference_s=reference_seconds,
+                                    evaluation_s=time.perf_counter() - evaluation_start,
+                                    perplexity_before=ppl_before, perplexity_after=metrics["perplexity_text"],
                                     perplexity_protocol=f"WikiText-2 test, the first {eval_windows} windows of "
                                                         f"{EVAL_SEQ_LEN} tokens")
     result.reference = reference
