@@ -8,10 +8,17 @@ through the norm, than those made on the raw output error; families without a po
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from conftest import prune_quiet, tiny_gemma2, tiny_gemma3_text, tiny_llama, tiny_olmo2
 from test_obs_ridge import batches_and_mask, fold_tokens
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+from post_norm_metric import post_norm_error, rms_norm  # noqa: E402  (the benchmark's sites and brute force)
+from post_norm_metric import site as anisotropic_site  # noqa: E402
 
 from hf_snp.config import PruneConfig
 from hf_snp.methods.snp import SNP
@@ -73,28 +80,6 @@ def test_weights_are_refused_by_unweighted_statistics_and_required_by_weighted_o
         SiteStatistics("s", 4, CPU, weighted=True).update(h)
 
 
-def rms_norm(y: torch.Tensor, gain: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return gain * y / (y.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-
-
-def anisotropic_site(seed: int, noise: float = 0.3):
-    """16 units on 8 outputs: units 0-7 (4 latent factors plus noise, large) feed outputs 0-3, whose post-norm gain is
-    0.02; units 8-15 (small) feed outputs 4-7, gain 3; each token scaled by a heavy-tailed factor."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = 600
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    scale = torch.exp(1.5 * randn(tokens, 1))
-    big = 4.0 * (randn(tokens, 4) @ randn(4, 8) + noise * randn(tokens, 8))
-    small = 0.3 * (randn(tokens, 4) @ randn(4, 8) + noise * randn(tokens, 8))
-    weight = torch.zeros(8, 16, dtype=torch.float64)
-    weight[:4, :8], weight[4:, 8:] = randn(4, 8), randn(4, 8)
-    gain = torch.tensor([0.02] * 4 + [3.0] * 4, dtype=torch.float64)
-    return scale * torch.cat([big, small], 1), weight, gain
-
-
 def decide(x, weight, gain, after_norm: bool, removed: int):
     metric = PostNormMetric(gain, 1e-6, CPU) if after_norm else None
     stats = SiteStatistics("s", x.shape[1], CPU, 2, post_norm=metric)
@@ -106,19 +91,12 @@ def decide(x, weight, gain, after_norm: bool, removed: int):
     return SNP().decide(SiteInputs(stats, plan, False, weight, 0), PruneConfig(ordering="obs"))
 
 
-def post_norm_error(x, weight, gain, decision) -> float:
-    """Brute force, through the norm: sum over tokens of the squared post-norm output change / T."""
-    keep_w, _ = decision.fold(weight)
-    pruned = x[:, decision.keep] @ keep_w.T
-    return float((rms_norm(pruned, gain) - rms_norm(x @ weight.T, gain)).pow(2).sum(-1).mean())
-
-
 def test_the_objective_after_the_norm_beats_the_raw_one_by_brute_force():
     """8 sites (4 seeds, 4 and 6 of 16 units removed): the decisions made after the norm have a lower post-norm
     error, through the norm itself, on most sites and less than half of the raw decisions' in total."""
     ours, raw = [], []
     for seed in range(4):
-        x, weight, gain = anisotropic_site(seed)
+        x, weight, gain = anisotropic_site(seed, 0.3)
         for removed in (4, 6):
             ours.append(post_norm_error(x, weight, gain, decide(x, weight, gain, True, removed)))
             raw.append(post_norm_error(x, weight, gain, decide(x, weight, gain, False, removed)))
