@@ -4,9 +4,10 @@
 
 The site's statistics are taken from the first 32 x 512 tokens of the packaged WikiText-2 validation text (two
 folds, the held-out ridge's), once; then each part is timed (the least of ``--repeats``): the moments, OBS's
-batched order, the ZCA order, the held-out ridge choice, the mean-shift held-out error, the least-squares map, the
-default decision and ``ordering="heldout"``'s (docs/design.md §3.10, §3.12). The load average is recorded: on a
-busy machine (above 1 before the run) the table says so. Writes benchmarks/results/decide_profile.md.
+batched order (and in float32, with whether its order is float64's), the ZCA order, the held-out ridge choice,
+the mean-shift held-out error, the least-squares map, the default decision and ``ordering="heldout"``'s
+(docs/design.md §3.10, §3.12). The load average is recorded: on a busy machine (above 1 before the run) the table
+says so. Writes benchmarks/results/decide_profile.md.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     parts = {
         "moments (n x n, float64)": lambda: stats.moments(False),
         "OBS order, batched": lambda: batched_obs_elimination(moment, weight, plan.rounds, config.damping),
+        "OBS order, batched, in float32": lambda: batched_obs_elimination(moment.float(), weight.float(), plan.rounds,
+                                                                          config.damping),
         "ZCA order": lambda: greedy_zca_elimination(moment, plan.rounds, config.damping, None),
         "held-out ridge choice": lambda: ridge_and_error(stats, False, weight, decision.keep, decision.drop,
                                                          config.damping),
@@ -81,6 +84,7 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
         rows.append(f"| {name} | {best:.3f} |")
         print(rows[-1], flush=True)
+    single = batched_obs_elimination(moment.float(), weight.float(), plan.rounds, config.damping)[0]
     chosen = SNP().decide(site, PruneConfig(ordering="heldout"))
     load_after = os.getloadavg()[0]
     lines = [f"# One decision's parts: SmolLM2-135M layer {args.layer} MLP ({units} units), 30% removed", "",
@@ -89,6 +93,8 @@ def main() -> None:
              f"least of {args.repeats} runs. Load average {load_before:.2f} before, {load_after:.2f} after.", "",
              *(["**Taken on a busy machine: not a result.**", ""] if load_before > 1.0 else []),
              "| part | seconds |", "| --- | ---: |", *rows, "",
+             f"The float32 OBS order is the float64 one: {single == removed} (same units removed: "
+             f"{set(single) == set(removed)}). "
              f"ordering='heldout' chose `{chosen.choice}`; held-out errors: "
              + ", ".join(f"{k} {v:.4g}" for k, v in chosen.candidate_errors.items()) + ".", ""]
     with open(os.path.join(RESULTS, "decide_profile.md"), "w") as handle:
