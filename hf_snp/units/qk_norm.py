@@ -21,6 +21,7 @@ from ..models.modeling_hf_snp import AttentionLayout
 from .removal import Decision
 from .site_inputs import Decides, SiteInputs
 from .sites import HeadSite, count_parameters
+from .stats import norm_eps
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -84,10 +85,6 @@ class QKNormStatistics:
         return torch.cat(batches) if batches else None
 
 
-def _eps(norm: nn.Module | None) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 class QKNormHeadSite(HeadSite):
     """Attention heads whose q/k norms normalise every head together (``AttentionLayout.q_norm``/``k_norm``).
 
@@ -130,22 +127,12 @@ class QKNormHeadSite(HeadSite):
             handles += self.norm_stats.hooks(self.attention, self.layout, self.head_dim, lambda: stats.token_mask)
         return handles
 
-    def kept_heads(self, decision: Decision) -> tuple[list[int], list[int]]:
-        """The query and key/value heads a decision keeps (as ``HeadSite.apply`` cuts them)."""
-        removed, per_kv = set(decision.removed_groups), self.heads_per_kv
-        if self.mode == "kv_groups":
-            drop_kv, drop_q = removed, {g * per_kv + r for g in removed for r in range(per_kv)}
-        else:
-            drop_q, drop_kv = removed, removed if self.mode == "mha" else set()
-        return ([h for h in range(self.num_heads) if h not in drop_q],
-                [h for h in range(self.num_kv_heads) if h not in drop_kv])
-
     def decide(self, method: Decides, inputs: SiteInputs, config: "PruneConfig") -> Decision:
         decision = super().decide(method, inputs, config)
         if self.norm_stats is None:
             return decision
         keep_q, keep_kv = self.kept_heads(decision)
-        scales = tuple(norm_scale(self.norm_stats.sums(key), keep, self.head_dim, _eps(self._norm(name)))
+        scales = tuple(norm_scale(self.norm_stats.sums(key), keep, self.head_dim, norm_eps(self._norm(name)))
                        for key, keep, name in (("q", keep_q, self.layout.q_norm), ("k", keep_kv, self.layout.k_norm)))
         self.norm_stats = None
         fields = {field.name: getattr(decision, field.name) for field in dataclasses.fields(Decision)}

@@ -8,6 +8,8 @@ error bound per λ, and again in float64 when the bounds leave it open (docs/des
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from .stats import SiteStatistics
@@ -28,6 +30,21 @@ def _output_factor(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(weight, mode="r")[1]
 
 
+def _removed_factor(stats: SiteStatistics, weight: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """F for W_P (the removed units' columns of W), float64 on the statistics device."""
+    return _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
+
+
+def _held_out_folds(stats: SiteStatistics) -> Iterator[tuple[int, list[int], int | torch.Tensor | float]]:
+    """(fold, the other folds, the fold's share T_f/T of the tokens or of their weight) for every fold that can be
+    held out: it has tokens, and so do the others."""
+    total = sum(stats.fold_mass(f) for f in range(stats.folds))
+    for fold in range(stats.folds):
+        others = [f for f in range(stats.folds) if f != fold]
+        if stats.fold_counts[fold] and sum(stats.fold_counts[f] for f in others):
+            yield fold, others, stats.fold_mass(fold) / total
+
+
 def heldout_errors(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
                    drop: torch.Tensor, grid: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Per λ of ``grid``: the consumer-output error of predicting the removed units, each fold predicted by the map
@@ -42,7 +59,7 @@ def heldout_errors(stats: SiteStatistics, centered: bool, weight: torch.Tensor, 
 def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
                        drop: torch.Tensor, grid: list[float], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`heldout_errors` and a bound on each error's rounding (zero in float64)."""
-    factor = _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
+    factor = _removed_factor(stats, weight, drop)
     errors = torch.zeros(len(grid), dtype=torch.float64, device=factor.device)
     bounds = torch.zeros_like(errors)
     ridges = torch.tensor(grid, dtype=torch.float64, device=factor.device)
@@ -59,11 +76,7 @@ def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tens
             kept_moments[tuple(folds)] = found
         return kept_moments[tuple(folds)]
 
-    for fold in range(stats.folds):
-        others = [f for f in range(stats.folds) if f != fold]
-        if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
-            continue
-        share = stats.fold_mass(fold) / sum(stats.fold_mass(f) for f in range(stats.folds))
+    for fold, others, share in _held_out_folds(stats):
         fold_errors, fold_bounds = _fold_errors(blocks(others), blocks([fold]), centered, factor.to(dtype), keep,
                                                 drop, ridges)
         errors += share * fold_errors
@@ -139,19 +152,15 @@ def heldout_mean_error(stats: SiteStatistics, centered: bool, weight: torch.Tens
     """The held-out consumer-output error of replacing the removed units by the other folds' mean (``centered``: a
     mean shift, VBP's compensation) or by nothing: Σ_f (T_f/T) tr(W_P E_PP Wᵀ_P), E fold f's moment (about the
     other folds' mean when centred), the λ → ∞ limit of :func:`heldout_errors`. None when no fold can be held out."""
-    factor = _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
+    factor = _removed_factor(stats, weight, drop)
     total, seen = 0.0, False
-    mass = sum(stats.fold_mass(f) for f in range(stats.folds))
-    for fold in range(stats.folds):
-        others = [f for f in range(stats.folds) if f != fold]
-        if stats.fold_counts[fold] == 0 or sum(stats.fold_counts[f] for f in others) == 0:
-            continue
+    for fold, others, share in _held_out_folds(stats):
         moment, mu = stats.moments(centered, [fold])
         held = moment[drop[:, None], drop]
         del moment
         if centered:
             shift = (mu - stats.mean(others))[drop]
             held = held.addr_(shift, shift)
-        total = total + stats.fold_mass(fold) / mass * (factor @ held * factor).sum()
+        total = total + share * (factor @ held * factor).sum()
         seen = True
     return float(total) if seen else None

@@ -342,18 +342,19 @@ class HeadSite(ConsumerSite):
         names = (self.layout.q, self.layout.k, self.layout.v, self.layout.o)
         return count_parameters(*_distinct(*(self._linear(n) for n in names)))
 
-    def apply(self, decision: Decision) -> None:
-        removed = set(decision.removed_groups)
-        per_kv = self.heads_per_kv
+    def kept_heads(self, decision: Decision) -> tuple[list[int], list[int]]:
+        """The query and key/value heads a decision keeps (what ``apply`` cuts to)."""
+        removed, per_kv = set(decision.removed_groups), self.heads_per_kv
         if self.mode == "kv_groups":
-            drop_kv = removed
-            drop_q = {g * per_kv + r for g in removed for r in range(per_kv)}
+            drop_kv, drop_q = removed, {g * per_kv + r for g in removed for r in range(per_kv)}
         else:
-            drop_q = removed
-            drop_kv = removed if self.mode == "mha" else set()
+            drop_q, drop_kv = removed, removed if self.mode == "mha" else set()
+        return ([h for h in range(self.num_heads) if h not in drop_q],
+                [h for h in range(self.num_kv_heads) if h not in drop_kv])
+
+    def apply(self, decision: Decision) -> None:
         num_heads, num_kv_heads = self.num_heads, self.num_kv_heads
-        keep_q = [h for h in range(num_heads) if h not in drop_q]
-        keep_kv = [h for h in range(num_kv_heads) if h not in drop_kv]
+        keep_q, keep_kv = self.kept_heads(decision)
         output = self.consumer_linear
         self.bias_added = fold_into_consumer(output, decision, self.layout.conv1d)
         if not keep_q:

@@ -18,6 +18,11 @@ class NonFiniteActivationError(RuntimeError):
     """Raised when a site sees NaN or inf activations."""
 
 
+def norm_eps(norm: nn.Module | None) -> float:
+    """The ε an RMS norm adds to the mean square (``variance_epsilon`` or ``eps``; 1e-6 when it names none)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
 class PostNormMetric:
     """The consumer-output error after a post-norm, at first order (docs/design.md §3.11). A norm
     z = g ⊙ y / r(y), r(y)² = mean(y²) + ε, follows the consumer output y (Gemma 2/3, OLMo 2). A small change δy moves
@@ -25,8 +30,8 @@ class PostNormMetric:
     weights w_t = 1/r_t² in the statistics and S = Σ_t w_t (I − v_t y_tᵀ) G² (I − y_t v_tᵀ) / Σ_t w_t in the
     objective's weight, W' = S^½ W (as if δy and the token's direction were independent).
 
-    Running sums, [d, d] float32 on the device: C₁ = Σ w v (G² y)ᵀ and C₂ = Σ w (yᵀ G² y) v vᵀ, [d, d] float32 on the
-    device; S = G² − (C₁ + C₁ᵀ)/Σw + C₂/Σw."""
+    Running sums, [d, d] float32 on the device: C₁ = Σ w v (G² y)ᵀ and C₂ = Σ w (yᵀ G² y) v vᵀ;
+    S = G² − (C₁ + C₁ᵀ)/Σw + C₂/Σw."""
 
     def __init__(self, gain: torch.Tensor, eps: float, device: torch.device):
         self.gain_sq = gain.to(device, torch.float32).pow(2)
@@ -38,9 +43,8 @@ class PostNormMetric:
     @classmethod
     def of(cls, norm: nn.Module, outputs: int, device: torch.device) -> "PostNormMetric":
         """The metric of ``norm`` (an RMS norm over ``outputs`` dimensions): its gain is its output for an all-ones
-        input (mean square 1), whatever its parametrisation (g, or Gemma's 1 + w); its ε is ``eps`` or
-        ``variance_epsilon`` (1e-6 when it names none)."""
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        input (mean square 1), whatever its parametrisation (g, or Gemma's 1 + w); its ε: :func:`norm_eps`."""
+        eps = norm_eps(norm)
         parameter = next(norm.parameters(), None)  # offloaded (meta) weights come to ``device`` in its forward
         home = device if parameter is None or parameter.device.type == "meta" else parameter.device
         ones = torch.ones(1, outputs, device=home, dtype=torch.float32 if parameter is None else parameter.dtype)
@@ -250,11 +254,6 @@ class CrossMoments:
         self.sum_pruned += pruned.sum(0)
         self.cross.addmm_(dense.T, pruned)
         self.count += dense.shape[0]
-
-    def mean(self, folds: Sequence[int]) -> torch.Tensor:
-        """The (weighted) mean of the units over the tokens of ``folds``, in float64 (no n x n moment formed)."""
-        count = sum(self.fold_mass(f) for f in folds)
-        return _total(self.fold_sums, list(folds)) / count + self.shift.to(torch.float64)
 
     def moments(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, mu^d) in float64: C the cross covariance (centered) or the raw cross moment E[h^d h~^T]."""
