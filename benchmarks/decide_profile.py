@@ -8,6 +8,10 @@ batched order (and in float32, with whether its order is float64's), the ZCA ord
 the mean-shift held-out error, the least-squares map, the default decision and ``ordering="heldout"``'s
 (docs/design.md §3.10, §3.12). The load average is recorded: on a busy machine (above 1 before the run) the table
 says so. Writes benchmarks/results/decide_profile.md.
+
+With ``--agreement`` it also orders every MLP site of the model at 10%, 30% and 50% in float64 and with
+``single=True`` (float32 where the moment's pivots allow it, docs/design.md §3.10) and tabulates whether the same
+units went.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from hf_snp.config import PruneConfig
 from hf_snp.methods.snp import SNP
 from hf_snp.setup.calibration import load_calibration
 from hf_snp.setup.loading import demo_model_source, load_model, load_tokenizer
-from hf_snp.units.elimination import batched_obs_elimination
-from hf_snp.units.linalg import greedy_zca_elimination, least_squares_map
+from hf_snp.units.elimination import SINGLE_PIVOT_SPAN, batched_obs_elimination
+from hf_snp.units.linalg import damped, greedy_zca_elimination, least_squares_map
 from hf_snp.units.removal import RemovalPlan
 from hf_snp.units.ridge import heldout_mean_error, ridge_and_error
 from hf_snp.units.site_inputs import SiteInputs
@@ -34,26 +38,56 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CPU = torch.device("cpu")
 
 
-def site_statistics(layer_index: int) -> tuple[SiteStatistics, torch.Tensor]:
+def site_statistics() -> tuple[list[SiteStatistics], list[torch.Tensor]]:
+    """Every MLP site's statistics (two folds) and consumer weight."""
     source = demo_model_source()
     tokenizer, model = load_tokenizer(source), load_model(source, dtype=torch.float32)
     calib = load_calibration("wikitext2-local", tokenizer, 32, 512, seed=0)
-    consumer = model.model.layers[layer_index].mlp.down_proj
-    stats = SiteStatistics("site", consumer.in_features, CPU, folds=2)
-    handle = consumer.register_forward_pre_hook(stats.hook)
+    consumers = [layer.mlp.down_proj for layer in model.model.layers]
+    stats = [SiteStatistics("site", consumer.in_features, CPU, folds=2) for consumer in consumers]
+    handles = [consumer.register_forward_pre_hook(s.hook) for consumer, s in zip(consumers, stats)]
     with torch.no_grad():
         for start in range(0, calib.input_ids.shape[0], 8):
             model.model(calib.input_ids[start:start + 8])
-    handle.remove()
-    return stats, consumer.weight.detach().clone()
+    for handle in handles:
+        handle.remove()
+    return stats, [consumer.weight.detach().clone() for consumer in consumers]
+
+
+def agreement(stats: list[SiteStatistics], weights: list[torch.Tensor], damping: float) -> list[str]:
+    """Per site: the float32 pivots' span, whether single=True runs in float32, and at 10/30/50% whether the order
+    in float32 (on every site, the bound aside) removed float64's units (the first step whose unit differs) and how
+    far its error sum is from float64's."""
+    rows = ["| layer | pivot span (float32) | single=True in float32 | 10% | 30% | 50% |",
+            "| ---: | ---: | --- | --- | --- | --- |"]
+    for layer, (site, weight) in enumerate(zip(stats, weights)):
+        moment, _ = site.moments(False)
+        pivots = torch.linalg.cholesky(damped(moment.float(), damping)).diagonal().square()
+        cells = []
+        for fraction in (0.1, 0.3, 0.5):
+            count = round(fraction * moment.shape[0])
+            double = batched_obs_elimination(moment, weight, count, damping)
+            single = batched_obs_elimination(moment.float(), weight.float(), count, damping)
+            first = next((step for step, (a, b) in enumerate(zip(double.removed, single.removed)) if a != b), None)
+            same = "same units" if set(double.removed) == set(single.removed) else "**other units**"
+            order = "same order" if first is None else f"order differs from step {first}"
+            gap = abs(sum(single.errors) - sum(double.errors)) / sum(double.errors)
+            cells.append(f"{same}, {order}, sums {gap:.0e} apart")
+        taken = batched_obs_elimination(moment, weight, 1, damping, single=True).single
+        rows.append(f"| {layer} | {float(pivots.max() / pivots.min()):.1e} | {'yes' if taken else 'no'} | "
+                    + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--agreement", action="store_true", help="float32 against float64 on every MLP site")
     args = parser.parse_args()
-    stats, weight = site_statistics(args.layer)
+    all_stats, weights = site_statistics()
+    stats, weight = all_stats[args.layer], weights[args.layer]
     load_before = os.getloadavg()[0]
     units = weight.shape[1]
     plan = RemovalPlan(units, 1, [list(range(units))], round(0.3 * units))
@@ -64,9 +98,9 @@ def main() -> None:
     decision = plan.decision(removed, CPU)
     parts = {
         "moments (n x n, float64)": lambda: stats.moments(False),
-        "OBS order, batched": lambda: batched_obs_elimination(moment, weight, plan.rounds, config.damping),
-        "OBS order, batched, in float32": lambda: batched_obs_elimination(moment.float(), weight.float(), plan.rounds,
-                                                                          config.damping),
+        "OBS order, float64": lambda: batched_obs_elimination(moment, weight, plan.rounds, config.damping),
+        "OBS order, single=True (float32 where the pivots allow)": lambda: batched_obs_elimination(
+            moment, weight, plan.rounds, config.damping, single=True),
         "ZCA order": lambda: greedy_zca_elimination(moment, plan.rounds, config.damping, None),
         "held-out ridge choice": lambda: ridge_and_error(stats, False, weight, decision.keep, decision.drop,
                                                          config.damping),
@@ -84,7 +118,7 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
         rows.append(f"| {name} | {best:.3f} |")
         print(rows[-1], flush=True)
-    single = batched_obs_elimination(moment.float(), weight.float(), plan.rounds, config.damping)[0]
+    single = batched_obs_elimination(moment, weight, plan.rounds, config.damping, single=True)
     chosen = SNP().decide(site, PruneConfig(ordering="heldout"))
     load_after = os.getloadavg()[0]
     lines = [f"# One decision's parts: SmolLM2-135M layer {args.layer} MLP ({units} units), 30% removed", "",
@@ -93,10 +127,16 @@ def main() -> None:
              f"least of {args.repeats} runs. Load average {load_before:.2f} before, {load_after:.2f} after.", "",
              *(["**Taken on a busy machine: not a result.**", ""] if load_before > 1.0 else []),
              "| part | seconds |", "| --- | ---: |", *rows, "",
-             f"The float32 OBS order is the float64 one: {single == removed} (same units removed: "
-             f"{set(single) == set(removed)}). "
+             f"single=True ran in float32: {single.single}; its order is float64's: {single.removed == removed} "
+             f"(same units removed: {set(single.removed) == set(removed)}). "
              f"ordering='heldout' chose `{chosen.choice}`; held-out errors: "
              + ", ".join(f"{k} {v:.4g}" for k, v in chosen.candidate_errors.items()) + ".", ""]
+    if args.agreement:
+        lines += ["## float32 against float64 on every MLP site", "",
+                  "OBS orders of each site in float32 (on every site, whatever its pivots) and in float64; "
+                  f"`single=True` takes float32 where the pivots span less than {SINGLE_PIVOT_SPAN:.0e}. "
+                  "*sums apart*: the relative difference of the step errors' sums.", "",
+                  *agreement(all_stats, weights, config.damping), ""]
     with open(os.path.join(RESULTS, "decide_profile.md"), "w") as handle:
         handle.write("\n".join(lines))
 

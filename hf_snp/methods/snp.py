@@ -51,8 +51,9 @@ class SNP(PruningMethod):
             return removed, [0.0] * len(removed)
         if ordering == "obs":  # structured OBS: the reconstructed output error (docs/design.md §3.5)
             if plan.group_size == 1 and len(plan.pools) == 1:  # in batches, one host read per site (§3.10)
-                removed, errors, _ = batched_obs_elimination(moment, site.objective_weight, plan.rounds, config.damping)
-                return removed, errors
+                found = batched_obs_elimination(moment, site.objective_weight, plan.rounds, config.damping,
+                                                single=True)
+                return found.removed, found.errors
             return greedy_group_elimination(moment, plan, config.damping, site.objective_weight, update_weight=True)
         if ordering in ("zca", "output_aware"):
             weight = site.objective_weight if ordering == "output_aware" else None
