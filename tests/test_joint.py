@@ -217,6 +217,10 @@ class StepSite:
     def params_removed(self, steps: int) -> int:
         return steps * self.per_step
 
+    def step_table(self) -> tuple[list[int], list[int]]:
+        steps = range(self.max_steps() + 1)
+        return [self.width_after(s) for s in steps], [self.params_removed(s) for s in steps]
+
 
 @pytest.mark.parametrize("seed", range(20))
 def test_rounding_to_a_total_stays_within_half_the_largest_step(seed):

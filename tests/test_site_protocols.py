@@ -66,6 +66,24 @@ def test_every_site_kind_provides_both_sides():
         assert isinstance(site, SiteUnits) and isinstance(site, SiteCut)
 
 
+@pytest.mark.parametrize("mode", ["per_group", "kv_groups", "mha"])
+def test_every_site_kinds_step_table_is_its_widths_and_parameters_step_by_step(mode):
+    """``step_table`` (read once per site by allocation and preflight) gives ``width_after`` and ``params_removed``
+    of every step count, for every site kind (the single-unit kinds take their shortcut)."""
+    model = tiny_llama()
+    adapter = get_adapter(model.config)
+    sites = [site for index, layer in enumerate(adapter.layers(model))
+             for site in adapter.sites(layer, index, ("heads", "mlp"), model.config, mode)]
+    sites += moe_sites_of(tiny_moe("qwen2_moe"), ("mlp", "experts"))
+    assert {type(site).__name__ for site in sites} == SITE_KINDS
+    for site in sites:
+        steps = range(site.max_steps() + 1)
+        widths, params = site.step_table()
+        assert widths == [site.width_after(s) for s in steps], type(site).__name__
+        assert params == [site.params_removed(s) for s in steps], type(site).__name__
+    assert any(site.single_units for site in sites) and not all(site.single_units for site in sites)
+
+
 def test_a_site_kind_that_leaves_out_a_member_cannot_be_built():
     model = tiny_llama()
 

@@ -56,12 +56,13 @@ class WidthRules:
 
         return cls(per_target(round_to), per_target(min_width))
 
-    def allowed(self, site: SiteUnits, steps: int) -> bool:
-        if steps == 0:
-            return True
-        width = site.width_after(steps)
-        multiple = math.lcm(self.multiple(site), site.width_multiple)
-        return width >= self.min_width.get(site.kind, 0) and width % multiple == 0
+    def allowed_flags(self, site: SiteUnits, widths: Sequence[int] | None = None) -> list[bool]:
+        """Per step count s from 0 to ``site.max_steps()``: may the site take s steps (0 always; else its width
+        after them is at least the target's ``min_width`` and a multiple of its ``round_to`` and of the site's own
+        ``width_multiple``)? ``widths``: ``site.step_table()[0]`` when the caller has it."""
+        multiple, least = math.lcm(self.multiple(site), site.width_multiple), self.min_width.get(site.kind, 0)
+        widths = site.step_table()[0] if widths is None else widths
+        return [s == 0 or (width >= least and width % multiple == 0) for s, width in enumerate(widths)]
 
     def multiple(self, site: SiteUnits) -> int:
         """The ``round_to`` of the site's target, else the default (MLP neurons: ``default_multiple``; heads: 1)."""
@@ -74,16 +75,16 @@ class WidthRules:
         return site.kind not in self.round_to and self.multiple(site) > 1
 
     def allowed_steps(self, site: SiteUnits) -> list[int]:
-        return [s for s in range(site.max_steps() + 1) if self.allowed(site, s)]
+        return [s for s, ok in enumerate(self.allowed_flags(site)) if ok]
 
 
 def nearest_steps(site: SiteUnits, target_params: float, rules: WidthRules) -> int:
     """The allowed step count whose removed parameters come nearest the target (fewer on ties). Under the default
     multiple, the most steps that do not exceed the unrounded choice: the default rounding keeps a few more units
     rather than cutting more than asked, so it never costs quality."""
-    steps = range(site.max_steps() + 1)
-    return nearest_allowed([site.params_removed(s) for s in steps], [rules.allowed(site, s) for s in steps],
-                           target_params, _unrounded(site, rules))
+    widths, params_removed = site.step_table()
+    return nearest_allowed(params_removed, rules.allowed_flags(site, widths), target_params,
+                           _unrounded(site, rules, widths))
 
 
 def nearest_allowed(params_removed: Sequence[int], allowed: Sequence[bool], target_params: float,
@@ -99,12 +100,12 @@ def nearest_allowed(params_removed: Sequence[int], allowed: Sequence[bool], targ
     return max(s for s, ok in enumerate(allowed) if ok and s <= limit)
 
 
-def _unrounded(site: SiteUnits, rules: WidthRules) -> list[bool] | None:
+def _unrounded(site: SiteUnits, rules: WidthRules, widths: Sequence[int]) -> list[bool] | None:
     """The step counts allowed without the default multiple, when the default multiple restricts the site."""
     if not rules.rounds_by_default(site):
         return None
     plain = WidthRules({**rules.round_to, site.kind: 1}, rules.min_width)
-    return [plain.allowed(site, s) for s in range(site.max_steps() + 1)]
+    return plain.allowed_flags(site, widths)
 
 
 def convex_scores(params_removed: Sequence[int], costs: Sequence[float], allowed: Sequence[bool], low: int = 0,
@@ -160,17 +161,16 @@ class SiteCurve:
         its score the one of its last group. ``scores`` None: the per-parameter slopes of the step costs'
         convex hull (:func:`convex_scores`, allocation='output_error')."""
         rules = rules or WidthRules()
-        steps = range(site.max_steps() + 1)
         per_step = max(len(costs) // max(site.curve_steps(), 1), 1)
         step_costs = [sum(costs[i:i + per_step]) for i in range(0, len(costs), per_step)]
-        params_removed, allowed = [site.params_removed(s) for s in steps], [rules.allowed(site, s) for s in steps]
+        widths, params_removed = site.step_table()
+        allowed = rules.allowed_flags(site, widths)
         if scores is None:
             step_scores = convex_scores(params_removed, step_costs, allowed)
         else:
             step_scores = scores[per_step - 1::per_step][: site.max_steps()]
-        return cls(site.index, site.kind, step_scores, step_costs, params_removed, allowed,
-                   [site.width_after(s) for s in steps], site.num_params(), unrounded=_unrounded(site, rules),
-                   energy=energy)
+        return cls(site.index, site.kind, step_scores, step_costs, params_removed, allowed, widths,
+                   site.num_params(), unrounded=_unrounded(site, rules, widths), energy=energy)
 
     @property
     def key(self) -> tuple[int, str]:

@@ -81,6 +81,7 @@ class ExpertSite(_RoutedSite):
     column ``i`` of ``down_proj[e]``; statistics of ``w_t * h_t`` over the tokens routed to it."""
 
     kind = "mlp"
+    single_units = True
     fields = ("expert_intermediate_size",)
     width_multiple = EXPERT_WIDTH_MULTIPLE
     tied = True  # the stacked expert weights hold one width per layer

@@ -68,6 +68,9 @@ class SiteUnits(Protocol):
     def params_removed(self, steps: int) -> int:
         """Parameters that ``steps`` removal steps take out of the site."""
 
+    def step_table(self) -> tuple[list[int], list[int]]:
+        """``width_after(s)`` and ``params_removed(s)`` for every step count s from 0 to ``max_steps()``."""
+
     def num_params(self) -> int: ...
 
     def shape_after(self, steps: int, bias_added: bool = False) -> "LayerShape":

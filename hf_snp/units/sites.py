@@ -55,6 +55,8 @@ class ConsumerSite(ABC):
     can_add_bias: ClassVar[bool] = True  # may a bias be added to the consumer (a mean shift, add_bias=True)?
     width_multiple: ClassVar[int] = 1  # the widths the site may take are multiples of this (besides round_to)
     tied: ClassVar[bool] = False  # must every site of this kind in the layer take the same steps (stacked experts)?
+    # is a step one unit: width_after(s) = num_units - s and params_removed(s) = s * params_per_step()?
+    single_units: ClassVar[bool] = False
     layout: MlpLayout | AttentionLayout
 
     def __init__(self, layer: nn.Module, index: int):
@@ -139,6 +141,15 @@ class ConsumerSite(ABC):
         """Parameters that ``steps`` removal steps take out of the site."""
         return steps * self.params_per_step()
 
+    def step_table(self) -> tuple[list[int], list[int]]:
+        """``width_after(s)`` and ``params_removed(s)`` for every step count s from 0 to ``max_steps()`` (with
+        ``single_units``: from the modules' shapes read once)."""
+        steps = range(self.max_steps() + 1)
+        if self.single_units:
+            width, per_step = self.num_units, self.params_per_step()
+            return [width - s for s in steps], [s * per_step for s in steps]
+        return [self.width_after(s) for s in steps], [self.params_removed(s) for s in steps]
+
     # --- the engine side's defaults (docs/design.md §8.2): a pre-hook on the consumer sees the units, and once
     # it has run for every site the statistics pass may stop ------------------------------------------------
 
@@ -199,6 +210,7 @@ class MlpSite(ConsumerSite):
 
     kind = "mlp"
     fields = MLP_FIELDS
+    single_units = True
 
     def __init__(self, layer: nn.Module, index: int, layout: MlpLayout):
         super().__init__(layer, index)
