@@ -82,6 +82,8 @@ class PruneConfig:
     allocation_band: float = option(0.1, "with allocation='output_error': each site removes between its uniform "
                                          "fraction minus and plus this much of its own parameters (0: uniform "
                                          "widths), in [0, 1)")
+    allocation_samples: int | None = option(None, "with a global allocation: the calibration windows (the first "
+                                                   "ones) its dense pass takes the cost curves from; default: all")
     block_search: str = option(
         "candidates", "with 'blocks' and unit targets: 'iterative' removes the budget in rounds of one block's "
                       "worth, each keeping a block or an equal-size unit cut, whichever keeps the higher CKA of the "
@@ -244,9 +246,10 @@ class PruneConfig:
         """Raise ValueError naming the bad field and the fix; returns self."""
         self._validate_budget()
         self._validate_choices()
-        for name in ("num_samples", "seq_len", "batch_size"):
+        for name in ("num_samples", "seq_len", "batch_size", "allocation_samples"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if (value is not None or name != "allocation_samples") and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < 1):
             raise ValueError(f"damping must be in [0, 1) (a fraction of the mean diagonal), got {self.damping!r}")
@@ -280,10 +283,8 @@ class PruneConfig:
         if self.layer_sparsity and self.resolved_allocation == "global":
             raise ValueError("layer_sparsity fixes each layer's budget, which global allocation decides: "
                              "pass allocation='uniform'")
-        band = self.allocation_band
-        if not isinstance(band, (int, float)) or isinstance(band, bool) or math.isnan(band) or not 0 <= band < 1:
-            raise ValueError(f"allocation_band must be in [0, 1) (a fraction of each site's own parameters: 0.1 lets a "
-                             f"site remove 10 points more or less than uniform), got {band!r}")
+        _check_fraction("allocation_band", self.allocation_band, "of each site's own parameters: 0.1 lets a site "
+                        "remove 10 points more or less than uniform")
         for name in ("round_to", "min_width"):
             value = getattr(self, name)
             entries = value.items() if isinstance(value, Mapping) else ([("mlp", value)] if value is not None else [])
@@ -318,8 +319,7 @@ class PruneConfig:
             self._validate_iterative_search()
 
     def _validate_iterative_search(self) -> None:
-        """block_search='iterative' refits on the current model each round and holds windows out (docs/design.md
-        §7.3)."""
+        """block_search='iterative' refits on the current model each round, holds windows out (design §7.3)."""
         if self.reconstruction_target == "dense":
             raise ValueError("block_search='iterative' refits each round on the current model; "
                              "reconstruction_target='dense' is not implemented there: use 'pruned' or "
@@ -395,6 +395,6 @@ def _jsonable(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _check_fraction(name: str, value: Any) -> None:
+def _check_fraction(name: str, value: Any, meaning: str = "e.g. 0.3 removes 30%") -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a fraction in [0, 1) (e.g. 0.3 removes 30%), got {value!r}")
+        raise ValueError(f"{name} must be a fraction in [0, 1) ({meaning}), got {value!r}")

@@ -23,6 +23,7 @@ EXAMPLES = {
     "targets": (["--targets", "mlp,heads"], ("mlp", "heads")),
     "allocation": (["--allocation", "output_error"], "output_error"),
     "allocation_band": (["--allocation-band", "0.2"], 0.2),
+    "allocation_samples": (["--allocation-samples", "8"], 8),
     "block_search": (["--block-search", "iterative"], "iterative"),
     "sparsity_per_target": (["--sparsity-per-target", "mlp=0.3,heads=0.1"], {"mlp": 0.3, "heads": 0.1}),
     "layer_sparsity": (["--layer-sparsity", "{0: 0.1, 2: 0.5}"], {0: 0.1, 2: 0.5}),

@@ -310,6 +310,29 @@ def test_curve_costs_are_the_snp_output_errors_over_the_energy(monkeypatch):
         assert curve.scores[0] <= curve.costs[0] / 96 + 1e-15  # the first hull slope is at most the first step's
 
 
+@pytest.mark.parametrize("allocation", ["output_error", "cumulative_variance"])
+def test_allocation_samples_take_the_curves_from_the_first_windows(allocation, monkeypatch):
+    """allocation_samples=N: the dense pass's curves are those of a run calibrated on the first N windows alone (and
+    the cut pass still reads every window); N at or above the windows there are is every window."""
+    curves = record_curves(monkeypatch)
+    calibration = calibration_ids()
+    options = dict(sparsity=0.3, allocation=allocation)
+    sampled = prune_quiet(tiny_llama(), calibration=calibration, allocation_samples=2, **options)
+    prune_quiet(tiny_llama(), calibration=calibration[:2], **options)
+    prune_quiet(tiny_llama(), calibration=calibration, allocation_samples=len(calibration), **options)
+    full = prune_quiet(tiny_llama(), calibration=calibration, **options)
+    assert len(calibration) > 2
+    assert [c.costs for c in curves[0]] == [c.costs for c in curves[1]]
+    assert [c.costs for c in curves[2]] == [c.costs for c in curves[3]] != [c.costs for c in curves[0]]
+    assert sampled.report["calibration_tokens"] == full.report["calibration_tokens"]
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "8"])
+def test_bad_allocation_samples_are_refused(value):
+    with pytest.raises(ValueError, match="allocation_samples must be a positive integer"):
+        prune_quiet(tiny_llama(), sparsity=0.3, allocation="output_error", allocation_samples=value)
+
+
 # --- (e) end to end ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -358,8 +381,8 @@ def test_output_error_serves_the_block_and_unit_search(block_search):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(allocation="output_error", allocation_band=1.0), r"allocation_band must be in \[0, 1\)"),
-    (dict(allocation_band=-0.1), r"allocation_band must be in \[0, 1\)"),
+    (dict(allocation="output_error", allocation_band=1.0), r"allocation_band must be a fraction in \[0, 1\)"),
+    (dict(allocation_band=-0.1), r"allocation_band must be a fraction in \[0, 1\)"),
     (dict(allocation="output_error", layer_sparsity={0: 0.1}), r"layer_sparsity fixes each layer's budget"),
 ])
 def test_bad_band_options(bad, message, no_long_work):

@@ -25,7 +25,14 @@ class Calibration(Protocol):
     batches of forward keyword arguments, each with its token mask ([B*L] bool, None when nothing is padding)."""
 
     @property
+    def num_samples(self) -> int:
+        ...
+
+    @property
     def num_tokens(self) -> int:
+        ...
+
+    def select(self, indices: list[int]) -> "Calibration":
         ...
 
     def model_batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:

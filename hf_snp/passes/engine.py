@@ -179,6 +179,8 @@ class StreamingEngine:
         """The dense statistics pass of global allocation: every site's removal costs, nothing cut. With
         allocation='output_error' (docs/design.md §6.4) a step's cost is the consumer-output error it adds
         (``PruningMethod.output_errors``) over the residual-stream energy entering the block."""
+        if self.config.allocation_samples is not None and self.config.allocation_samples < calib.num_samples:
+            calib = calib.select(list(range(self.config.allocation_samples)))  # the first windows (§6.5)
         stream, curves = BlockStream(self, calib, "Statistics pass (dense)"), []
         output_error = self.config.allocation_criterion == "output_error"
         for visit in stream:
