@@ -20,7 +20,8 @@ from .linalg import damped, robust_cholesky
 BATCH_DIVISOR = 32  # a batch removes 1/32 of the units still there ...
 MAX_BATCH = 64  # ... at most this many ...
 CANDIDATE_FACTOR = 4  # ... chosen among 4 times as many candidates ...
-MIN_CANDIDATES = 32  # ... and at least this many (all the units left, when fewer: then the batch is exact)
+MIN_CANDIDATES = 128  # ... and at least this many (all the units left, when fewer: then the batch is exact) ...
+MIN_BATCH = MIN_CANDIDATES // CANDIDATE_FACTOR  # ... so at least 32 go at a time while more are left
 # with ``single=True`` a float64 moment is ordered in float32 when its damped float32 Cholesky factors and its pivots
 # L_ii^2 span less than this (a lower bound of the condition number; docs/design.md §3.10: SmolLM2's MLP sites under
 # 1e4 took the same units in float32 as in float64, and so did those above, up to 1e7)
@@ -43,7 +44,7 @@ def obs_batches(num_units: int, num_remove: int) -> list[tuple[int, int]]:
     batches, removed = [], 0
     while removed < num_remove:
         left = num_units - removed
-        size = max(1, min(MAX_BATCH, left // BATCH_DIVISOR))
+        size = max(MIN_BATCH, min(MAX_BATCH, left // BATCH_DIVISOR))
         candidates = min(left, max(CANDIDATE_FACTOR * size, MIN_CANDIDATES))
         if candidates == left:  # every unit is a candidate: the steps are the greedy's, however many
             size = left
