@@ -83,7 +83,8 @@ class PruneConfig:
                                          "fraction minus and plus this much of its own parameters (0: uniform "
                                          "widths), in [0, 1)")
     allocation_samples: int | None = option(None, "with a global allocation: the calibration windows (the first "
-                                                   "ones) its dense pass takes the cost curves from; default: all")
+                                                   "ones) its dense pass takes the cost curves from; default: a "
+                                                   "quarter, at least as many tokens as the widest site has units")
     block_search: str = option(
         "candidates", "with 'blocks' and unit targets: 'iterative' removes the budget in rounds of one block's "
                       "worth, each keeping a block or an equal-size unit cut, whichever keeps the higher CKA of the "
@@ -124,9 +125,9 @@ class PruneConfig:
     ridge: str | None = option(
         None, "SNP: the ridge of the least-squares reconstruction: 'heldout' (the default for "
               "reconstruction_target='pruned': per site, the lambda of a grid whose map, fitted on the other folds of "
-              "the calibration tokens, best predicts each fold's consumer output; reported as mlp_ridge / "
+              "the calibration tokens, best predicts the last fold's consumer output; reported as mlp_ridge / "
               "heads_ridge) or 'fixed' (`damping`)", choices=RIDGES)
-    ridge_folds: int = option(2, "folds of the calibration tokens for ridge='heldout' (2 to 4)")
+    ridge_folds: int = option(2, "folds of the calibration tokens for ridge='heldout' (2 to 4): the last is held out")
     post_norm_weights: bool = option(True, "SNP: where a norm follows a site's consumer output (Gemma 2/3, OLMo 2), "
                                            "measure errors after it (tokens weighted by 1/RMS^2, outputs by its gain)")
     swaps: int = option(0, "SNP: after the greedy choice of each site, at most this many swaps of a removed unit (or "
@@ -225,8 +226,7 @@ class PruneConfig:
 
     @property
     def resolved_ridge(self) -> str:
-        """SNP's ridge unless asked: 'heldout' where it applies (SNP's reconstruction of the pruned stream), else
-        'fixed'."""
+        """SNP's ridge unless asked: 'heldout' where it applies (reconstructing the pruned stream), else 'fixed'."""
         if self.ridge is not None:
             return self.ridge
         applies = self.method == "snp" and self.reconstruct and self.reconstruction_target == "pruned"

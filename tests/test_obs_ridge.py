@@ -209,20 +209,17 @@ def test_fold_grams_add_up_to_the_full_gram(folds):
 
 
 def direct_heldout_error(folds: list[torch.Tensor], centered: bool, weight, keep, drop, ridge: float) -> float:
-    """From the activations: fit each fold's map (with intercept when centred) on the other folds' tokens, sum the
-    squared consumer-output errors of the removed units on the fold's tokens, divide by all tokens."""
-    total, tokens = 0.0, sum(f.shape[0] for f in folds)
-    for i, held in enumerate(folds):
-        train = torch.cat([f for j, f in enumerate(folds) if j != i])
-        mean = train.mean(0) if centered else torch.zeros(train.shape[1], dtype=train.dtype)
-        x = train - mean
-        moment = x.T @ x / train.shape[0]
-        kept = moment[keep][:, keep]
-        b = moment[drop][:, keep] @ torch.linalg.inv(kept + ridge * kept.diagonal().mean() * torch.eye(len(keep),
-                                                                                                        dtype=x.dtype))
-        y = held - mean
-        total += float(((y[:, drop] - y[:, keep] @ b.T) @ weight[:, drop].T).pow(2).sum())
-    return total / tokens
+    """From the activations: fit the map (with intercept when centred) on every fold's tokens but the last, and
+    return the mean squared consumer-output error of the removed units on the last fold's tokens."""
+    held, train = folds[-1], torch.cat(folds[:-1])
+    mean = train.mean(0) if centered else torch.zeros(train.shape[1], dtype=train.dtype)
+    x = train - mean
+    moment = x.T @ x / train.shape[0]
+    kept = moment[keep][:, keep]
+    b = moment[drop][:, keep] @ torch.linalg.inv(kept + ridge * kept.diagonal().mean() * torch.eye(len(keep),
+                                                                                                    dtype=x.dtype))
+    y = held - mean
+    return float(((y[:, drop] - y[:, keep] @ b.T) @ weight[:, drop].T).pow(2).sum()) / held.shape[0]
 
 
 @pytest.mark.parametrize("folds", [2, 3])

@@ -25,12 +25,11 @@ CPU = torch.device("cpu")
 
 
 def direct_mean_error(folds: list[torch.Tensor], centered: bool, weight, drop) -> float:
-    total, tokens = 0.0, sum(f.shape[0] for f in folds)
-    for i, held in enumerate(folds):
-        train = torch.cat([f for j, f in enumerate(folds) if j != i])
-        prediction = train.mean(0)[drop] if centered else torch.zeros(len(drop), dtype=train.dtype)
-        total += float(((held[:, drop] - prediction) @ weight[:, drop].T).pow(2).sum())
-    return total / tokens
+    """The mean squared consumer-output error of the removed units on the last fold's tokens, predicted by the other
+    folds' mean (centred) or by nothing."""
+    held, train = folds[-1], torch.cat(folds[:-1])
+    prediction = train.mean(0)[drop] if centered else torch.zeros(len(drop), dtype=train.dtype)
+    return float(((held[:, drop] - prediction) @ weight[:, drop].T).pow(2).sum()) / held.shape[0]
 
 
 @pytest.mark.parametrize("folds", [2, 3])

@@ -3,7 +3,7 @@
 Each candidate is a whole decision: which units go and how the consumer makes up for them. OBS's order and the
 unnormalised-ZCA order, each with the least-squares map whose ridge predicts held-out tokens best, and VBP's
 variance order with the mean shift (no map). Every candidate is scored by the same held-out error, the consumer
-output (after its post-norm, §3.11) of the removed units predicted, fold by fold, from the other folds' statistics;
+output (after its post-norm, §3.11) of the held-out fold's removed units predicted from the other folds' statistics;
 the least wins (ties: the earlier candidate).
 """
 

@@ -1,9 +1,9 @@
 """The ridge of SNP's least-squares map chosen on held-out calibration tokens (docs/design.md §3.8).
 
-The statistics keep one Gram per fold (``SiteStatistics(folds=k)``). For each λ of a grid, fold f's error is that
-of the map fitted on the other folds, evaluated on fold f: a quadratic form in the fold moments, so no activation
-is kept. One eigendecomposition of each training M_KK serves the whole grid. The choice is made in float32 with an
-error bound per λ, and again in float64 when the bounds leave it open (docs/design.md §3.8).
+The statistics keep one Gram per fold (``SiteStatistics(folds=k)``). For each λ of a grid, the error is that of
+the map fitted on the other folds, evaluated on one held-out fold: a quadratic form in the fold moments, so no
+activation is kept. One eigendecomposition of the training M_KK serves the whole grid. The choice is made in
+float32 with an error bound per λ, and again in float64 when the bounds leave it open (docs/design.md §3.8).
 """
 
 from __future__ import annotations
@@ -35,24 +35,24 @@ def _removed_factor(stats: SiteStatistics, weight: torch.Tensor, drop: torch.Ten
     return _output_factor(weight.to(torch.float64)[:, drop.to(weight.device)]).to(stats.fold_sums[0].device)
 
 
-def _held_out_folds(stats: SiteStatistics) -> Iterator[tuple[int, list[int], int | torch.Tensor | float]]:
-    """(fold, the other folds, the fold's share T_f/T of the tokens or of their weight) for every fold that can be
-    held out: it has tokens, and so do the others."""
-    total = sum(stats.fold_mass(f) for f in range(stats.folds))
-    for fold in range(stats.folds):
+def _held_out_folds(stats: SiteStatistics) -> Iterator[tuple[int, list[int], float]]:
+    """(fold, the other folds, 1.0): the one fold held out, the last that can be (it has tokens, and so do the
+    others). One split, not k-fold cross-validation: one eigendecomposition a site instead of k, the same choices on
+    SmolLM2 (docs/design.md §3.8)."""
+    for fold in reversed(range(stats.folds)):
         others = [f for f in range(stats.folds) if f != fold]
         if stats.fold_counts[fold] and sum(stats.fold_counts[f] for f in others):
-            yield fold, others, stats.fold_mass(fold) / total
+            yield fold, others, 1.0
+            return
 
 
 def heldout_errors(stats: SiteStatistics, centered: bool, weight: torch.Tensor, keep: torch.Tensor,
                    drop: torch.Tensor, grid: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Per λ of ``grid``: the consumer-output error of predicting the removed units, each fold predicted by the map
-    B_f = M^{-f}_PK (M^{-f}_KK + λ·mean(diag M^{-f}_KK)·I)⁻¹ fitted on the other folds, summed over all tokens and
-    divided by their count: Σ_f (T_f/T) tr(W_P (E_PP − B E_KP − E_PK Bᵀ + B E_KK Bᵀ) W_Pᵀ), E the moment of fold f
-    (centred: about the training folds' mean, whose intercept the affine map takes). ``weight`` is the consumer's
-    W [out, N]. Folds with no token, or no token outside them, are skipped. ``dtype``: of the eigendecompositions and
-    products (float64 errors either way)."""
+    """Per λ of ``grid``: the mean consumer-output error of predicting the removed units of the held-out fold f
+    (:func:`_held_out_folds`) by the map B = M^{-f}_PK (M^{-f}_KK + λ·mean(diag M^{-f}_KK)·I)⁻¹ fitted on the other
+    folds: tr(W_P (E_PP − B E_KP − E_PK Bᵀ + B E_KK Bᵀ) W_Pᵀ), E the moment of fold f (centred: about the training
+    folds' mean, whose intercept the affine map takes). ``weight`` is the consumer's W [out, N]. All zeros when no
+    fold can be held out. ``dtype``: of the eigendecomposition and products (float64 errors either way)."""
     return _errors_and_bounds(stats, centered, weight, keep, drop, grid, dtype)[0]
 
 
@@ -63,18 +63,11 @@ def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tens
     errors = torch.zeros(len(grid), dtype=torch.float64, device=factor.device)
     bounds = torch.zeros_like(errors)
     ridges = torch.tensor(grid, dtype=torch.float64, device=factor.device)
-    kept_moments: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     def blocks(folds: list[int]) -> tuple[torch.Tensor, ...]:
-        """M_KK, M_PK, M_PP and μ over ``folds`` (each n x n moment is sliced, then freed); with 2 folds each fold's
-        moment is the other's training moment: kept for it."""
-        if tuple(folds) not in kept_moments:
-            moment, mu = stats.moments(centered, folds)
-            found = moment[keep[:, None], keep], moment[drop[:, None], keep], moment[drop[:, None], drop], mu
-            if stats.folds != 2:
-                return found
-            kept_moments[tuple(folds)] = found
-        return kept_moments[tuple(folds)]
+        """M_KK, M_PK, M_PP and μ over ``folds`` (the n x n moment is sliced, then freed)."""
+        moment, mu = stats.moments(centered, folds)
+        return moment[keep[:, None], keep], moment[drop[:, None], keep], moment[drop[:, None], drop], mu
 
     for fold, others, share in _held_out_folds(stats):
         fold_errors, fold_bounds = _fold_errors(blocks(others), blocks([fold]), centered, factor.to(dtype), keep,
@@ -86,13 +79,12 @@ def _errors_and_bounds(stats: SiteStatistics, centered: bool, weight: torch.Tens
 
 def _fold_errors(train: tuple[torch.Tensor, ...], held: tuple[torch.Tensor, ...], centered: bool, factor: torch.Tensor,
                  keep: torch.Tensor, drop: torch.Tensor, ridges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fold's term of :func:`heldout_errors` and its rounding bound, per λ, in ``factor``'s dtype, from the
-    training folds' and the held fold's blocks (:func:`_errors_and_bounds`); a function of its own, so that one
-    fold's K x K buffers are freed before the next fold's are built."""
+    """The held-out fold's term of :func:`heldout_errors` and its rounding bound, per λ, in ``factor``'s dtype, from
+    the training folds' and the held fold's blocks (:func:`_errors_and_bounds`)."""
     dtype = factor.dtype
     kept, train_pk = train[0].to(dtype), train[1].to(dtype)
     held_kk, held_pk, held_pp = held[:3]
-    if centered:  # the held fold about the training folds' mean (new tensors: the blocks may serve another fold)
+    if centered:  # the held fold about the training folds' mean
         shift = held[3] - train[3]
         shift_k, shift_p = shift[keep], shift[drop]
         held_kk = torch.addr(held_kk, shift_k, shift_k)
@@ -150,7 +142,7 @@ def ridge_and_error(stats: SiteStatistics, centered: bool, weight: torch.Tensor,
 def heldout_mean_error(stats: SiteStatistics, centered: bool, weight: torch.Tensor, drop: torch.Tensor
                        ) -> float | None:
     """The held-out consumer-output error of replacing the removed units by the other folds' mean (``centered``: a
-    mean shift, VBP's compensation) or by nothing: Σ_f (T_f/T) tr(W_P E_PP Wᵀ_P), E fold f's moment (about the
+    mean shift, VBP's compensation) or by nothing: tr(W_P E_PP Wᵀ_P), E the held-out fold's moment (about the
     other folds' mean when centred), the λ → ∞ limit of :func:`heldout_errors`. None when no fold can be held out."""
     factor = _removed_factor(stats, weight, drop)
     total, seen = 0.0, False

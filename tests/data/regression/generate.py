@@ -17,6 +17,9 @@ Regenerated on purpose, with the code of the commit that changed them:
   prune_flap: the o_proj metric squared, standardised within the layer, averaged per head; issue 15 item 7).
 Added with the code that made them the defaults (issue 15: ordering='obs', ridge='heldout'):
 * snp_default_mlp_heads_llama, snp_default_mlp_opt (the older SNP cases pin ordering='zca', ridge='fixed').
+  Regenerated when the held-out ridge took one held-out fold instead of every fold in turn (the decide-cost issue:
+  one eigendecomposition a site; on SmolLM2 the same perplexity on WikiText at 10/30/50%, Python-source
+  calibration 89.89 / 213.12 against 89.78 / 225.43 at 30/50%, benchmarks/results/ridge_one_split*.md).
 Usage: generate.py [CASE ...]  (default: every case).
 """
 
