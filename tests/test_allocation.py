@@ -89,7 +89,7 @@ def test_global_allocation_cuts_the_redundant_layers_first(family):
     sparsity = 24 * site.params_per_step() / (4 * site.num_params())  # exactly the 24 redundant neurons
     calibration = calibration_ids(96, 24)  # enough tokens that every ReLU fires: no neuron is idle on the data
     result = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="global",
-                         calibration=calibration)
+                         calibration=calibration, allocation_samples=96)  # the curves too see every token
     assert [record["mlp_width"] for record in result.report["layers"]] == [48, 36, 48, 36]
     assert (logits(result.model) - reference).abs().max() < 1e-4
     uniform = prune_quiet(copy.deepcopy(model), method="snp", sparsity=sparsity, allocation="uniform",
@@ -135,7 +135,7 @@ def test_random_ordering_depends_on_the_seed():
 
 
 def test_global_vbp_runs_and_reports_its_threshold():
-    result = prune_quiet(tiny_llama(), method="vbp", sparsity=0.3, allocation="global")
+    result = prune_quiet(tiny_llama(), method="vbp", sparsity=0.3, allocation="global", allocation_samples=16)
     allocation = result.report["allocation"]
     assert allocation["mode"] == "cumulative_variance" and allocation["threshold"] is not None
     assert len(allocation["curves"]) == 4

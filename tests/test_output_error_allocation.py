@@ -282,7 +282,7 @@ def test_residual_energy_is_measured_on_the_dense_hidden_states(monkeypatch):
     with torch.no_grad():
         hidden = model(calibration, output_hidden_states=True).hidden_states  # [l]: what enters block l
     result = prune_quiet(copy.deepcopy(model), targets=MH, sparsity=0.3, allocation="output_error",
-                         calibration=calibration)
+                         calibration=calibration, allocation_samples=len(calibration))
     energy = result.report["allocation"]["residual_energy"]
     for layer in range(4):
         expected = float(hidden[layer].double().pow(2).sum(-1).mean())
@@ -312,19 +312,30 @@ def test_curve_costs_are_the_snp_output_errors_over_the_energy(monkeypatch):
 
 @pytest.mark.parametrize("allocation", ["output_error", "cumulative_variance"])
 def test_allocation_samples_take_the_curves_from_the_first_windows(allocation, monkeypatch):
-    """allocation_samples=N: the dense pass's curves are those of a run calibrated on the first N windows alone (and
-    the cut pass still reads every window); N at or above the windows there are is every window."""
+    """allocation_samples=N: the dense pass's curves are those of a run calibrated on the first N windows alone, and
+    the cut pass still reads every window. By default a quarter of the windows (here 4 of 16: the widest site's 48
+    units need 2 windows of 24 tokens)."""
     curves = record_curves(monkeypatch)
     calibration = calibration_ids()
     options = dict(sparsity=0.3, allocation=allocation)
     sampled = prune_quiet(tiny_llama(), calibration=calibration, allocation_samples=2, **options)
-    prune_quiet(tiny_llama(), calibration=calibration[:2], **options)
-    prune_quiet(tiny_llama(), calibration=calibration, allocation_samples=len(calibration), **options)
-    full = prune_quiet(tiny_llama(), calibration=calibration, **options)
-    assert len(calibration) > 2
+    prune_quiet(tiny_llama(), calibration=calibration[:2], allocation_samples=2, **options)
+    default = prune_quiet(tiny_llama(), calibration=calibration, **options)
+    prune_quiet(tiny_llama(), calibration=calibration, allocation_samples=4, **options)
+    every = prune_quiet(tiny_llama(), calibration=calibration, allocation_samples=99, **options)
+    assert len(calibration) == 16
     assert [c.costs for c in curves[0]] == [c.costs for c in curves[1]]
-    assert [c.costs for c in curves[2]] == [c.costs for c in curves[3]] != [c.costs for c in curves[0]]
-    assert sampled.report["calibration_tokens"] == full.report["calibration_tokens"]
+    assert [c.costs for c in curves[2]] == [c.costs for c in curves[3]] != [c.costs for c in curves[4]]
+    assert [c.costs for c in curves[4]] != [c.costs for c in curves[0]]
+    assert [r.report["allocation"]["curve_windows"] for r in (sampled, default, every)] == [2, 4, 16]
+    assert sampled.report["calibration_tokens"] == every.report["calibration_tokens"] == calibration.numel()
+
+
+def test_the_default_curve_windows_hold_as_many_tokens_as_the_widest_site_has_units():
+    """Windows of 4 tokens: a quarter of 16 would give 16 tokens for the 48 MLP units; the curves take 12 windows."""
+    calibration = calibration_ids(num=16, length=4)
+    result = prune_quiet(tiny_llama(), calibration=calibration, sparsity=0.3, allocation="output_error")
+    assert result.report["allocation"]["curve_windows"] == 12
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True, "8"])

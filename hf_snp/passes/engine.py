@@ -11,6 +11,7 @@ statistics of global allocation, the cutting pass) are what each does with a blo
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,6 +45,7 @@ from .placement import BlockPlacement, move
 from .replay import ReplayCache
 
 logger = logging.getLogger("hf_snp")
+CURVE_SHARE = 0.25  # global allocation's curves: from a quarter of the calibration windows by default (§6.5)
 
 class _StatisticsTaken(Exception):
     pass
@@ -137,6 +139,7 @@ class StreamingEngine:
         self.device, self.store, self.checkpoint = device, store, checkpoint
         self.timer = PhaseTimer(device)
         self.decisions: list[tuple[int, int, Decision]] | None = None  # (layer, site position, decision)
+        self.curve_windows: int | None = None  # the calibration windows the last curves came from
 
     def sites(self, block: nn.Module, index: int, targets: tuple[str, ...] | None = None) -> list[Site]:
         targets = self.config.unit_targets if targets is None else targets
@@ -179,8 +182,7 @@ class StreamingEngine:
         """The dense statistics pass of global allocation: every site's removal costs, nothing cut. With
         allocation='output_error' (docs/design.md §6.4) a step's cost is the consumer-output error it adds
         (``PruningMethod.output_errors``) over the residual-stream energy entering the block."""
-        if self.config.allocation_samples is not None and self.config.allocation_samples < calib.num_samples:
-            calib = calib.select(list(range(self.config.allocation_samples)))  # the first windows (§6.5)
+        calib = self.curve_calibration(calib)
         stream, curves = BlockStream(self, calib, "Statistics pass (dense)"), []
         output_error = self.config.allocation_criterion == "output_error"
         for visit in stream:
@@ -193,6 +195,20 @@ class StreamingEngine:
             curves += [SiteCurve.from_site(site, scores, costs, rules, energy)
                        for site, (costs, scores) in zip(sites, found)]
         return curves
+
+    def curve_calibration(self, calib: Calibration) -> Calibration:
+        """The first windows of ``calib``, those the curves are taken from (docs/design.md §6.5):
+        ``allocation_samples``, by default a quarter (CURVE_SHARE) but at least as many tokens as the widest site has
+        units (full-rank statistics). Their number is left in ``curve_windows``."""
+        count = self.config.allocation_samples
+        if count is None:
+            layers = self.adapter.layers(self.model)
+            widest = max((site.num_units for index, layer in enumerate(layers) for site in self.sites(layer, index)),
+                         default=0)
+            per_window = max(calib.num_tokens / max(calib.num_samples, 1), 1)
+            count = max(math.ceil(CURVE_SHARE * calib.num_samples), math.ceil(widest / per_window))
+        self.curve_windows = min(count, calib.num_samples)
+        return calib if count >= calib.num_samples else calib.select(list(range(count)))
 
     def _curve(self, site: Site, stats: SiteStatistics, energy: float | None) -> tuple[list[float], list | None]:
         """One site's (costs, scores) along its full order; ``energy``: the output_error criterion's divisor."""

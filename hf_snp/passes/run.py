@@ -51,6 +51,8 @@ def run_passes(run: PruneRun, model: PreTrainedModel) -> Passes:
         return _remove_blocks(run, engine, model, start)
     curves = engine.collect_curves(run.calib, run.rules) if config.resolved_allocation == "global" else None
     steps_for, plan = allocate_steps(config, run.rules, curves)
+    if plan is not None:
+        plan.curve_windows = engine.curve_windows
     dense_pass = time.perf_counter() - start
     records = engine.run(run.calib, steps_for).records
     return Passes(model, records, engine.timer.seconds, dense_pass, time.perf_counter() - start - dense_pass, curves,

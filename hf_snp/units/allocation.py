@@ -217,6 +217,7 @@ class Allocation:
     target_params: float
     removed_params: int
     bounds: dict[tuple[int, str], tuple[int, int]] | None = None  # output_error: each site's band, in steps
+    curve_windows: int | None = None  # the calibration windows the curves came from (docs/design.md §6.5)
 
 
 def allocate_global(curves: list[SiteCurve], target_params: float, fill: bool = False) -> Allocation:
@@ -326,7 +327,8 @@ def describe_allocation(config: "PruneConfig", plan: Allocation | None, curves: 
     report = {"mode": config.allocation_criterion or "uniform", "round_to": config.round_to,
               "min_width": config.min_width, "ordering": config.resolved_ordering, "reconstruct": config.reconstruct}
     if plan is not None:
-        report.update(threshold=plan.threshold, target_params_removed=round(plan.target_params),
+        report.update(threshold=plan.threshold, curve_windows=plan.curve_windows,
+                      target_params_removed=round(plan.target_params),
                       planned_params_removed=plan.removed_params,
                       curves={f"{c.layer}.{c.kind}": _downsample(c.retained()) for c in curves})
     if plan is not None and plan.bounds is not None:
