@@ -94,8 +94,9 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Seconds of one forward pass over ``ids`` in batches (after a short warm-up)."""
-    model(ids[:1, :32].to(device))
+    """Seconds of one forward pass over ``ids`` in batches (after a warm-up on the first batch: a first pass spends
+    seconds on first-touch allocations the later ones do not)."""
+    model(ids[:batch_size].to(device), use_cache=False)
     sync(device)
     start = time.perf_counter()
     for i in range(0, len(ids), batch_size):
