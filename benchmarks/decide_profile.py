@@ -86,9 +86,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--agreement", action="store_true", help="float32 against float64 on every MLP site")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # before the statistics' own forward passes raise it
     all_stats, weights = site_statistics()
     stats, weight = all_stats[args.layer], weights[args.layer]
-    load_before = os.getloadavg()[0]
     units = weight.shape[1]
     plan = RemovalPlan(units, 1, [list(range(units))], round(0.3 * units))
     site = SiteInputs(stats, plan, False, weight, 0)
