@@ -236,7 +236,7 @@ def test_baselines_global_threshold_cuts_the_documented_scores(method):
     site's channels, averaged per head."""
     dense = tiny_opt()
     result = prune_quiet(copy.deepcopy(dense), method=method, sparsity=0.3, targets=("mlp", "heads"),
-                         allocation="global")
+                         allocation="global", allocation_samples=16)  # the dense pass on every window, as below
     threshold = result.report["allocation"]["threshold"]
     for target, size, width_key in (("mlp", 1, "mlp_width"), ("heads", HEAD_DIM, "num_heads")):
         xs = consumer_inputs(dense, dense, target)  # dense pass: every layer sees dense inputs
