@@ -195,7 +195,8 @@ def write(args, rows, dense_params) -> None:
         + f" --sparsities {args.sparsities} --allocations {args.allocations} --gqa-mode {args.gqa_mode} "
         f"--name {args.name}" + (f" --calibration {args.calibration}" if args.calibration != "wikitext" else "")
         + (f" --calibration-windows {args.calibration_windows}" if args.calibration_windows else "")
-        + (f" --variants '{args.variants}'" if args.variants != '{"": {}}' else "") + "`",
+        + (f" --variants '{args.variants}'" if args.variants != '{"": {}}' else "")
+        + (" --all-rows" if args.all_rows else "") + "`",
         "",
         "Pruning seconds depend on the code they were measured with (`timed at`: its commit); perplexity and "
         "parameters do not (the speed-ups in between are tested to give the same pruned weights).",
